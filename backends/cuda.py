@@ -1,0 +1,93 @@
+"""CUDA backend: NVIDIA GPUs. Kernels: PyTorch SDPA (default), flash-attn and SageAttention when installed."""
+
+from __future__ import annotations
+
+import torch
+
+from backends.base import Backend
+from contentv.attention import sdpa
+from contentv.errors import ConfigError
+
+# Kernels reached through diffusers' attention dispatch: our name -> (dispatch backend, install hint).
+DISPATCH = {
+    "flash": ("flash", "pip install flash-attn"),
+    "flash3": ("_flash_3", "build flash-attention 3 (hopper/) from source"),
+    "sage": ("sage", "pip install sageattention"),
+}
+
+
+def _dispatched(backend_name: str):
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def run(q, k, v):
+        # dispatch takes (B, S, H, D); our kernels take and return (B, H, S, D)
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend_name)
+        return out.transpose(1, 2)
+
+    run.__name__ = backend_name
+    return run
+
+
+def _installed(name: str) -> bool:
+    from diffusers.utils import import_utils as iu
+
+    check = {
+        "flash": "is_flash_attn_available",
+        "flash3": "is_flash_attn_3_available",
+        "sage": "is_sageattention_available",
+    }[name]
+    return bool(getattr(iu, check, lambda: False)())
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    supports_offload_streams = True
+
+    def _device(self) -> torch.device:
+        if not torch.cuda.is_available():
+            raise ConfigError("backend.name", "cuda", "a backend whose device is visible: no CUDA GPU here (try cpu)")
+        count = torch.cuda.device_count()
+        if not 0 <= self.cfg.device_index < count:
+            raise ConfigError("backend.device_index", self.cfg.device_index, f"0..{count - 1} ({count} GPUs visible)")
+        return torch.device("cuda", self.cfg.device_index)
+
+    def setup(self) -> None:
+        torch.cuda.set_device(self.device)
+        torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
+
+    def describe(self) -> dict:
+        props = torch.cuda.get_device_properties(self.device)
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "total_memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda,
+        }
+
+    def kernels(self):
+        table = {"sdpa": lambda: sdpa}
+        for name, (dispatch_name, hint) in DISPATCH.items():
+            table[name] = (lambda d=dispatch_name: _dispatched(d)) if _installed(name) else _missing(name, hint)
+        return table
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+
+def _missing(name: str, hint: str):
+    def fail():
+        raise ConfigError("backend.attention", name, f"an installed kernel ({name} is not installed: {hint})")
+
+    return fail

@@ -1,0 +1,148 @@
+"""Typed run configuration. Hydra composes these (see conf/); Python users build them directly.
+
+The dataclasses are plain (no Hydra import) and not frozen, so Hydra command-line overrides work.
+Field names follow the diffusers call vocabulary (num_frames, num_inference_steps, guidance_scale, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from contentv.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(option: str, value: str) -> torch.dtype:
+    if value not in DTYPES:
+        raise ConfigError(option, value, DTYPES)
+    return DTYPES[value]
+
+
+@dataclass
+class BackendConfig:
+    # Registry key: auto | cpu | cuda | npu. auto: npu if USE_ASCEND_NPU=1, else cuda if visible, else cpu.
+    name: str = "auto"
+    # Device ordinal for cuda/npu (cuda:0, npu:0, ...).
+    device_index: int = 0
+    # Attention kernel; "auto" = the backend's default (sdpa on cpu/cuda, npu_fusion on npu).
+    attention: str = "auto"
+    # Layout handed to the NPU fused kernel: BNSD or BSND (ignored elsewhere).
+    npu_layout: str = "BNSD"
+    # Allow TF32 matmuls on CUDA (faster fp32; no effect on bf16/fp16).
+    allow_tf32: bool = True
+
+
+@dataclass
+class ModelConfig:
+    # Display name; equals the conf/model/<name>.yaml file it came from.
+    name: str = "contentv_8b"
+    # Registry key of the model family (folder under contentv/models/).
+    family: str = "contentv"
+    # Local checkpoint folder (diffusers layout) or hub id. Ignored when tiny=true.
+    path: str | None = "ByteDance/ContentV-8B"
+    # Weights dtype of the transformer and text encoders: float32 | bfloat16 | float16.
+    dtype: str = "bfloat16"
+    # VAE dtype; the reference decodes in float32.
+    vae_dtype: str = "float32"
+    # Text encoders' dtype; null = same as dtype.
+    text_encoder_dtype: str | None = None
+    # Build (once, cached) and use a tiny random-weight checkpoint of this family instead of `path`.
+    tiny: bool = False
+    # Seed of the tiny checkpoint's random weights.
+    tiny_seed: int = 0
+    # Never contact the hub; load from the local hub cache only.
+    local_files_only: bool = False
+    # Hub revision (branch, tag or commit) when `path` is a hub id.
+    revision: str | None = None
+    # Sampling defaults of this model, used where sampling.<field> is null.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryConfig:
+    # Preset name; equals the conf/memory/<name>.yaml file it came from.
+    name: str = "none"
+    # Offload whole components to the CPU, one on the device at a time (accelerate hooks).
+    model_cpu_offload: bool = False
+    # Offload layer by layer (least device memory, slowest). Exclusive with model_cpu_offload.
+    sequential_cpu_offload: bool = False
+    # Stream transformer blocks from CPU to device in groups (diffusers group offloading).
+    group_offload: bool = False
+    # Transformer blocks per offload group.
+    group_offload_blocks: int = 1
+    # Prefetch the next group on a side stream from pinned memory (CUDA only).
+    group_offload_stream: bool = True
+    # Decode the VAE one video at a time.
+    vae_slicing: bool = False
+    # Decode the VAE in spatial tiles.
+    vae_tiling: bool = False
+    # Compute attention in query chunks of this many tokens; 0 = off. Same result, lower peak.
+    attention_slicing: int = 0
+    # Text encoders: device (moved off after encoding) | cpu (encode on the CPU) | offload (with the placement).
+    text_encoders: str = "device"
+    # Weight quantization: none | bnb_int8 | bnb_nf4 | fp8 | torchao_int8.
+    quantization: str = "none"
+    # Components the quantization applies to.
+    quantize: list[str] = field(default_factory=lambda: ["transformer", "text_encoder_3"])
+    # Classifier-free guidance: auto | batched (one batch-2 forward per step) | sequential (two forwards).
+    guidance_mode: str = "auto"
+
+
+@dataclass
+class SamplingConfig:
+    # The text to turn into a video.
+    prompt: str | None = None
+    # What to steer away from; null = the model's default negative prompt.
+    negative_prompt: str | None = None
+    # Null fields below take the model's defaults (model.sampling_defaults).
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    fps: int | None = None
+    # Seed of a CPU torch.Generator: the same noise on every device.
+    seed: int = 42
+    # Maximum T5 tokens (ContentV: 256).
+    max_sequence_length: int | None = None
+
+
+@dataclass
+class OutputConfig:
+    # Output folder; null = the Hydra run directory (demo.py) or ./outputs (Python).
+    dir: str | None = None
+    # File stem; null = "<prompt slug>_seed<seed>". An existing file is never overwritten (a -N suffix is added).
+    name: str | None = None
+    # H.264 constant rate factor (0 = lossless, 51 = worst).
+    crf: int = 17
+    # Write <video>.json beside the video.
+    sidecar: bool = True
+
+
+@dataclass
+class RunConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Show full Python tracebacks instead of one-line errors.
+    debug: bool = False
+
+
+def resolve_sampling(sampling: SamplingConfig, model: ModelConfig) -> SamplingConfig:
+    """Fill null sampling fields from the model's defaults; unknown default keys are an error."""
+    names = {f.name for f in fields(SamplingConfig)}
+    for key in model.sampling_defaults:
+        if key not in names:
+            raise ConfigError(f"model.sampling_defaults.{key}", model.sampling_defaults[key], sorted(names))
+    filled = {
+        k: v
+        for k, v in model.sampling_defaults.items()
+        if getattr(sampling, k) is None
+    }
+    return replace(sampling, **filled)

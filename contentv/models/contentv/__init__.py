@@ -1,0 +1,105 @@
+"""ContentV-8B family: spec for the registry. Heavy imports happen inside the functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from contentv.config import ModelConfig, SamplingConfig, parse_dtype
+from contentv.errors import ConfigError
+from contentv.registry import ModelSpec
+from contentv.validation import check_common_sampling, check_frames, check_local_checkpoint, check_size
+
+# Files every ContentV checkpoint folder has (tokenizer files vary: tokenizer.json or vocab/spiece).
+REQUIRED_FILES = {
+    "model_index.json": "pipeline index",
+    "transformer/config.json": "transformer config",
+    "vae/config.json": "VAE config",
+    "text_encoder/config.json": "CLIP-L config",
+    "text_encoder_2/config.json": "CLIP-G config",
+    "text_encoder_3/config.json": "T5 config",
+    "scheduler/scheduler_config.json": "scheduler config",
+}
+EXPECTED_CLASSES = {"transformer": "SD3Transformer3DModel", "vae": "AutoencoderKLWan"}
+TEMPORAL, SPATIAL = 4, 16  # frames of the form 4k+1; sizes multiples of VAE x8 * patch x2
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    if not cfg.tiny:
+        if not cfg.path:
+            raise ConfigError("model.path", cfg.path, "a checkpoint folder or hub id (or model.tiny=true)")
+        return cfg.path
+    from contentv.models.contentv.tiny import TINY_SPEC, build_tiny_contentv
+    from contentv.tiny import cached_build
+
+    spec = {**TINY_SPEC, "seed": cfg.tiny_seed}
+    return str(cached_build("tiny_contentv", spec, lambda out: build_tiny_contentv(out, seed=cfg.tiny_seed)))
+
+
+def check_checkpoint(path: str) -> None:
+    folder = check_local_checkpoint("model.path", path, REQUIRED_FILES)
+    if not folder.exists():  # a hub id: checked when downloaded
+        return
+    for sub, expected in EXPECTED_CLASSES.items():
+        found = json.loads((folder / sub / "config.json").read_text()).get("_class_name")
+        if found != expected:
+            raise ConfigError(
+                "model.path", path, f"a ContentV checkpoint ({sub}/config.json names {found!r}, expected {expected!r})"
+            )
+
+
+def load(cfg: ModelConfig, path: str):
+    from contentv.models.contentv.pipeline import ContentVPipeline
+
+    return ContentVPipeline.from_pretrained(
+        path,
+        torch_dtype=parse_dtype("model.dtype", cfg.dtype),
+        vae_dtype=parse_dtype("model.vae_dtype", cfg.vae_dtype),
+        text_encoder_dtype=parse_dtype("model.text_encoder_dtype", cfg.text_encoder_dtype)
+        if cfg.text_encoder_dtype
+        else None,
+        local_files_only=cfg.local_files_only,
+        **({"revision": cfg.revision} if cfg.revision else {}),
+    )
+
+
+def install_attention(pipe, kernel) -> None:
+    from contentv.models.contentv.attention import ContentVJointAttnProcessor
+
+    pipe.transformer.set_attn_processor(ContentVJointAttnProcessor(kernel))
+
+
+def validate(s: SamplingConfig) -> None:
+    check_common_sampling(s)
+    check_frames(s.num_frames, TEMPORAL)
+    check_size(s.height, s.width, SPATIAL)
+    if s.max_sequence_length is not None and not 1 <= s.max_sequence_length <= 512:
+        raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, "an integer in 1..512")
+
+
+def call_kwargs(s: SamplingConfig) -> dict:
+    kw = dict(
+        prompt=s.prompt,
+        negative_prompt=s.negative_prompt,
+        height=s.height,
+        width=s.width,
+        num_frames=s.num_frames,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+    )
+    if s.max_sequence_length is not None:
+        kw["max_sequence_length"] = s.max_sequence_length
+    return kw
+
+
+SPEC = ModelSpec(
+    family="contentv",
+    resolve_path=resolve_path,
+    check_checkpoint=check_checkpoint,
+    load=load,
+    install_attention=install_attention,
+    validate=validate,
+    call_kwargs=call_kwargs,
+)
+
+__all__ = ["SPEC"]

@@ -1,0 +1,45 @@
+"""Model-family registry: `model.family` -> a small spec saying how to load, validate and call it.
+
+Families are imported lazily, so naming one never imports another's code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from contentv.attention import AttentionKernel
+from contentv.config import ModelConfig, SamplingConfig
+from contentv.errors import ConfigError
+
+# family -> module defining SPEC. Adding a family = a folder, a line here, a conf/model/*.yaml.
+FAMILIES = {
+    "contentv": "contentv.models.contentv",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    # Resolve the checkpoint folder or hub id (building the tiny checkpoint if asked); no weights loaded.
+    resolve_path: Callable[[ModelConfig], str]
+    # Raise ConfigError if a local path is not a checkpoint of this family (cheap: reads configs only).
+    check_checkpoint: Callable[[str], None]
+    # Load the pipeline on the CPU in the configured dtypes.
+    load: Callable[[ModelConfig, str], Any]
+    # Route every attention layer through `kernel`.
+    install_attention: Callable[[Any, AttentionKernel], None]
+    # Raise ConfigError for sampling settings this family cannot run (before any weights are loaded).
+    validate: Callable[[SamplingConfig], None]
+    # Pipeline call arguments from resolved sampling settings.
+    call_kwargs: Callable[[SamplingConfig], dict]
+    # Names of the pipeline's transformer-block container, for block-level offload/compile.
+    denoiser: str = "transformer"
+
+
+def get_spec(family: str) -> ModelSpec:
+    if family not in FAMILIES:
+        raise ConfigError("model.family", family, FAMILIES)
+    return importlib.import_module(FAMILIES[family]).SPEC

@@ -1,0 +1,226 @@
+"""The run: validate -> load (cached) -> prepare on the backend -> generate -> write video and sidecar.
+
+The backend is injected (anything with the `DeviceBackend` members), so this module never imports
+`backends/` and never names a device. Python users:
+
+>>> from backends import build_backend
+>>> from contentv import RunConfig, Runtime
+>>> cfg = RunConfig()
+>>> cfg.model = tiny_model_config(); cfg.sampling.prompt = "a cat"
+>>> result = Runtime(build_backend(cfg.backend)).run(cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from contentv.attention import AttentionKernel
+from contentv.config import MemoryConfig, RunConfig, SamplingConfig, parse_dtype, resolve_sampling
+from contentv.errors import ConfigError
+from contentv.registry import ModelSpec, get_spec
+from contentv.stats import StageRecorder
+from contentv.validation import check_writable_dir
+from contentv.video import slugify, write_json, write_mp4
+
+log = logging.getLogger(__name__)
+GUIDANCE_MODES = ("auto", "batched", "sequential")
+
+
+class DeviceBackend(Protocol):
+    """The members of `backends.Backend` the runtime uses."""
+
+    name: str
+    device: torch.device
+
+    def attention_kernel(self) -> AttentionKernel: ...
+    def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict: ...
+    def synchronize(self) -> None: ...
+    def reset_peak_memory(self) -> None: ...
+    def peak_memory(self) -> int | None: ...
+    def empty_cache(self) -> None: ...
+    def describe(self) -> dict: ...
+
+
+@dataclass
+class RunResult:
+    frames: np.ndarray  # (F, H, W, 3) float in [0, 1]
+    sampling: SamplingConfig  # resolved settings that produced it
+    stages: dict[str, dict]  # per stage: seconds, peak_device_bytes, peak_host_rss_bytes
+    prepared: dict  # what the backend applied: placement, kernel, quantization, ...
+    video: Path | None = None
+    sidecar: Path | None = None
+    record: dict = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("contentv", "torch", "diffusers", "transformers", "accelerate", "hydra-core", "imageio-ffmpeg"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def resolve_guidance(memory: MemoryConfig) -> str:
+    if memory.guidance_mode not in GUIDANCE_MODES:
+        raise ConfigError("memory.guidance_mode", memory.guidance_mode, GUIDANCE_MODES)
+    # auto: batched (one batch-2 forward per step halves weight traffic); presets for small cards
+    # choose sequential explicitly.
+    return "batched" if memory.guidance_mode == "auto" else memory.guidance_mode
+
+
+def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
+    """Everything checkable before loading weights (settings, checkpoint folder, output folder).
+
+    Raises ConfigError naming the option, the value and what is allowed.
+    """
+    spec = get_spec(cfg.model.family)
+    sampling = resolve_sampling(cfg.sampling, cfg.model)
+    spec.validate(sampling)
+    resolve_guidance(cfg.memory)
+    for option, value in (("model.dtype", cfg.model.dtype), ("model.vae_dtype", cfg.model.vae_dtype)):
+        parse_dtype(option, value)
+    if cfg.model.text_encoder_dtype is not None:
+        parse_dtype("model.text_encoder_dtype", cfg.model.text_encoder_dtype)
+    if not 0 <= cfg.output.crf <= 51:
+        raise ConfigError("output.crf", cfg.output.crf, "an integer in 0..51")
+    if cfg.output.dir is not None:
+        check_writable_dir("output.dir", cfg.output.dir)
+    if not cfg.model.tiny:
+        spec.check_checkpoint(spec.resolve_path(cfg.model))
+    return spec, sampling
+
+
+def _key(cfg: RunConfig) -> str:
+    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.memory)], sort_keys=True)
+
+
+class Runtime:
+    """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend."""
+
+    def __init__(self, backend: DeviceBackend):
+        self.backend = backend
+        self._key: str | None = None
+        self._pipe: Any = None
+        self._prepared: dict = {}
+        self.loads = 0  # how many times weights were loaded (sweeps check this)
+
+    @staticmethod
+    def output_dir(cfg: RunConfig) -> Path:
+        return Path(cfg.output.dir or "outputs")
+
+    # ------------------------------------------------------------ pipeline cache
+
+    def pipeline(self, cfg: RunConfig) -> Any:
+        """The prepared pipeline for cfg's (model, memory); loads weights only when that key changes."""
+        key = _key(cfg)
+        if key == self._key and self._pipe is not None:
+            return self._pipe
+        self.release()
+        spec = get_spec(cfg.model.family)
+        path = spec.resolve_path(cfg.model)
+        spec.check_checkpoint(path)
+        log.info("loading %s from %s", cfg.model.name, path)
+        self._pipe = spec.load(cfg.model, path)
+        self.loads += 1
+        self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
+        self._key = key
+        return self._pipe
+
+    def release(self) -> None:
+        """Drop the cached pipeline and return its memory to the device."""
+        if self._pipe is None:
+            return
+        self._pipe, self._key, self._prepared = None, None, {}
+        gc.collect()
+        self.backend.empty_cache()
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
+        """Validate, load (cached), generate. Returns frames and statistics; writes nothing."""
+        spec, sampling = validate_run(cfg)
+        recorder = StageRecorder(self.backend)
+        with recorder.stage("load"):
+            pipe = self.pipeline(cfg)
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        out = pipe(
+            **spec.call_kwargs(sampling),
+            guidance_mode=resolve_guidance(cfg.memory),
+            generator=generator,
+            output_type="np",
+            stage_context=recorder.stage,
+            callback_on_step_end=callback_on_step_end,
+        )
+        return RunResult(
+            frames=out.frames[0],
+            sampling=sampling,
+            stages=recorder.as_dict(),
+            prepared=dict(self._prepared),
+        )
+
+    def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
+        """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
+        result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
+        s = result.sampling
+        folder = self.output_dir(cfg)
+        stem = cfg.output.name or f"{slugify(s.prompt)}_seed{s.seed}"
+        start = time.perf_counter()
+        result.video = write_mp4(
+            result.frames,
+            folder,
+            stem,
+            fps=s.fps,
+            crf=cfg.output.crf,
+            metadata={"title": s.prompt, "comment": f"seed={s.seed}; prompt={s.prompt}", "seed": str(s.seed)},
+        )
+        result.stages["writing"] = {
+            "seconds": time.perf_counter() - start,
+            "peak_device_bytes": None,
+            "peak_host_rss_bytes": None,
+        }
+        result.record = self.record(cfg, result)
+        if cfg.output.sidecar:
+            result.sidecar = write_json(result.record, result.video.with_suffix(".json"))
+        return result
+
+    def record(self, cfg: RunConfig, result: RunResult) -> dict:
+        """The sidecar: what was asked, what ran, how long it took and how much memory it used."""
+        s = result.sampling
+        resolved = dataclasses.replace(cfg, sampling=s)
+        stages = result.stages
+        dev = [v["peak_device_bytes"] for v in stages.values() if v.get("peak_device_bytes") is not None]
+        rss = [v["peak_host_rss_bytes"] for v in stages.values() if v.get("peak_host_rss_bytes") is not None]
+        return {
+            "video": result.video.name if result.video else None,
+            "prompt": s.prompt,
+            "negative_prompt": s.negative_prompt,
+            "seed": s.seed,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": dataclasses.asdict(resolved),
+            "versions": library_versions(),
+            "device": self.backend.describe(),
+            "prepared": result.prepared,
+            "timings_s": {k: round(v["seconds"], 4) for k, v in stages.items()},
+            "seconds_per_step": round(stages["denoising"]["seconds"] / s.num_inference_steps, 4),
+            "peak_memory": {
+                "device_bytes": max(dev) if dev else None,
+                "host_rss_bytes": max(rss) if rss else None,
+            },
+            "stages": stages,
+        }

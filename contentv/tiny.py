@@ -1,0 +1,109 @@
+"""Offline building blocks for tiny random-weight checkpoints: tokenizers made in memory, a disk cache.
+
+Tiny checkpoints are written in the real folder layout and loaded back through the same
+`from_pretrained` code as the real models, so tests exercise the real loading path without network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# A few frequent English words, so tiny tokenizers give realistic (not one-token-per-letter) lengths.
+_WORDS = (
+    "the a an of in on at and with to is are by for from cat dog man woman young old sits walks runs "
+    "room light dark slow fast camera video scene wooden stool guitar acoustic musician cozy low quality "
+    "overexposed deformation poor composition bad hands teeth eyes limbs distortion rustic dimly lit "
+    "strumming worn sunburst finish red fox snow"
+).split()
+_PUNCT = string.punctuation
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77):
+    """A CLIP BPE tokenizer over letters, digits, punctuation and a few whole words."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+
+    def add(tok: str) -> None:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+
+    for ch in string.ascii_lowercase + string.digits + _PUNCT:
+        add(ch)
+        add(ch + "</w>")
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:  # merge each word left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>"
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            rule = (parts[0], parts[1])
+            if rule not in merges:
+                merges.append(rule)
+            add(merged)
+            parts = [merged] + parts[2:]
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5-style Unigram (SentencePiece-like) tokenizer: <pad>=0, </s>=1, <unk>=2, no extra ids."""
+    from transformers import T5TokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in pieces}
+    for word in _WORDS:
+        pieces.append(("\u2581" + word, -2.0))
+        seen.add("\u2581" + word)
+    for ch in string.ascii_letters + string.digits + _PUNCT:
+        for piece, score in ((ch, -6.0), ("\u2581" + ch, -5.0)):
+            if piece not in seen:
+                pieces.append((piece, score))
+                seen.add(piece)
+    pieces.append(("\u2581", -4.0))
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def cache_root() -> Path:
+    """Where tiny checkpoints are cached: $CONTENTV_CACHE, else $XDG_CACHE_HOME/contentv, else ~/.cache/contentv."""
+    if os.environ.get("CONTENTV_CACHE"):
+        return Path(os.environ["CONTENTV_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "contentv"
+
+
+def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Path | None = None) -> Path:
+    """Build a checkpoint once into `<root>/tiny/<name>-<hash(spec)>` and return its path.
+
+    The build goes to a temporary folder that is renamed into place, so a crash never leaves a
+    half-written checkpoint under the final name and concurrent builders don't collide.
+    """
+    root = Path(root) if root else cache_root()
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    final = root / "tiny" / f"{name}-{key}"
+    if (final / "model_index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / "tiny_spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; keep theirs
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,212 @@
+"""ContentV runtime: text to video from the command line (Hydra).
+
+    python demo.py model=tiny_contentv backend=cpu        # tiny offline model on the CPU, seconds
+    python demo.py                                        # ContentV-8B, reference defaults, backend=auto
+    python demo.py backend=cuda sampling.prompt="a red fox in snow" sampling.num_frames=49
+    python demo.py model.path=/ckpt/ContentV-8B memory=low_vram_24g
+    USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
+    python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
+    python demo.py --help                                 # groups, options and every field
+
+Every setting is checked before anything is loaded or written: a bad one prints one line naming the
+option, the value and what is allowed, and exits with status 2 (debug=true shows a traceback).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = ("backend", "model", "memory", "sampling", "output")
+# Hydra's own flags that print something and exit; they skip our pre-flight checks.
+PASSTHROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
+
+log = logging.getLogger("demo")
+
+
+class UsageError(Exception):
+    """A bad command line; reported as one line, exit status 2."""
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from contentv.config import RunConfig
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most specific message in an exception chain, on one line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job a (multi)run would launch; checks group option names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several types; all are usage errors here
+        raise UsageError(_first_line(exc)) from exc
+    choices: list[list[str]] = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not multirun:
+                raise UsageError(f"{o.input_line}: a sweep needs -m (multirun)")
+            values = list(o.sweep_string_iterator())
+        else:
+            values = [o.get_value_element_as_str()]
+        if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
+            allowed = group_options(o.key_or_group)
+            for v in values:
+                if v not in allowed:
+                    raise UsageError(f"{o.key_or_group}={v!r} is not valid: one of: {', '.join(allowed)}")
+        choices.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in itertools.product(*choices)] or [[]]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate every job before Hydra starts (so nothing is written for bad input)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    import backends
+    from backends import memory as mem
+    from contentv.runtime import validate_run
+    from contentv.validation import check_writable_dir
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in PASSTHROUGH):
+        return
+    jobs = expand_jobs(args.overrides, args.multirun)
+    built = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            ours = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+            try:
+                dcfg = compose(config_name="config", overrides=ours, return_hydra_config=True)
+                hydra_cfg = dcfg.hydra
+                del dcfg.hydra
+                cfg = OmegaConf.to_object(dcfg)
+            except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
+                raise UsageError(_first_line(exc)) from exc
+            if cfg.debug:
+                os.environ["HYDRA_FULL_ERROR"] = "1"
+            validate_run(cfg)
+            check_writable_dir(
+                "output.dir" if cfg.output.dir else "hydra.run.dir",
+                cfg.output.dir or (hydra_cfg.sweep.dir if args.multirun else hydra_cfg.run.dir),
+            )
+            key = repr(cfg.backend)
+            if key not in built:
+                built[key] = backends.build_backend(cfg.backend)
+            mem.check(cfg.memory, built[key])
+
+
+# One runtime per backend config, kept across the jobs of a sweep so weights load once per
+# (model, memory) key; replaced (and its memory freed) when the backend changes.
+_STATE: dict = {"key": None, "runtime": None}
+
+
+def get_runtime(backend_cfg):
+    import backends
+    from contentv.runtime import Runtime
+
+    key = repr(backend_cfg)
+    if _STATE["key"] != key:
+        if _STATE["runtime"] is not None:
+            _STATE["runtime"].release()
+        backend = backends.build_backend(backend_cfg)
+        backend.setup()
+        _STATE.update(key=key, runtime=Runtime(backend))
+    return _STATE["runtime"]
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def summary(result) -> str:
+    rec = result.record
+    t = rec["timings_s"]
+    stages = " | ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in t.items())
+    peak = rec["peak_memory"]
+    return "\n".join(
+        [
+            f"time:    {stages} ({rec['seconds_per_step']:.3f} s/step)",
+            f"memory:  peak device {_gib(peak['device_bytes'])} | peak host RSS {_gib(peak['host_rss_bytes'])}"
+            f" | {rec['prepared'].get('placement')} | attention {rec['prepared'].get('attention_kernel')}",
+            f"sidecar: {result.sidecar}" if result.sidecar else "sidecar: (off)",
+            f"video:   {result.video}",
+        ]
+    )
+
+
+def task(dcfg) -> None:
+    """One Hydra job: build (or reuse) the runtime and generate one video."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from contentv.errors import ConfigError
+
+    cfg = OmegaConf.to_object(dcfg)
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.output.dir is None:
+        cfg.output.dir = hydra_cfg.runtime.output_dir
+    try:
+        result = get_runtime(cfg.backend).run(cfg)
+    except ConfigError as exc:
+        if cfg.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no video written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - one line unless debug
+        if cfg.debug or multirun:
+            raise
+        print(f"error: {type(exc).__name__}: {_first_line(exc)} (debug=true for a traceback)", file=sys.stderr)
+        sys.exit(1)
+    print(summary(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import hydra
+
+    from contentv.errors import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    register_configs()
+    try:
+        preflight(argv)
+    except (UsageError, ConfigError) as exc:
+        if "debug=true" in argv:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
