@@ -52,6 +52,35 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def compose_error(exc: BaseException, job: list[str]) -> str:
+    """One line for a Hydra/OmegaConf composition error, naming the option and its value."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    key, e, inner = None, exc, exc
+    while e is not None:
+        key = getattr(e, "full_key", None) or key
+        inner, e = e, e.__cause__
+    message = _first_line(inner)
+    if not key:
+        return message
+    values = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in job}
+    if isinstance(inner, (ConfigKeyError, ConfigAttributeError)):
+        import dataclasses
+
+        from contentv.config import RunConfig
+
+        group, _, name = key.rpartition(".")
+        node = {
+            f.name: f.default_factory()
+            for f in dataclasses.fields(RunConfig)
+            if f.default_factory is not dataclasses.MISSING
+        }.get(group)
+        known = ", ".join(f.name for f in dataclasses.fields(node)) if node is not None else ""
+        return f"{key}: no such option" + (f" (valid: {known})" if known else "")
+    value = values.get(key)
+    return f"{key}={value!r} is not valid: {message}" if value is not None else f"{key}: {message}"
+
+
 def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The override list of every job a (multi)run would launch; checks group option names."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -96,14 +125,13 @@ def preflight(argv: list[str]) -> None:
     built = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
-            ours = [o for o in job if not o.lstrip("+~").startswith("hydra")]
             try:
-                dcfg = compose(config_name="config", overrides=ours, return_hydra_config=True)
+                dcfg = compose(config_name="config", overrides=job, return_hydra_config=True)
                 hydra_cfg = dcfg.hydra
                 del dcfg.hydra
                 cfg = OmegaConf.to_object(dcfg)
             except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
-                raise UsageError(_first_line(exc)) from exc
+                raise UsageError(compose_error(exc, job)) from exc
             if cfg.debug:
                 os.environ["HYDRA_FULL_ERROR"] = "1"
             validate_run(cfg)
@@ -114,6 +142,7 @@ def preflight(argv: list[str]) -> None:
             key = repr(cfg.backend)
             if key not in built:
                 built[key] = backends.build_backend(cfg.backend)
+            built[key].attention_kernel()  # an unknown or uninstalled kernel fails here
             mem.check(cfg.memory, built[key])
 
 

@@ -13,6 +13,18 @@ import torch
 
 from contentv.errors import ConfigError
 
+# The reference demo's sampling settings for ContentV-8B (the default model).
+CONTENTV_8B_SAMPLING: dict[str, Any] = {
+    "negative_prompt": "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
+    "bad eyes, bad limbs, distortion",
+    "height": 432,
+    "width": 768,
+    "num_frames": 125,
+    "num_inference_steps": 50,
+    "guidance_scale": 6.0,
+    "fps": 24,
+    "max_sequence_length": 256,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,7 +71,7 @@ class ModelConfig:
     # Hub revision (branch, tag or commit) when `path` is a hub id.
     revision: str | None = None
     # Sampling defaults of this model, used where sampling.<field> is null.
-    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    sampling_defaults: dict[str, Any] = field(default_factory=lambda: dict(CONTENTV_8B_SAMPLING))
 
 
 @dataclass
@@ -140,9 +152,5 @@ def resolve_sampling(sampling: SamplingConfig, model: ModelConfig) -> SamplingCo
     for key in model.sampling_defaults:
         if key not in names:
             raise ConfigError(f"model.sampling_defaults.{key}", model.sampling_defaults[key], sorted(names))
-    filled = {
-        k: v
-        for k, v in model.sampling_defaults.items()
-        if getattr(sampling, k) is None
-    }
+    filled = {k: v for k, v in model.sampling_defaults.items() if getattr(sampling, k) is None}
     return replace(sampling, **filled)

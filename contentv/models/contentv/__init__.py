@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError

@@ -179,7 +179,9 @@ class ContentVPipeline(StableDiffusion3Pipeline):
     def num_latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
 
-    def check_video_inputs(self, height: int, width: int, num_frames: int, steps: int, guidance_mode: str, output_type: str):
+    def check_video_inputs(
+        self, height: int, width: int, num_frames: int, steps: int, guidance_mode: str, output_type: str
+    ):
         """Raise ValueError naming the argument, the value and what is allowed."""
         mult = self.vae_scale_factor_spatial * self.patch_size
         for name, value in (("height", height), ("width", width)):
@@ -324,24 +326,22 @@ class ContentVPipeline(StableDiffusion3Pipeline):
         device = self._execution_device
 
         with stage("text_encoding"), self._text_encoding_device(device) as te_device:
-            embeds = (
-                self.encode_prompt(
-                    prompt=prompt,
-                    prompt_2=prompt_2,
-                    prompt_3=prompt_3,
-                    negative_prompt=negative_prompt,
-                    negative_prompt_2=negative_prompt_2,
-                    negative_prompt_3=negative_prompt_3,
-                    do_classifier_free_guidance=self.do_classifier_free_guidance,
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
-                    pooled_prompt_embeds=pooled_prompt_embeds,
-                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                    device=te_device,
-                    clip_skip=self.clip_skip,
-                    num_images_per_prompt=num_videos_per_prompt,
-                    max_sequence_length=max_sequence_length,
-                )
+            embeds = self.encode_prompt(
+                prompt=prompt,
+                prompt_2=prompt_2,
+                prompt_3=prompt_3,
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                negative_prompt_3=negative_prompt_3,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                device=te_device,
+                clip_skip=self.clip_skip,
+                num_images_per_prompt=num_videos_per_prompt,
+                max_sequence_length=max_sequence_length,
             )
             embeds = [e.to(device) if e is not None else None for e in embeds]
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = embeds
@@ -362,7 +362,9 @@ class ContentVPipeline(StableDiffusion3Pipeline):
             timesteps = self.scheduler.timesteps
             self._num_timesteps = len(timesteps)
             cond = (prompt_embeds, pooled_prompt_embeds)
-            uncond = (negative_prompt_embeds, negative_pooled_prompt_embeds) if self.do_classifier_free_guidance else None
+            uncond = (
+                (negative_prompt_embeds, negative_pooled_prompt_embeds) if self.do_classifier_free_guidance else None
+            )
 
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):

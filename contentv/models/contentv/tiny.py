@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 TINY_SPEC = {
-    "format": 1,
+    "format": 2,  # bump when the builder changes: it is part of the cache key
     "transformer": dict(
         sample_size=32,
         patch_size=2,
@@ -37,8 +37,12 @@ TINY_SPEC = {
         attn_scales=[],
         temperal_downsample=[False, True, True],
     ),
-    "clip_l": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=768),
-    "clip_g": dict(hidden_size=40, intermediate_size=43, num_hidden_layers=2, num_attention_heads=4, projection_dim=1280),
+    "clip_l": dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=768
+    ),
+    "clip_g": dict(
+        hidden_size=40, intermediate_size=43, num_hidden_layers=2, num_attention_heads=4, projection_dim=1280
+    ),
     "t5": dict(d_model=4096, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8),
     "scheduler": dict(num_train_timesteps=1000, shift=3.0),
 }

@@ -1,0 +1,82 @@
+"""Check our ContentV pipeline against the reference implementation on the tiny checkpoint.
+
+The reference code is not part of this project: point --reference at a checkout of
+bytedance/ContentV (it needs `pip install einops`). Both pipelines load the same tiny checkpoint,
+run fp32 on the CPU with the same prompt, seed (CPU generator), size, frames and steps, and the
+maximum absolute differences of final latents and frames are printed (target: <= 1e-4).
+
+    python benchmarks/reference_parity.py --reference ../ContentV
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", required=True, help="folder with contentv_transformer.py and contentv_pipeline.py")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--frames", type=int, default=13)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKLWan
+
+    from contentv.attention import sdpa
+    from contentv.config import ModelConfig
+    from contentv.models.contentv import SPEC
+    from contentv.models.contentv.pipeline import ContentVPipeline
+
+    sys.path.insert(0, str(Path(args.reference).resolve()))
+    from contentv_pipeline import ContentVPipeline as ReferencePipeline  # noqa: E402
+    from contentv_transformer import SD3Transformer3DModel as ReferenceTransformer  # noqa: E402
+
+    ckpt = SPEC.resolve_path(ModelConfig(name="tiny_contentv", path=None, tiny=True, dtype="float32"))
+    call = dict(
+        prompt="A young musician sits on a rustic wooden stool, strumming an acoustic guitar.",
+        negative_prompt="overexposed, low quality, deformation",
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        guidance_scale=6.0,
+    )
+
+    def gen():
+        return torch.Generator().manual_seed(args.seed)
+
+    vae = AutoencoderKLWan.from_pretrained(ckpt, subfolder="vae", torch_dtype=torch.float32)
+    ref_t = ReferenceTransformer.from_pretrained(ckpt, subfolder="transformer", torch_dtype=torch.float32)
+    ref = ReferencePipeline.from_pretrained(ckpt, vae=vae, transformer=ref_t, torch_dtype=torch.float32)
+    ref_latents = ref(**call, generator=gen(), output_type="latent").frames
+    ref_frames = ref(**call, generator=gen(), output_type="np").frames
+
+    ours = ContentVPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    SPEC.install_attention(ours, sdpa)
+    same_keys = set(ours.transformer.state_dict()) == set(ref_t.state_dict())
+    print(f"checkpoint: {ckpt}\nstate-dict keys identical: {same_keys}")
+    worst = 0.0
+    for mode in ("sequential", "batched"):
+        latents = ours(**call, guidance_mode=mode, generator=gen(), output_type="latent").frames
+        frames = ours(**call, guidance_mode=mode, generator=gen(), output_type="np").frames
+        d_lat = (latents - ref_latents).abs().max().item()
+        d_fr = float(np.abs(frames - ref_frames).max())
+        worst = max(worst, d_lat, d_fr)
+        print(f"guidance_mode={mode:10s} latents max|d| = {d_lat:.3g}   frames max|d| = {d_fr:.3g}")
+    print("PASS" if worst <= 1e-4 and same_keys else "FAIL", f"(worst {worst:.3g}, target <= 1e-4)")
+    return 0 if worst <= 1e-4 and same_keys else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

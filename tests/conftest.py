@@ -1,0 +1,66 @@
+"""Shared fixtures: one tiny ContentV checkpoint per test session, built offline into a temp cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A private CONTENTV_CACHE for the session (also inherited by demo.py subprocesses)."""
+    path = tmp_path_factory.mktemp("contentv-cache")
+    old = os.environ.get("CONTENTV_CACHE")
+    os.environ["CONTENTV_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CONTENTV_CACHE", None)
+    else:
+        os.environ["CONTENTV_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    from contentv.config import ModelConfig
+
+    return ModelConfig(name="tiny_contentv", family="contentv", path=None, tiny=True, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(cache_dir, tiny_model_cfg) -> str:
+    from contentv.models.contentv import SPEC
+
+    return SPEC.resolve_path(tiny_model_cfg)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_ckpt):
+    """A freshly loaded tiny ContentV pipeline on the CPU with our SDPA processor."""
+    from contentv.attention import sdpa
+    from contentv.models.contentv import SPEC
+    from contentv.models.contentv.pipeline import ContentVPipeline
+
+    pipe = ContentVPipeline.from_pretrained(tiny_ckpt, torch_dtype=torch.float32)
+    SPEC.install_attention(pipe, sdpa)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pytest_collection_modifyitems(config, items):
+    """Device tests skip cleanly where the device is absent."""
+    has_cuda = torch.cuda.is_available()
+    has_npu = importlib.util.find_spec("torch_npu") is not None
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+        if "npu" in item.keywords and not has_npu:
+            item.add_marker(pytest.mark.skip(reason="needs an Ascend NPU with torch_npu"))

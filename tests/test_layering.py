@@ -1,0 +1,72 @@
+"""The import rule: demo.py -> backends -> contentv, never the other way; no device names in contentv/."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> list[tuple[str, int, bool]]:
+    """(top-level module, line, inside a function?) for every import in a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((a.name.split(".")[0], child.lineno, in_function) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                out.append((child.module.split(".")[0], child.lineno, in_function))
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def test_contentv_never_imports_backends_hydra_or_torch_npu():
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {mod}"
+        for p in (ROOT / "contentv").rglob("*.py")
+        for mod, line, _ in imported_modules(p)
+        if mod in {"backends", "hydra", "torch_npu", "demo"}
+    ]
+    assert not bad, bad
+
+
+def test_backends_never_import_demo_or_hydra():
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {mod}"
+        for p in (ROOT / "backends").rglob("*.py")
+        for mod, line, _ in imported_modules(p)
+        if mod in {"demo", "hydra"}
+    ]
+    assert not bad, bad
+
+
+def test_torch_npu_only_in_npu_backend_and_only_inside_functions():
+    for p in [*ROOT.glob("*.py"), *(ROOT / "backends").rglob("*.py"), *(ROOT / "contentv").rglob("*.py")]:
+        for mod, line, in_function in imported_modules(p):
+            if mod == "torch_npu":
+                assert p.name == "npu.py" and p.parent.name == "backends", f"{p}:{line}"
+                assert in_function, f"{p}:{line} imports torch_npu at module level"
+
+
+def test_no_device_names_in_contentv():
+    pattern = re.compile(r"""["'](cuda|npu)(:\d+)?["']|\.cuda\(\)|\.npu\(\)|torch\.(cuda|npu)\.""")
+    bad = []
+    for p in (ROOT / "contentv").rglob("*.py"):
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if pattern.search(line.split("#")[0]):
+                bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, bad
+
+
+def test_the_checker_finds_a_planted_violation(tmp_path):
+    planted = tmp_path / "m.py"
+    planted.write_text("import os\nfrom backends import build_backend\n\ndef f():\n    import torch_npu\n")
+    found = imported_modules(planted)
+    assert ("backends", 2, False) in found and ("torch_npu", 5, True) in found
