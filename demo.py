@@ -186,36 +186,59 @@ def summary(result) -> str:
 
 
 def task(dcfg) -> None:
-    """One Hydra job: build (or reuse) the runtime and generate one video."""
+    """One Hydra job: build (or reuse) the runtime and generate the video(s)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from contentv import sweep
     from contentv.errors import ConfigError
 
     cfg = OmegaConf.to_object(dcfg)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.output.dir is None:
-        cfg.output.dir = hydra_cfg.runtime.output_dir
+        cfg.output.dir = str(job_dir)
     try:
-        result = get_runtime(cfg.backend).run(cfg)
-    except ConfigError as exc:
-        if cfg.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        if multirun:
-            raise
-        sys.exit(2)
+        results = get_runtime(cfg.backend).run_all(cfg)
     except KeyboardInterrupt:
         print("interrupted: no video written", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - one line unless debug
-        if cfg.debug or multirun:
+    except Exception as exc:  # noqa: BLE001 - one line unless debug; a sweep records it and goes on
+        if cfg.debug:
             raise
-        print(f"error: {type(exc).__name__}: {_first_line(exc)} (debug=true for a traceback)", file=sys.stderr)
-        sys.exit(1)
-    print(summary(result))
+        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        if multirun:
+            log.error("job %s failed: %s", hydra_cfg.job.num, message)
+            rows = sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), [], error=message)
+            sweep.write_job_rows(job_dir, rows)
+            return
+        print(
+            f"error: {message}" + ("" if isinstance(exc, ConfigError) else " (debug=true for a traceback)"),
+            file=sys.stderr,
+        )
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    for result in results:
+        print(summary(result))
+    if multirun:
+        sweep.write_job_rows(job_dir, sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), results))
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    Callback = object
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, collect every job's row into summary.csv/.md/.png."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from contentv import sweep
+
+        paths = sweep.write_summary(Path(config.hydra.sweep.dir))
+        print("sweep summary: " + ", ".join(str(p) for p in paths.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,8 @@ class MemoryConfig:
     quantize: list[str] = field(default_factory=lambda: ["transformer", "text_encoder_3"])
     # Classifier-free guidance: auto | batched (one batch-2 forward per step) | sequential (two forwards).
     guidance_mode: str = "auto"
+    # memory=auto only: the device budget in GB to plan for; null = the device's free memory.
+    budget_gb: float | None = None
 
 
 @dataclass
@@ -121,6 +123,8 @@ class SamplingConfig:
     seed: int = 42
     # Maximum T5 tokens (ContentV: 256).
     max_sequence_length: int | None = None
+    # A text file with one prompt per line: one video per line in one run (weights load once).
+    prompt_file: str | None = None
 
 
 @dataclass
@@ -136,12 +140,39 @@ class OutputConfig:
 
 
 @dataclass
+class SpeedupConfig:
+    # torch.compile the transformer's repeated blocks (regional compilation; first steps are slower).
+    compile: bool = False
+    # torch.compile mode: default | reduce-overhead | max-autotune.
+    compile_mode: str = "default"
+    # Step caching through diffusers' cache hooks: none | first_block (FirstBlockCache).
+    cache: str = "none"
+    # first_block: reuse the cached residual while the first block's output changes less than this.
+    cache_threshold: float = 0.05
+
+
+@dataclass
+class UIConfig:
+    # Interface to listen on; anything but 127.0.0.1/localhost prints a warning.
+    host: str = "127.0.0.1"
+    port: int = 7860
+    # Generations waiting in the queue at most (one runs at a time).
+    max_queue: int = 8
+
+
+@dataclass
 class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    speedup: SpeedupConfig = field(default_factory=SpeedupConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
+    # generate: make the video(s) | ui: serve the web page (python demo.py mode=ui).
+    mode: str = "generate"
+    # Print the memory plan (predicted peak device memory, host RAM, speed per strategy) and exit.
+    dry_run: bool = False
     # Show full Python tracebacks instead of one-line errors.
     debug: bool = False
 

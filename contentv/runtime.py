@@ -26,16 +26,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from contentv import speedup
 from contentv.attention import AttentionKernel
 from contentv.config import MemoryConfig, RunConfig, SamplingConfig, parse_dtype, resolve_sampling
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec, get_spec
 from contentv.stats import StageRecorder
-from contentv.validation import check_writable_dir
+from contentv.validation import check_writable_dir, read_prompt_file
 from contentv.video import slugify, write_json, write_mp4
 
 log = logging.getLogger(__name__)
 GUIDANCE_MODES = ("auto", "batched", "sequential")
+MODES = ("generate", "ui")
 
 
 class DeviceBackend(Protocol):
@@ -91,8 +93,13 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
     """
     spec = get_spec(cfg.model.family)
     sampling = resolve_sampling(cfg.sampling, cfg.model)
-    spec.validate(sampling)
+    prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
+    for prompt in prompts:
+        spec.validate(dataclasses.replace(sampling, prompt=prompt))
     resolve_guidance(cfg.memory)
+    speedup.check(cfg.speedup)
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", cfg.mode, MODES)
     for option, value in (("model.dtype", cfg.model.dtype), ("model.vae_dtype", cfg.model.vae_dtype)):
         parse_dtype(option, value)
     if cfg.model.text_encoder_dtype is not None:
@@ -107,7 +114,8 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
 
 
 def _key(cfg: RunConfig) -> str:
-    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.memory)], sort_keys=True)
+    parts = [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.memory), dataclasses.asdict(cfg.speedup)]
+    return json.dumps(parts, sort_keys=True)
 
 
 class Runtime:
@@ -139,6 +147,7 @@ class Runtime:
         self._pipe = spec.load(cfg.model, path)
         self.loads += 1
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
+        self._prepared.update(speedup.apply(self._pipe, cfg.speedup))
         self._key = key
         return self._pipe
 
@@ -156,8 +165,10 @@ class Runtime:
         """Validate, load (cached), generate. Returns frames and statistics; writes nothing."""
         spec, sampling = validate_run(cfg)
         recorder = StageRecorder(self.backend)
+        loads = self.loads
         with recorder.stage("load"):
             pipe = self.pipeline(cfg)
+        reused = self.loads == loads
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         out = pipe(
             **spec.call_kwargs(sampling),
@@ -171,8 +182,20 @@ class Runtime:
             frames=out.frames[0],
             sampling=sampling,
             stages=recorder.as_dict(),
-            prepared=dict(self._prepared),
+            prepared={**self._prepared, "pipeline_reused": reused, "pipeline_loads": self.loads},
         )
+
+    def run_all(self, cfg: RunConfig, callback_on_step_end=None) -> list[RunResult]:
+        """One video, or one per line of sampling.prompt_file (the pipeline is loaded once)."""
+        if not cfg.sampling.prompt_file:
+            return [self.run(cfg, callback_on_step_end)]
+        results = []
+        prompts = read_prompt_file(cfg.sampling.prompt_file)
+        for i, prompt in enumerate(prompts, 1):
+            log.info("prompt %d of %d: %s", i, len(prompts), prompt)
+            one = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, prompt=prompt, prompt_file=None))
+            results.append(self.run(one, callback_on_step_end))
+        return results
 
     def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""

@@ -65,3 +65,15 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
         raise ConfigError(option, str(path), f"a folder ({probe} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(option, str(path), f"a writable folder ({probe} is not writable)")
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per non-empty line; lines starting with # are comments."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError("sampling.prompt_file", path, "an existing text file with one prompt per line")
+    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ConfigError("sampling.prompt_file", path, "a file with at least one non-empty, non-comment line")
+    return prompts

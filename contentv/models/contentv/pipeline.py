@@ -233,28 +233,31 @@ class ContentVPipeline(StableDiffusion3Pipeline):
     ) -> torch.Tensor:
         """One guided velocity prediction; cond/uncond are (prompt_embeds, pooled_embeds)."""
 
-        def forward(x, embeds, pooled):
-            return self.transformer(
-                hidden_states=x,
-                timestep=t.expand(x.shape[0]),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                joint_attention_kwargs=self.joint_attention_kwargs,
-                return_dict=False,
-            )[0]
+        def forward(x, embeds, pooled, context):
+            # cache_context keeps step-cache state (e.g. FirstBlockCache) apart per kind of pass
+            with self.transformer.cache_context(context):
+                return self.transformer(
+                    hidden_states=x,
+                    timestep=t.expand(x.shape[0]),
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                    joint_attention_kwargs=self.joint_attention_kwargs,
+                    return_dict=False,
+                )[0]
 
         if uncond is None:
-            return forward(latents, *cond)
+            return forward(latents, *cond, "cond")
         if guidance_mode == "batched":
             both = forward(
                 torch.cat([latents, latents]),
                 torch.cat([uncond[0], cond[0]]),
                 torch.cat([uncond[1], cond[1]]),
+                "cond_uncond",
             )
             noise_uncond, noise_cond = both.chunk(2)
         else:  # the reference's order: conditional pass first, then unconditional
-            noise_cond = forward(latents, *cond)
-            noise_uncond = forward(latents, *uncond)
+            noise_cond = forward(latents, *cond, "cond")
+            noise_uncond = forward(latents, *uncond, "uncond")
         return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str):

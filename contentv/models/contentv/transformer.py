@@ -14,6 +14,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, JointTransformerBlock
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, get_3d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -55,7 +56,7 @@ class VideoPatchEmbed(nn.Module):
         return x + pos
 
 
-class SD3Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class SD3Transformer3DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
     """ContentV's transformer. Every SD3 config field is a constructor argument.
 
     The class name matches the published checkpoint's `transformer/config.json` (`_class_name`), and
