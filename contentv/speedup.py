@@ -21,6 +21,36 @@ def check(cfg: SpeedupConfig) -> None:
         raise ConfigError("speedup.cache_threshold", cfg.cache_threshold, "a number > 0 (e.g. 0.05)")
 
 
+def first_block_cache(denoiser, threshold: float) -> None:
+    """diffusers' FirstBlockCache, applied to every block but a final context-pre-only one.
+
+    diffusers' own `apply_first_block_cache` fails on SD3-style models: their last block returns no
+    text stream (None), which its tail hook subtracts from. So the cache here spans blocks 0..L-2 (via
+    diffusers' hooks) and the final block always runs (1/38 of ContentV's compute).
+    """
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks.first_block_cache import (
+        FBCSharedBlockState,
+        _apply_fbc_block_hook,
+        _apply_fbc_head_block_hook,
+    )
+    from diffusers.hooks.hooks import HookRegistry, StateManager
+
+    blocks = list(denoiser.transformer_blocks)
+    if not getattr(blocks[-1], "context_pre_only", False):
+        denoiser.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        return
+    cached = blocks[:-1]
+    if len(cached) < 2:
+        raise ConfigError("speedup.cache", "first_block", "a model with at least 3 transformer blocks")
+    state = StateManager(FBCSharedBlockState, (), {})
+    _apply_fbc_head_block_hook(cached[0], state, threshold)
+    for block in cached[1:-1]:
+        _apply_fbc_block_hook(block, state)
+    _apply_fbc_block_hook(cached[-1], state, is_tail=True)
+    HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
+
+
 def apply(pipe, cfg: SpeedupConfig) -> dict:
     """Apply the configured speed-ups to a prepared pipeline; returns what was applied."""
     check(cfg)
@@ -29,9 +59,7 @@ def apply(pipe, cfg: SpeedupConfig) -> dict:
     if cfg.cache == "first_block":
         # Skips the remaining blocks while the first block's residual barely changes between steps:
         # faster, slightly different output (quality trade-off set by cache_threshold).
-        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-
-        apply_first_block_cache(denoiser, FirstBlockCacheConfig(threshold=cfg.cache_threshold))
+        first_block_cache(denoiser, cfg.cache_threshold)
         applied["cache"] = f"first_block (threshold {cfg.cache_threshold})"
     if cfg.compile:
         # Regional compilation: each repeated transformer block compiles once and is reused.

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 TINY_SPEC = {
-    "format": 2,  # bump when the builder changes: it is part of the cache key
+    "format": 3,  # bump when the builder changes: it is part of the cache key
     "transformer": dict(
         sample_size=32,
         patch_size=2,
         in_channels=16,
-        num_layers=2,
+        num_layers=3,  # FirstBlockCache needs head, tail and the final context-pre-only block
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=4096,
