@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", required=True, help="folder with contentv_transformer.py and contentv_pipeline.py")
+    parser.add_argument(
+        "--reference", required=True, help="folder with contentv_transformer.py and contentv_pipeline.py"
+    )
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--frames", type=int, default=13)

@@ -114,7 +114,9 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
 
 
 def _key(cfg: RunConfig) -> str:
-    parts = [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.memory), dataclasses.asdict(cfg.speedup)]
+    # guidance_mode is chosen per call, so it doesn't invalidate the prepared pipeline
+    memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k != "guidance_mode"}
+    parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup)]
     return json.dumps(parts, sort_keys=True)
 
 
