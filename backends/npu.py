@@ -1,0 +1,165 @@
+"""Ascend NPU backend (torch_npu). Kernels: npu_fusion_attention (default), npu_fused_infer_attention_score, SDPA.
+
+torch_npu is imported only inside this file's functions, so selecting another backend never imports it
+(importing it needs the CANN toolkit). Never `torch_npu.contrib.transfer_to_npu`: it rewrites `torch.cuda`
+for the whole process; the `npu` device is passed explicitly instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from backends.base import Backend
+from contentv.attention import AttentionKernel, sdpa
+from contentv.config import BackendConfig
+from contentv.errors import ConfigError
+
+LAYOUTS = ("BNSD", "BSND")
+# Fused attention takes fp16/bf16 (fp32 only on newer CANN); fp32 goes to SDPA.
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _import_torch_npu():
+    """torch_npu, or a one-line ConfigError saying how to get it."""
+    try:
+        import torch_npu
+    except ModuleNotFoundError as e:
+        if e.name != "torch_npu":  # installed, but a dependency of it is missing
+            raise _import_failed(e) from e
+        raise ConfigError(
+            "backend.name",
+            "npu",
+            "a backend with torch_npu installed: pip install '.[npu]' (needs the CANN toolkit), or use backend=cpu",
+        ) from e
+    except (ImportError, OSError, RuntimeError) as e:  # e.g. CANN libraries not found
+        raise _import_failed(e) from e
+    return torch_npu
+
+
+def _import_failed(e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(
+        "backend.name", "npu", f"a working torch_npu: importing it failed ({first}); source CANN's set_env.sh first"
+    )
+
+
+def npu_fusion_kernel(layout: str = "BNSD") -> AttentionKernel:
+    """`torch_npu.npu_fusion_attention` as a (B, H, S, D) kernel, called in `layout` (BNSD or BSND)."""
+    torch_npu = _import_torch_npu()
+
+    def npu_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.dtype not in FUSED_DTYPES:
+            return sdpa(q, k, v)
+        heads, head_dim = q.shape[1], q.shape[-1]
+        if layout == "BSND":
+            q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, S, N, D)
+        # Dense and bidirectional: no mask (so the token band arguments are ignored). scale defaults to
+        # 1.0 in torch_npu, so it is passed; everything after input_layout by keyword.
+        out = torch_npu.npu_fusion_attention(
+            q,
+            k,
+            v,
+            heads,
+            input_layout=layout,
+            atten_mask=None,
+            scale=1.0 / math.sqrt(head_dim),
+            keep_prob=1.0,
+        )[0]  # same layout as the input
+        return out.transpose(1, 2) if layout == "BSND" else out  # (B, H, S, D)
+
+    return npu_fusion
+
+
+def npu_fused_infer_kernel() -> AttentionKernel:
+    """`torch_npu.npu_fused_infer_attention_score` (the inference twin, graph-mode capable), BNSD."""
+    torch_npu = _import_torch_npu()
+
+    def npu_fused_infer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.dtype not in FUSED_DTYPES:
+            return sdpa(q, k, v)
+        heads, head_dim = q.shape[1], q.shape[-1]
+        # It rejects non-contiguous input; num_heads defaults to 1 and scale to 1.0, so both are passed.
+        return torch_npu.npu_fused_infer_attention_score(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            num_heads=heads,
+            input_layout="BNSD",
+            scale=1.0 / math.sqrt(head_dim),
+        )[0]  # (B, H, S, D)
+
+    return npu_fused_infer
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ConfigError("backend.npu_layout", layout, LAYOUTS)
+    return layout
+
+
+class NPUBackend(Backend):
+    name = "npu"
+    # diffusers' group-offload streams support only CUDA and XPU: on NPU, group-offload without streams.
+    supports_offload_streams = False
+
+    def __init__(self, cfg: BackendConfig):
+        check_layout(cfg.npu_layout)  # a config error before importing torch_npu
+        super().__init__(cfg)
+
+    def _device(self) -> torch.device:
+        _import_torch_npu()  # registers torch.npu and the "npu" device type
+        if not torch.npu.is_available():
+            raise ConfigError(
+                "backend.name",
+                "npu",
+                "a backend whose device is visible: torch_npu sees no Ascend NPU (check npu-smi info and "
+                "ASCEND_RT_VISIBLE_DEVICES; try cpu)",
+            )
+        count = torch.npu.device_count()
+        if not 0 <= self.cfg.device_index < count:
+            raise ConfigError("backend.device_index", self.cfg.device_index, f"0..{count - 1} ({count} NPUs visible)")
+        return torch.device("npu", self.cfg.device_index)
+
+    def setup(self) -> None:
+        torch.npu.set_device(self.device)
+        # The reference's process-wide settings: plain ND tensors (no private NZ formats), and the
+        # precompiled operator binaries rather than online JIT compilation.
+        torch.npu.config.allow_internal_format = False
+        torch.npu.set_compile_mode(jit_compile=False)
+
+    def describe(self) -> dict:
+        torch_npu = _import_torch_npu()
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "name": torch.npu.get_device_name(self.device.index),
+            "torch_npu": getattr(torch_npu, "__version__", "unknown"),
+        }
+
+    def kernels(self) -> dict[str, Callable[[], AttentionKernel]]:
+        layout = check_layout(self.cfg.npu_layout)
+        return {
+            "npu_fusion": lambda: npu_fusion_kernel(layout),
+            "npu_fused_infer": npu_fused_infer_kernel,
+            # torch_npu routes 4-D BNSD SDPA without a mask to its fused kernel on A2 and newer.
+            "sdpa": lambda: sdpa,
+        }
+
+    def quantization_methods(self) -> tuple[str, ...]:
+        # bitsandbytes has no Ascend build.
+        return ("none", "fp8", "torchao_int8")
+
+    def synchronize(self) -> None:
+        torch.npu.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        torch.npu.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int:
+        return torch.npu.max_memory_allocated(self.device)
+
+    def empty_cache(self) -> None:
+        torch.npu.empty_cache()
