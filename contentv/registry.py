@@ -17,6 +17,7 @@ from contentv.errors import ConfigError
 # family -> module defining SPEC. Adding a family = a folder, a line here, a conf/model/*.yaml.
 FAMILIES = {
     "contentv": "contentv.models.contentv",
+    "cogvideox": "contentv.models.cogvideox",
 }
 
 

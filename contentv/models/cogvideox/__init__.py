@@ -1,0 +1,138 @@
+"""CogVideoX-2B/5B family (THUDM; diffusers' CogVideoXPipeline): spec for the registry.
+
+Heavy imports happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+
+from contentv.config import ModelConfig, SamplingConfig, parse_dtype
+from contentv.errors import ConfigError
+from contentv.registry import ModelSpec
+from contentv.validation import check_common_sampling, check_local_checkpoint, check_size
+
+# Files every CogVideoX checkpoint folder has (tokenizer files vary: spiece.model or tokenizer.json).
+REQUIRED_FILES = {
+    "model_index.json": "pipeline index",
+    "transformer/config.json": "transformer config",
+    "vae/config.json": "VAE config",
+    "text_encoder/config.json": "T5 config",
+    "tokenizer/tokenizer_config.json": "T5 tokenizer config",
+    "scheduler/scheduler_config.json": "scheduler config",
+}
+EXPECTED_CLASSES = {
+    "transformer/config.json": ("CogVideoXTransformer3DModel",),
+    "vae/config.json": ("AutoencoderKLCogVideoX",),
+    "scheduler/scheduler_config.json": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
+}
+# Frames 4k+1 (VAE 4x time compression). Sizes: multiples of VAE x8 * patch x2.
+TEMPORAL, SPATIAL = 4, 16
+# T5 tokens the transformers were trained with (transformer.config.max_text_seq_length).
+MAX_TEXT_TOKENS = 226
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    if not cfg.tiny:
+        if not cfg.path:
+            raise ConfigError("model.path", cfg.path, "a checkpoint folder or hub id (or model.tiny=true)")
+        return cfg.path
+    from contentv.models.cogvideox.tiny import TINY_SPECS, build_tiny_cogvideox
+    from contentv.tiny import cached_build
+
+    # The tiny variant is chosen by model name (2B-style sin-cos or 5B-style RoPE).
+    if cfg.name not in TINY_SPECS:
+        raise ConfigError("model.name", cfg.name, f"with model.tiny=true, one of: {', '.join(TINY_SPECS)}")
+    spec = {**TINY_SPECS[cfg.name], "seed": cfg.tiny_seed}
+    return str(
+        cached_build(cfg.name, spec, lambda out: build_tiny_cogvideox(out, TINY_SPECS[cfg.name], seed=cfg.tiny_seed))
+    )
+
+
+def check_checkpoint(path: str) -> None:
+    folder = check_local_checkpoint("model.path", path, REQUIRED_FILES)
+    if not folder.exists():  # a hub id: checked when downloaded
+        return
+    configs = {f: json.loads((folder / f).read_text()) for f in EXPECTED_CLASSES}
+    for f, expected in EXPECTED_CLASSES.items():
+        found = configs[f].get("_class_name")
+        if found not in expected:
+            raise ConfigError(
+                "model.path", path, f"a CogVideoX checkpoint ({f} names {found!r}, expected {' or '.join(expected)})"
+            )
+    t = configs["transformer/config.json"]
+    if t.get("in_channels", 16) != (t.get("out_channels") or 16):  # I2V models take image latents too
+        raise ConfigError(
+            "model.path",
+            path,
+            f"a text-to-video CogVideoX checkpoint (transformer in_channels {t.get('in_channels')} != "
+            f"out_channels {t.get('out_channels')}: an image-to-video model)",
+        )
+
+
+def load(cfg: ModelConfig, path: str):
+    from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
+
+    return CogVideoXRuntimePipeline.from_pretrained(
+        path,
+        torch_dtype=parse_dtype("model.dtype", cfg.dtype),
+        vae_dtype=parse_dtype("model.vae_dtype", cfg.vae_dtype),
+        text_encoder_dtype=parse_dtype("model.text_encoder_dtype", cfg.text_encoder_dtype)
+        if cfg.text_encoder_dtype
+        else None,
+        local_files_only=cfg.local_files_only,
+        **({"revision": cfg.revision} if cfg.revision else {}),
+    )
+
+
+def install_attention(pipe, kernel) -> None:
+    from contentv.models.cogvideox.attention import CogVideoXKernelAttnProcessor
+
+    pipe.transformer.set_attn_processor(CogVideoXKernelAttnProcessor(kernel))
+
+
+def validate(s: SamplingConfig) -> None:
+    check_common_sampling(s)
+    n = s.num_frames
+    if n is None or n < 1 or (n - 1) % TEMPORAL:
+        raise ConfigError("sampling.num_frames", n, f"of the form {TEMPORAL}k+1 (the VAE compresses time 4x), e.g. 49")
+    if ((n - 1) // TEMPORAL) % 2:
+        # The VAE decodes latent frames in pairs after a first group of three: an even latent count
+        # T = (n-1)/4+1 decodes to 4T frames, not n (diffusers silently returns the longer video).
+        raise ConfigError(
+            "sampling.num_frames",
+            n,
+            f"of the form 8k+1, e.g. 9, 17, 25, 33, 41, 49 ({(n - 1) // TEMPORAL + 1} latent frames decode to "
+            f"{4 * ((n - 1) // TEMPORAL + 1)} frames; the CogVideoX VAE needs an odd latent frame count)",
+        )
+    check_size(s.height, s.width, SPATIAL)
+    if s.max_sequence_length is not None and not 1 <= s.max_sequence_length <= MAX_TEXT_TOKENS:
+        raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, f"an integer in 1..{MAX_TEXT_TOKENS}")
+
+
+def call_kwargs(s: SamplingConfig) -> dict:
+    kw = dict(
+        prompt=s.prompt,
+        negative_prompt=s.negative_prompt,
+        height=s.height,
+        width=s.width,
+        num_frames=s.num_frames,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+    )
+    if s.max_sequence_length is not None:
+        kw["max_sequence_length"] = s.max_sequence_length
+    return kw
+
+
+SPEC = ModelSpec(
+    family="cogvideox",
+    resolve_path=resolve_path,
+    check_checkpoint=check_checkpoint,
+    load=load,
+    install_attention=install_attention,
+    validate=validate,
+    call_kwargs=call_kwargs,
+)
+
+__all__ = ["SPEC"]

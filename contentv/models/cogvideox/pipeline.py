@@ -1,0 +1,420 @@
+"""CogVideoX text-to-video: diffusers' `CogVideoXPipeline` plus the runtime's call arguments.
+
+`__call__` is adapted from diffusers 0.42 `pipelines/cogvideo/pipeline_cogvideox.py`; prompt encoding,
+latent preparation, RoPE tables, scheduler arguments and VAE decoding are inherited unchanged, so a
+default call gives diffusers' output. Differences: guidance can also run sequentially (two forwards per
+step instead of one of batch 2), stages can be observed (`stage_context`), `_interrupt` raises
+`GenerationCancelled` instead of silently skipping the remaining steps, the backend's execution device
+and text-encoder placement are honoured, embeddings are cast to the transformer's dtype and latents to
+the VAE's (no-ops when the dtypes agree, as in diffusers), and a prompt longer than
+`max_sequence_length` T5 tokens is reported with its length before it is truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
+from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
+from transformers import T5EncoderModel, T5TokenizerFast
+
+from contentv.errors import GenerationCancelled
+
+log = logging.getLogger(__name__)
+
+GUIDANCE_MODES = ("batched", "sequential")
+# Subfolders of a CogVideoX checkpoint, each loaded by its own class (model_index.json is not trusted).
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+# scheduler_config.json's _class_name -> class (2B ships DDIM; DPM is the one diffusers suggests for 5B).
+SCHEDULERS = {"CogVideoXDDIMScheduler": CogVideoXDDIMScheduler, "CogVideoXDPMScheduler": CogVideoXDPMScheduler}
+HUB_KWARGS = ("revision", "local_files_only", "cache_dir", "token")
+StageContext = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _null_stage(_name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+class CogVideoXRuntimePipeline(CogVideoXPipeline):
+    """Text-to-video with CogVideoX-2B/5B. Use like diffusers' `CogVideoXPipeline`:
+
+    >>> pipe = CogVideoXRuntimePipeline.from_pretrained("THUDM/CogVideoX-2b", torch_dtype=torch.float16)
+    >>> frames = pipe(prompt="a cat", generator=torch.Generator().manual_seed(42), output_type="np").frames[0]
+    """
+
+    def __init__(
+        self,
+        tokenizer: T5TokenizerFast,
+        text_encoder: T5EncoderModel,
+        vae: AutoencoderKLCogVideoX,
+        transformer: CogVideoXTransformer3DModel,
+        scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
+    ):
+        super().__init__(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        # Set by the backend (injected, never decided here):
+        # execution_device: where denoising runs (None = diffusers' inference from weights and hooks);
+        # text_encoder_placement: "resident" | "release" (onto the device for encoding, back to the CPU
+        # after) | "cpu" (encode on the CPU, move the embeddings).
+        self.execution_device: torch.device | None = None
+        self.text_encoder_placement = "resident"
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.execution_device or super()._execution_device
+
+    @contextlib.contextmanager
+    def _text_encoding_device(self, device: torch.device):
+        """Yield the device text encoding runs on, placing the encoder per `text_encoder_placement`."""
+        placement = self.text_encoder_placement
+        if placement == "cpu":
+            yield torch.device("cpu")
+            return
+        if placement == "release":
+            self.text_encoder.to(device)
+        try:
+            yield device
+        finally:
+            if placement == "release":
+                self.text_encoder.to("cpu")
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        text_encoder_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> CogVideoXRuntimePipeline:
+        """Load a CogVideoX checkpoint (local diffusers-layout folder or hub id), one component per subfolder.
+
+        `torch_dtype` applies to the transformer and, unless given their own, the VAE (`vae_dtype`) and the
+        T5 encoder (`text_encoder_dtype`), as `CogVideoXPipeline.from_pretrained(torch_dtype=...)` does.
+        The scheduler class is the one named in scheduler/scheduler_config.json (DDIM or DPM). Components
+        passed by name (`transformer=...`) are used as given; `revision`, `local_files_only`, `cache_dir`
+        and `token` go to every component.
+        """
+        path = str(pretrained_model_name_or_path)
+        dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
+        given = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
+        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+
+        def scheduler():
+            config = CogVideoXDDIMScheduler.load_config(path, subfolder="scheduler", **hub)
+            name = config.get("_class_name")
+            if name not in SCHEDULERS:
+                raise ValueError(f"scheduler {name!r} in {path}/scheduler: must be one of {', '.join(SCHEDULERS)}")
+            return SCHEDULERS[name].from_config(config)
+
+        loaders: dict[str, Callable[[], Any]] = {
+            "tokenizer": lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer", **hub),
+            "text_encoder": lambda: T5EncoderModel.from_pretrained(
+                path, subfolder="text_encoder", dtype=text_encoder_dtype or dtype, **hub
+            ),
+            "vae": lambda: AutoencoderKLCogVideoX.from_pretrained(
+                path, subfolder="vae", dtype=vae_dtype or dtype, **hub
+            ),
+            "transformer": lambda: CogVideoXTransformer3DModel.from_pretrained(
+                path, subfolder="transformer", dtype=dtype, **hub
+            ),
+            "scheduler": scheduler,
+        }
+        parts = {name: given[name] if name in given else load() for name, load in loaders.items()}
+        for module in parts.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        return cls(**parts)
+
+    # ---------------------------------------------------------------- helpers
+
+    def check_runtime_inputs(self, guidance_mode: str, text_len: int) -> None:
+        """Raise ValueError for the arguments diffusers' check_inputs does not cover."""
+        if guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode={guidance_mode!r}: must be one of {', '.join(GUIDANCE_MODES)}")
+        cfg = self.transformer.config
+        # 2B-style sin-cos: the patch embedding's joint position table has exactly max_text_seq_length
+        # text slots before the video tokens, so any other text length fails to broadcast.
+        if not cfg.use_rotary_positional_embeddings and text_len != cfg.max_text_seq_length:
+            raise ValueError(
+                f"max_sequence_length={text_len}: this transformer (sin-cos positions) takes exactly "
+                f"{cfg.max_text_seq_length} text tokens"
+            )
+
+    def warn_if_truncated(self, name: str, text: str | list[str] | None, max_sequence_length: int) -> None:
+        """Log a warning for each text longer than `max_sequence_length` T5 tokens (counting </s>)."""
+        if text is None:
+            return
+        for t in [text] if isinstance(text, str) else text:
+            n = len(self.tokenizer(t, add_special_tokens=True, verbose=False).input_ids)
+            if n > max_sequence_length:
+                log.warning(
+                    "%s is %d T5 tokens, over the %d-token limit (max_sequence_length): truncated to its first "
+                    "%d tokens and </s>",
+                    name,
+                    n,
+                    max_sequence_length,
+                    max_sequence_length - 1,
+                )
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_kwargs: dict[str, Any] | None,
+        guidance_mode: str,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(unconditional, conditional) predictions in fp32; unconditional is None without guidance.
+
+        latents (B, T, C, h, w); cond/uncond (B, St, 4096). "batched" is diffusers' single forward on
+        [uncond, cond]; "sequential" runs them one after the other (half the activation memory).
+        """
+
+        def forward(x: torch.Tensor, embeds: torch.Tensor, context: str) -> torch.Tensor:
+            with self.transformer.cache_context(context):
+                out = self.transformer(
+                    hidden_states=x,
+                    encoder_hidden_states=embeds,
+                    timestep=t.expand(x.shape[0]),
+                    image_rotary_emb=image_rotary_emb,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+            return out.float()
+
+        if uncond is None:
+            return None, forward(self.scheduler.scale_model_input(latents, t), cond, "cond_uncond")
+        if guidance_mode == "batched":
+            x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            return forward(x, torch.cat([uncond, cond], dim=0), "cond_uncond").chunk(2)
+        x = self.scheduler.scale_model_input(latents, t)
+        return forward(x, uncond, "uncond"), forward(x, cond, "cond")
+
+    # ---------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 6,
+        use_dynamic_cfg: bool = False,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 226,
+        guidance_mode: str = "batched",
+        stage_context: StageContext | None = None,
+    ) -> CogVideoXPipelineOutput | tuple:
+        """Generate videos; arguments as diffusers' `CogVideoXPipeline.__call__`, plus:
+
+        `guidance_mode`: "batched" (diffusers': one forward of batch 2 per step) or "sequential" (two
+        forwards per step; same result within rounding, less activation memory). `stage_context(name)`
+        wraps the stages "text_encoding", "denoising" and "decoding" (timing, memory statistics). Setting
+        `pipe._interrupt = True` from a step callback stops at the end of that step and raises
+        `GenerationCancelled`. Returns `CogVideoXPipelineOutput(frames=...)`: (B, F, H, W, 3) in [0, 1]
+        for "np", lists of PIL images for "pil", latents (B, T, C, H/8, W/8) for "latent".
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        stage = stage_context or _null_stage
+
+        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+        num_frames = num_frames or self.transformer.config.sample_frames
+        num_videos_per_prompt = 1  # as diffusers: one video per prompt
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds,
+            negative_prompt_embeds,
+        )
+        self.check_runtime_inputs(
+            guidance_mode, prompt_embeds.shape[1] if prompt_embeds is not None else max_sequence_length
+        )
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+        # 2. Default call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        do_classifier_free_guidance = guidance_scale > 1.0
+
+        # 3. Encode input prompt (where the placement says), then move to the denoising device and dtype
+        self.warn_if_truncated("prompt", prompt, max_sequence_length)
+        if do_classifier_free_guidance:
+            self.warn_if_truncated("negative_prompt", negative_prompt, max_sequence_length)
+        with stage("text_encoding"), self._text_encoding_device(device) as te_device:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt,
+                negative_prompt,
+                do_classifier_free_guidance,
+                num_videos_per_prompt=num_videos_per_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                max_sequence_length=max_sequence_length,
+                device=te_device,
+            )
+            dtype = self.transformer.dtype
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)  # (B, St, 4096)
+            if do_classifier_free_guidance:
+                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+
+        with stage("denoising"):
+            # 4. Prepare timesteps
+            timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+            self._num_timesteps = len(timesteps)
+
+            # 5. Prepare latents (B, T, C, H/8, W/8)
+            latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+            # For CogVideoX 1.5, the latent frames are padded to a multiple of patch_size_t
+            patch_size_t = self.transformer.config.patch_size_t
+            additional_frames = 0
+            if patch_size_t is not None and latent_frames % patch_size_t != 0:
+                additional_frames = patch_size_t - latent_frames % patch_size_t
+                num_frames += additional_frames * self.vae_scale_factor_temporal
+            latents = self.prepare_latents(
+                batch_size * num_videos_per_prompt,
+                self.transformer.config.in_channels,
+                num_frames,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+
+            # 6. Prepare extra step kwargs (eta; the DPM scheduler's generator)
+            extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+            # 7. Rotary embeddings (5B-style) or None (2B-style sin-cos, added in the patch embedding)
+            image_rotary_emb = (
+                self._prepare_rotary_positional_embeddings(height, width, latents.size(1), device)
+                if self.transformer.config.use_rotary_positional_embeddings
+                else None
+            )
+
+            # 8. Denoising loop
+            num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+            with self.progress_bar(total=num_inference_steps) as progress_bar:
+                old_pred_original_sample = None  # for DPM-solver++
+                for i, t in enumerate(timesteps):
+                    self._current_timestep = t
+                    noise_pred_uncond, noise_pred = self.predict_noise(
+                        latents,
+                        t,
+                        prompt_embeds,
+                        negative_prompt_embeds if do_classifier_free_guidance else None,
+                        image_rotary_emb,
+                        attention_kwargs,
+                        guidance_mode,
+                    )
+
+                    # perform guidance
+                    if use_dynamic_cfg:
+                        self._guidance_scale = 1 + guidance_scale * (
+                            (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0))
+                            / 2
+                        )
+                    if do_classifier_free_guidance:
+                        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred - noise_pred_uncond)
+
+                    # compute the previous noisy sample x_t -> x_t-1
+                    if not isinstance(self.scheduler, CogVideoXDPMScheduler):
+                        latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    else:
+                        latents, old_pred_original_sample = self.scheduler.step(
+                            noise_pred,
+                            old_pred_original_sample,
+                            t,
+                            timesteps[i - 1] if i > 0 else None,
+                            latents,
+                            **extra_step_kwargs,
+                            return_dict=False,
+                        )
+                    latents = latents.to(prompt_embeds.dtype)
+
+                    if callback_on_step_end is not None:
+                        local = {
+                            "latents": latents,
+                            "prompt_embeds": prompt_embeds,
+                            "negative_prompt_embeds": negative_prompt_embeds,
+                        }
+                        callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        latents = callback_outputs.pop("latents", latents)
+                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                    if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                        progress_bar.update()
+
+                    if self.interrupt:
+                        self._current_timestep = None
+                        self.maybe_free_model_hooks()
+                        raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
+            self._current_timestep = None
+
+        if output_type == "latent":
+            video = latents
+        else:
+            with stage("decoding"):
+                # Discard any padding frames that were added for CogVideoX 1.5
+                latents = latents[:, additional_frames:]
+                video = self.decode_latents(latents.to(self.vae.dtype))  # (B, 3, F, H, W) in [-1, 1]
+                video = self.video_processor.postprocess_video(video=video, output_type=output_type)
+
+        # Offload all models
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (video,)
+        return CogVideoXPipelineOutput(frames=video)
