@@ -4,6 +4,7 @@
     python demo.py                                        # ContentV-8B, reference defaults, backend=auto
     python demo.py backend=cuda sampling.prompt="a red fox in snow" sampling.num_frames=49
     python demo.py model.path=/ckpt/ContentV-8B memory=low_vram_24g
+    python demo.py model=cogvideox_5b backend=cuda         # CogVideoX-5B (model=cogvideox_2b, tiny_cogvideox)
     USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
     python demo.py --help                                 # groups, options and every field
