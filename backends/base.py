@@ -7,6 +7,7 @@ synchronize / reset_peak_memory / peak_memory / empty_cache (memory statistics),
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -73,6 +74,8 @@ class Backend(ABC):
         Returns what was applied, for the run's record.
         """
         mem.check(memory, self)
+        if memory.quantize is None:  # the family's default components
+            memory = dataclasses.replace(memory, quantize=list(spec.quantize_default))
         applied: dict = {"memory_preset": memory.name}
         applied["quantization"] = mem.quantize(pipe, memory, self)
         kernel = self.attention_kernel()

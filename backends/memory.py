@@ -3,10 +3,13 @@
 The config states the intent (contentv.config.MemoryConfig); these functions apply diffusers',
 accelerate's, bitsandbytes' and torchao's mechanisms. Device-specific gaps are decided by the backend
 (e.g. `supports_offload_streams`, `quantization_methods`).
+
+Order (Backend.prepare): check -> quantize (weights left on the CPU) -> attention -> vae_options -> place -> text encoders.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -20,13 +23,16 @@ log = logging.getLogger(__name__)
 
 TEXT_ENCODER_MODES = ("auto", "device", "release", "cpu", "offload")
 QUANTIZATIONS = ("none", "bnb_int8", "bnb_nf4", "fp8", "torchao_int8")
+GUIDANCE_MODES = ("auto", "batched", "sequential")
 CPU = torch.device("cpu")
 # Layers kept in full precision when quantizing: tiny, precision-critical, or input/output projections.
+# bnb/torchao match whole name parts (as transformers' `modules_to_not_convert`); fp8 adds these as regexes
+# to diffusers' layerwise-casting defaults. Each component's `_keep_in_fp32_modules` (T5: "wo") is added.
 QUANT_SKIP = ("proj_out", "norm_out", "time_text_embed", "pos_embed", "context_embedder", "norm", "shared")
 
 
 def check(memory: MemoryConfig, backend) -> None:
-    """Reject contradictory or unsupported combinations with one clear error."""
+    """Reject contradictory or unsupported combinations with one clear error (before any weights move)."""
     if memory.model_cpu_offload and memory.sequential_cpu_offload:
         raise ConfigError(
             "memory.sequential_cpu_offload", True, "not together with memory.model_cpu_offload=true (pick one)"
@@ -36,8 +42,22 @@ def check(memory: MemoryConfig, backend) -> None:
         raise ConfigError("memory.group_offload", True, f"not together with memory.{which}=true (pick one)")
     if memory.group_offload_blocks < 1:
         raise ConfigError("memory.group_offload_blocks", memory.group_offload_blocks, "an integer >= 1")
+    if (
+        memory.group_offload
+        and memory.group_offload_stream
+        and backend.supports_offload_streams
+        and memory.group_offload_blocks != 1
+    ):
+        # diffusers would silently reset it to 1: it prefetches exactly one block ahead on the side stream.
+        raise ConfigError(
+            "memory.group_offload_blocks",
+            memory.group_offload_blocks,
+            "1 when memory.group_offload_stream=true (or set group_offload_stream=false)",
+        )
     if memory.attention_slicing < 0:
         raise ConfigError("memory.attention_slicing", memory.attention_slicing, "0 (off) or a chunk size >= 1")
+    if memory.guidance_mode not in GUIDANCE_MODES:
+        raise ConfigError("memory.guidance_mode", memory.guidance_mode, GUIDANCE_MODES)
     if memory.text_encoders not in TEXT_ENCODER_MODES:
         raise ConfigError("memory.text_encoders", memory.text_encoders, TEXT_ENCODER_MODES)
     if memory.text_encoders in ("device", "release", "cpu") and (
@@ -69,8 +89,12 @@ def check(memory: MemoryConfig, backend) -> None:
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: pip install '.[quant]'")
     if memory.quantization.startswith("bnb") and memory.sequential_cpu_offload:
+        # accelerate's per-layer hooks rebuild each weight from a plain copy on every call; bitsandbytes' 4-bit
+        # quant state does not survive it (fails on the CPU too) and its int8 path there assumes its own classes.
         raise ConfigError(
-            "memory.quantization", memory.quantization, "not with sequential_cpu_offload (bitsandbytes weights can't stream)"
+            "memory.quantization",
+            memory.quantization,
+            "fp8 or torchao_int8 with sequential_cpu_offload (or bitsandbytes with group_offload or model_cpu_offload)",
         )
 
 
@@ -82,18 +106,25 @@ def _components(pipe, names: list[str]) -> dict[str, nn.Module]:
     for name in names:
         module = getattr(pipe, name, None)
         if not isinstance(module, nn.Module):
-            raise ConfigError("memory.quantize", name, [k for k, v in pipe.components.items() if isinstance(v, nn.Module)])
+            raise ConfigError(
+                "memory.quantize", name, [k for k, v in pipe.components.items() if isinstance(v, nn.Module)]
+            )
         out[name] = module
     return out
 
 
-def _quantizable(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and not any(part in QUANT_SKIP for part in name.split("."))
+def _skip_parts(module: nn.Module) -> tuple[str, ...]:
+    return QUANT_SKIP + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+
+
+def _quantizable(name: str, module: nn.Module, skip: tuple[str, ...] = QUANT_SKIP) -> bool:
+    return type(module) is nn.Linear and not any(part in skip for part in name.split("."))
 
 
 def _swap_linears(root: nn.Module, make) -> int:
     """Replace every quantizable nn.Linear under `root` by make(linear); returns how many."""
-    targets = [(n, m) for n, m in root.named_modules() if _quantizable(n, m)]
+    skip = _skip_parts(root)
+    targets = [(n, m) for n, m in root.named_modules() if _quantizable(n, m, skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
@@ -101,61 +132,154 @@ def _swap_linears(root: nn.Module, make) -> int:
     return len(targets)
 
 
-def _bnb_int8(linear: nn.Linear) -> nn.Module:
+@functools.cache
+def _bnb_classes():
+    """bitsandbytes layer classes, made on first use (bitsandbytes is optional and imported lazily)."""
     import bitsandbytes as bnb
 
-    q = bnb.nn.Linear8bitLt(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0
-    )
-    q.weight = bnb.nn.Int8Params(linear.weight.data.contiguous(), requires_grad=False, has_fp16_weights=False)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    return q
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        """Linear8bitLt whose int8 weight and row scales are read where `.to()` and offload hooks put them."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # Own code because bitsandbytes caches CB/SCB in `self.state` on the first call and moves them only
+            # on this layer's own .to(): a parent's .to(), accelerate's and diffusers' hooks move `weight` and
+            # buffers. Point the state at those for this call and drop it after, so no stale copy pins memory.
+            self.weight.CB = self.weight.SCB = None
+            self.state.CB, self.state.SCB = self.weight.data, self.weight_scale
+            try:
+                return super().forward(x)
+            finally:
+                self.state.CB = self.state.SCB = None
+
+    class NF4Linear(bnb.nn.Linear4bit):
+        """Linear4bit whose quantization state follows the input's device."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # Own code because Params4bit moves its quant state only in its own .to(); group-offload hooks swap
+            # `.data` only. The state (absmax, ~1/64 of the weight bytes) then stays on the device.
+            state = self.weight.quant_state
+            if state is not None and state.absmax.device != x.device:
+                state.to(x.device)
+            return super().forward(x)
+
+    return Int8Linear, NF4Linear
 
 
-def _bnb_nf4(linear: nn.Linear) -> nn.Module:
+def _bnb_int8(linear: nn.Linear, device: torch.device = CPU) -> nn.Module:
+    """A bitsandbytes int8 copy of `linear`, quantized on `device` (fast on a GPU), kept on the CPU."""
     import bitsandbytes as bnb
 
-    dtype = linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16
-    q = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype, quant_type="nf4"
+    int8_linear, _ = _bnb_classes()
+    # LLM.int8() with bitsandbytes' (and diffusers' BitsAndBytesConfig's) default outlier threshold 6.0.
+    q = int8_linear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        has_fp16_weights=False,
+        threshold=6.0,
+        device="meta",
     )
-    q.weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False, quant_type="nf4")
+    weight = bnb.nn.Int8Params(linear.weight.data.contiguous(), requires_grad=False, has_fp16_weights=False)
+    # The first move quantizes: data becomes the int8 rows (weight.CB), SCB their fp32 scales. Back on the
+    # CPU one layer at a time, so the device never holds more than one layer here; placement moves it later.
+    q.weight = weight.to(device).to(CPU)
+    q.register_buffer("weight_scale", q.weight.SCB)  # (out,) moved with the module by every hook
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    return q
+    return q.train(linear.training)  # train mode would re-quantize the int8 weight on every call
+
+
+def _bnb_nf4(linear: nn.Linear, device: torch.device = CPU) -> nn.Module:
+    """A bitsandbytes NF4 copy of `linear`, quantized on `device`, kept on the CPU."""
+    import bitsandbytes as bnb
+
+    _, nf4_linear = _bnb_classes()
+    # Compute in the component's own dtype (bf16 for ContentV-8B); weights are stored as 4-bit NF4 + absmax.
+    q = nf4_linear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=linear.weight.dtype,
+        quant_type="nf4",
+        device="meta",
+    )
+    weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False, quant_type="nf4", module=q)
+    q.weight = weight.to(device).to(CPU)  # quantizes on `device`; Params4bit.to() moves the quant state along
+    if linear.out_features % 32 or linear.in_features % q.weight.blocksize:
+        # bitsandbytes' AVX512-BF16 CPU repacking needs out % 32 == 0 and in % blocksize (64) == 0 (ContentV-8B's
+        # layers all do; the tiny model's don't): those layers take bitsandbytes' generic 4-bit path.
+        q.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return q.train(linear.training)
+
+
+def _fp8(module: nn.Module) -> int:
+    """diffusers layerwise casting: weights stored in float8_e4m3fn, upcast per layer to the module's dtype."""
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, DEFAULT_SKIP_MODULES_PATTERN
+
+    compute = next(module.parameters()).dtype  # bf16 for ContentV-8B; fp32 for the tiny test model
+    kw = dict(
+        storage_dtype=torch.float8_e4m3fn,
+        compute_dtype=compute,
+        skip_modules_pattern=tuple(dict.fromkeys(DEFAULT_SKIP_MODULES_PATTERN + _skip_parts(module))),
+        # Embeddings stay: T5's tied `shared`/`encoder.embed_tokens` would turn `text_encoder_3.dtype` (which
+        # the SD3 prompt encoding casts to) into float8.
+        skip_modules_classes=(nn.Embedding,),
+    )
+    if hasattr(module, "enable_layerwise_casting"):  # diffusers models add their own skip patterns
+        module.enable_layerwise_casting(**kw)
+    else:
+        apply_layerwise_casting(module, **kw)
+    hooked = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is not None]
+    return sum(1 for m in hooked if m._diffusers_hook.get_hook(_LAYERWISE_CASTING_HOOK) is not None)
+
+
+def _torchao_int8(module: nn.Module) -> int:
+    """torchao int8 weight-only (per-row scales), quantized on the CPU (torchao's kernels vary by device)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    skip = _skip_parts(module)
+    n = sum(1 for name, m in module.named_modules() if _quantizable(name, m, skip))
+    # set_inductor_config=False: torchao would otherwise change torch._inductor settings for the whole process.
+    quantize_(
+        module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: _quantizable(fqn, m, skip)
+    )
+    return n
+
+
+def _once_filter(record: logging.LogRecord) -> bool:
+    """Let bitsandbytes' 'inputs will be cast ... to float16' warning through once; it is logged on every call."""
+    if "will be cast" not in record.getMessage():
+        return True
+    seen, _once_filter.seen = getattr(_once_filter, "seen", False), True
+    return not seen
 
 
 def quantize(pipe, memory: MemoryConfig, backend) -> str:
-    """Quantize the chosen components' weights in place (on the CPU; bitsandbytes packs on first move)."""
+    """Quantize the chosen components' weights in place, leaving them on the CPU; placement moves them.
+
+    bitsandbytes quantizes one layer at a time on the backend's device (only CUDA and the CPU offer it; on the
+    CPU ContentV-8B's 8e9 transformer weights take minutes), so the device never holds more than a layer.
+    fp8 and torchao quantize on the CPU, where every backend can.
+    """
     method = memory.quantization
     if method == "none":
         return "none"
     parts = _components(pipe, memory.quantize)
     for name, module in parts.items():
-        if method in ("bnb_int8", "bnb_nf4"):
-            n = _swap_linears(module, _bnb_int8 if method == "bnb_int8" else _bnb_nf4)
-            module.to(backend.device)  # bitsandbytes quantizes when weights move to the device
+        if method == "bnb_int8":
+            n = _swap_linears(module, functools.partial(_bnb_int8, device=backend.device))
+            bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+            if _once_filter not in bnb_log.filters:
+                bnb_log.addFilter(_once_filter)
+        elif method == "bnb_nf4":
+            n = _swap_linears(module, functools.partial(_bnb_nf4, device=backend.device))
         elif method == "fp8":
-            # Weights stored in float8_e4m3fn, each layer upcast to its compute dtype when it runs.
-            compute = next(module.parameters()).dtype
-            if compute == torch.float32:
-                compute = torch.bfloat16
-                module.to(compute)
-            if hasattr(module, "enable_layerwise_casting"):
-                module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-            else:
-                from diffusers.hooks import apply_layerwise_casting
-
-                apply_layerwise_casting(
-                    module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute, skip_modules_pattern=QUANT_SKIP
-                )
-            n = sum(1 for _ in module.modules())
+            n = _fp8(module)
         else:  # torchao_int8
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-            n = sum(1 for nm, m in module.named_modules() if _quantizable(nm, m))
-            quantize_(module, Int8WeightOnlyConfig(), filter_fn=_quantizable)
+            n = _torchao_int8(module)
         log.info("quantized %s with %s (%d layers)", name, method, n)
     return f"{method}: {', '.join(parts)}"
 
@@ -164,6 +288,7 @@ def quantize(pipe, memory: MemoryConfig, backend) -> str:
 
 
 def vae_options(pipe, memory: MemoryConfig) -> dict:
+    """Tiled (spatial tiles) and sliced (one video at a time) VAE decoding, diffusers' own switches."""
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         if memory.vae_slicing:
@@ -177,10 +302,50 @@ def _text_encoders(pipe) -> dict[str, nn.Module]:
     return {k: v for k, v in pipe.components.items() if k.startswith("text_encoder") and isinstance(v, nn.Module)}
 
 
+def _group_offload(module: nn.Module, device: torch.device, blocks: int, use_stream: bool) -> None:
+    """diffusers group offloading: block-level for diffusers models, leaf-level for anything else.
+
+    transformers' text encoders keep their blocks below the top level (T5: encoder.block), where
+    block-level offload finds no ModuleList and would onload the whole encoder at once.
+    """
+    from diffusers.hooks import apply_group_offloading
+
+    common = dict(
+        onload_device=device,
+        offload_device=CPU,
+        non_blocking=use_stream,  # copies from pinned memory on the side stream; diffusers syncs before use
+        use_stream=use_stream,
+        low_cpu_mem_usage=False,  # pin all host copies once: faster transfers, more host RAM
+    )
+    if hasattr(module, "enable_group_offload"):
+        module.enable_group_offload(offload_type="block_level", num_blocks_per_group=blocks, **common)
+    else:
+        apply_group_offloading(module, offload_type="leaf_level", **common)
+
+
+def _sequential_offload(pipe, device: torch.device) -> None:
+    """diffusers' sequential CPU offload (accelerate hooks on every layer), executing on `device`."""
+    from accelerate.hooks import AlignDevicesHook
+    from diffusers import DiffusionPipeline
+
+    # The base class's method: StableDiffusion3Pipeline's override reads `image_encoder`, which ContentV lacks.
+    DiffusionPipeline.enable_sequential_cpu_offload(pipe, device=device)
+    # diffusers hands accelerate torch.device(f"{type}:{index}"); "cpu:0" makes accelerate's weight setter
+    # copy Parameters into plain tensors, which the next offload rejects. Execute on the device as given.
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            for module in component.modules():
+                hook = getattr(module, "_hf_hook", None)
+                for h in getattr(hook, "hooks", (hook,)):
+                    if isinstance(h, AlignDevicesHook):
+                        h.execution_device = device
+
+
 def place(pipe, memory: MemoryConfig, device: torch.device, streams: bool) -> str:
     """Put the pipeline on `device` by the configured placement; returns its name."""
+    pipe.execution_device = device
     if memory.sequential_cpu_offload:
-        pipe.enable_sequential_cpu_offload(device=device)
+        _sequential_offload(pipe, device)
         return "sequential_cpu_offload"
     if memory.model_cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
@@ -195,38 +360,14 @@ def place(pipe, memory: MemoryConfig, device: torch.device, streams: bool) -> st
             if not isinstance(module, nn.Module):
                 continue
             if name in offloaded:
-                module.enable_group_offload(
-                    onload_device=device,
-                    offload_device=CPU,
-                    offload_type="block_level",
-                    num_blocks_per_group=memory.group_offload_blocks,
-                    use_stream=use_stream,
-                    low_cpu_mem_usage=False,
-                ) if hasattr(module, "enable_group_offload") else _group_offload_plain(
-                    module, device, memory.group_offload_blocks, use_stream
-                )
+                _group_offload(module, device, memory.group_offload_blocks, use_stream)
             elif name not in keep_off:
                 module.to(device)
-        pipe.execution_device = device
         return f"group_offload (blocks per group {memory.group_offload_blocks}, stream {use_stream})"
     for name, module in pipe.components.items():
         if isinstance(module, nn.Module) and name not in keep_off:
             module.to(device)
-    pipe.execution_device = device
     return "device"
-
-
-def _group_offload_plain(module: nn.Module, device: torch.device, blocks: int, use_stream: bool) -> None:
-    from diffusers.hooks import apply_group_offloading
-
-    apply_group_offloading(
-        module,
-        onload_device=device,
-        offload_device=CPU,
-        offload_type="block_level",
-        num_blocks_per_group=blocks,
-        use_stream=use_stream,
-    )
 
 
 def text_encoder_mode(memory: MemoryConfig) -> str:
@@ -242,5 +383,7 @@ def text_encoder_mode(memory: MemoryConfig) -> str:
 def place_text_encoders(pipe, memory: MemoryConfig, device: torch.device) -> str:
     """Tell the pipeline where text encoding runs: resident, released after use, or on the CPU."""
     mode = text_encoder_mode(memory)
-    pipe.text_encoder_placement = {"device": "resident", "release": "release", "cpu": "cpu", "offload": "resident"}[mode]
+    pipe.text_encoder_placement = {"device": "resident", "release": "release", "cpu": "cpu", "offload": "resident"}[
+        mode
+    ]
     return mode

@@ -94,12 +94,16 @@ class MemoryConfig:
     vae_tiling: bool = False
     # Compute attention in query chunks of this many tokens; 0 = off. Same result, lower peak.
     attention_slicing: int = 0
-    # Text encoders: device (moved off after encoding) | cpu (encode on the CPU) | offload (with the placement).
-    text_encoders: str = "device"
+    # Text encoders: auto | device (resident) | release (on the device only while encoding) | cpu (encode
+    # on the CPU, as Wan does) | offload (layer by layer with group offload; with model/sequential offload
+    # the hooks place them). auto: offload under model/sequential offload, release under group offload,
+    # else device.
+    text_encoders: str = "auto"
     # Weight quantization: none | bnb_int8 | bnb_nf4 | fp8 | torchao_int8.
     quantization: str = "none"
-    # Components the quantization applies to.
-    quantize: list[str] = field(default_factory=lambda: ["transformer", "text_encoder_3"])
+    # Components the quantization applies to; null = the model family's default (ContentV: transformer and
+    # text_encoder_3 (T5); CogVideoX: transformer and text_encoder (T5)).
+    quantize: list[str] | None = None
     # Classifier-free guidance: auto | batched (one batch-2 forward per step) | sequential (two forwards).
     guidance_mode: str = "auto"
     # memory=auto only: the device budget in GB to plan for; null = the device's free memory.

@@ -36,8 +36,9 @@ class ModelSpec:
     validate: Callable[[SamplingConfig], None]
     # Pipeline call arguments from resolved sampling settings.
     call_kwargs: Callable[[SamplingConfig], dict]
-    # Names of the pipeline's transformer-block container, for block-level offload/compile.
-    denoiser: str = "transformer"
+    # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.
+    components: tuple[str, ...] = ("transformer", "vae", "text_encoder")
+    quantize_default: tuple[str, ...] = ("transformer",)
 
 
 def get_spec(family: str) -> ModelSpec:

@@ -97,6 +97,9 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
     for prompt in prompts:
         spec.validate(dataclasses.replace(sampling, prompt=prompt))
     resolve_guidance(cfg.memory)
+    for name in cfg.memory.quantize or ():
+        if name not in spec.components:
+            raise ConfigError("memory.quantize", name, spec.components)
     speedup.check(cfg.speedup)
     if cfg.mode not in MODES:
         raise ConfigError("mode", cfg.mode, MODES)

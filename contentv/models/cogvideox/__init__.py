@@ -133,6 +133,8 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=call_kwargs,
+    components=("transformer", "vae", "text_encoder"),
+    quantize_default=("transformer", "text_encoder"),  # the model card quantizes text encoder and transformer
 )
 
 __all__ = ["SPEC"]

@@ -99,6 +99,8 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=call_kwargs,
+    components=("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    quantize_default=("transformer", "text_encoder_3"),  # the 8B transformer and the 4.8B T5
 )
 
 __all__ = ["SPEC"]

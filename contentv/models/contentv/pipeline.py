@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -101,6 +102,10 @@ class ContentVPipeline(StableDiffusion3Pipeline):
         # after) | "cpu" (encode on the CPU, move the embeddings).
         self.execution_device: torch.device | None = None
         self.text_encoder_placement = "resident"
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        # StableDiffusion3Pipeline's override reads `image_encoder`, which ContentV doesn't have.
+        DiffusionPipeline.enable_sequential_cpu_offload(self, *args, **kwargs)
 
     @property
     def _execution_device(self) -> torch.device:

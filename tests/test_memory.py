@@ -1,0 +1,496 @@
+"""Memory strategies on the tiny ContentV model: presets compose, mechanisms are in place, outputs unchanged.
+
+Offload, slicing and tiling must not change the result (fp32, ~1e-5 relative). Quantization must change it
+a little and never be a silent no-op. Tolerances were measured on the tiny model (2 steps, 32x48x5, seeds 0
+and 1): relative error bnb_int8 ~4e-3, bnb_nf4 ~2.1e-2, fp8 ~3.8e-3, torchao_int8 ~7e-4.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+import backends
+from backends import memory as mem
+from contentv.attention import sdpa, sliced
+from contentv.config import BackendConfig, MemoryConfig
+from contentv.errors import ConfigError
+from contentv.models.contentv import SPEC
+from contentv.runtime import resolve_guidance
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "memory"
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+EXPECTED_PRESETS = {
+    "none",
+    "low_vram_24g",
+    "low_vram_16g",
+    "low_vram_8g",
+    "model_offload",
+    "sequential_offload",
+    "int8",
+}
+# Relative error bounds, about 3-5x the measured error; cosine similarity must stay above 0.999 for all.
+QUANT_REL = {"bnb_int8": 2e-2, "bnb_nf4": 8e-2, "fp8": 2e-2, "torchao_int8": 5e-3}
+EXACT_REL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def cpu_backend():
+    return backends.build_backend(BackendConfig(name="cpu"))
+
+
+def load(cfg, path):
+    pipe = SPEC.load(cfg, path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, guidance_mode: str = "batched", seed: int = 0) -> torch.Tensor:
+    """Final latents (1, 16, 2, 4, 6) of a 2-step run; CPU generator, so the same noise everywhere."""
+    out = pipe(
+        prompt="a red fox in snow",
+        negative_prompt="blurry",
+        height=32,
+        width=48,
+        num_frames=5,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        guidance_mode=guidance_mode,
+    )
+    return out.frames.detach().float().cpu()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def load_preset(name: str) -> MemoryConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(MemoryConfig), OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
+    return OmegaConf.to_object(merged)
+
+
+def stub_backend(name="npu", streams=False, methods=("none", "fp8", "torchao_int8")):
+    """Just what memory.check reads from a backend: an NPU-like device without bitsandbytes."""
+    return types.SimpleNamespace(
+        name=name, device=torch.device("cpu"), supports_offload_streams=streams, quantization_methods=lambda: methods
+    )
+
+
+def text_encoders(pipe) -> list[nn.Module]:
+    return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+
+
+def group_offloaded(module: nn.Module) -> bool:
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(module)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model_cfg, tiny_ckpt):
+    """(model config, path) of the tiny checkpoint, built once."""
+    return tiny_model_cfg, tiny_ckpt
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt) -> dict[str, torch.Tensor]:
+    """Unoptimised final latents per guidance mode (and seed 1 for batched)."""
+    pipe = load(*ckpt)
+    cpu_backend().prepare(pipe, MemoryConfig(), SPEC)
+    return {
+        "batched": generate(pipe, "batched"),
+        "sequential": generate(pipe, "sequential"),
+    }
+
+
+@pytest.fixture(scope="module")
+def quantized(ckpt):
+    """method -> (pipeline, applied, latents), each quantized pipeline built once per module."""
+    cache: dict = {}
+
+    def get(method: str):
+        if method not in cache:
+            pipe = load(*ckpt)
+            applied = cpu_backend().prepare(pipe, MemoryConfig(quantization=method), SPEC)
+            cache[method] = (pipe, applied, generate(pipe))
+        return cache[method]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def test_expected_presets_exist():
+    assert EXPECTED_PRESETS <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_says_its_figures_are_predictions(name):
+    memory = load_preset(name)
+    assert isinstance(memory, MemoryConfig)
+    assert memory.name == name
+    text = (PRESET_DIR / f"{name}.yaml").read_text()
+    assert "PREDICTED" in text and "not yet measured" in text
+    mem.check(memory, cpu_backend())  # every preset is valid on the CPU
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_applies_on_cpu_and_keeps_the_result(name, ckpt, ref, caplog):
+    from accelerate.hooks import AlignDevicesHook, CpuOffload
+
+    memory = load_preset(name)
+    pipe = load(*ckpt)
+    caplog.set_level(logging.INFO, logger="backends.memory")
+    applied = cpu_backend().prepare(pipe, memory, SPEC)
+    assert applied["memory_preset"] == name
+
+    if memory.model_cpu_offload:
+        for module in (pipe.transformer, pipe.vae, *text_encoders(pipe)):
+            assert isinstance(module._hf_hook, CpuOffload)
+    if memory.sequential_cpu_offload:
+        leaf = pipe.transformer.transformer_blocks[0].attn.to_q
+        assert isinstance(leaf._hf_hook, AlignDevicesHook) and leaf._hf_hook.offload
+        assert leaf._hf_hook.execution_device == torch.device("cpu")
+    assert group_offloaded(pipe.transformer) == memory.group_offload
+    if memory.group_offload:
+        assert "stream False" in applied["placement"]
+        if memory.group_offload_stream:  # presets made for CUDA streams fall back here, and say so
+            assert "without streams" in caplog.text
+        for module in text_encoders(pipe):
+            assert group_offloaded(module) == (memory.text_encoders == "offload")
+    assert pipe.vae.use_tiling == memory.vae_tiling
+    assert pipe.vae.use_slicing == memory.vae_slicing
+    if memory.text_encoders == "release":
+        assert pipe.text_encoder_placement == "release"
+    if memory.quantization == "bnb_int8":
+        import bitsandbytes as bnb
+
+        for part in memory.quantize or SPEC.quantize_default:
+            assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in getattr(pipe, part).modules())
+
+    mode = resolve_guidance(memory)
+    out = generate(pipe, mode)
+    if memory.quantization == "none":
+        assert rel_err(out, ref[mode]) < EXACT_REL
+    else:
+        assert not torch.equal(out, ref[mode])
+        assert rel_err(out, ref[mode]) < QUANT_REL[memory.quantization]
+        assert cosine(out, ref[mode]) > 0.999
+
+
+# ------------------------------------------------------------------------------------------ placement
+
+
+# Placements the presets don't cover (they cover model, sequential and group offload with each text-encoder mode).
+@pytest.mark.parametrize(
+    "memory",
+    [
+        MemoryConfig(group_offload=True, group_offload_blocks=2, group_offload_stream=False, text_encoders="offload"),
+        MemoryConfig(text_encoders="cpu"),
+        MemoryConfig(text_encoders="release"),
+    ],
+    ids=["group_offload_2_blocks", "te_cpu", "te_release"],
+)
+def test_placement_keeps_the_result(memory, ckpt, ref):
+    pipe = load(*ckpt)
+    cpu_backend().prepare(pipe, memory, SPEC)
+    assert rel_err(generate(pipe), ref["batched"]) < EXACT_REL
+
+
+def test_text_encoder_modes_reach_the_pipeline():
+    cases = [
+        (MemoryConfig(), "device", "resident"),
+        (MemoryConfig(text_encoders="auto"), "device", "resident"),
+        (MemoryConfig(text_encoders="cpu"), "cpu", "cpu"),
+        (MemoryConfig(text_encoders="release"), "release", "release"),
+        (MemoryConfig(group_offload=True, text_encoders="auto"), "release", "release"),
+        (MemoryConfig(group_offload=True, text_encoders="offload"), "offload", "resident"),
+        (MemoryConfig(model_cpu_offload=True, text_encoders="auto"), "offload", "resident"),
+    ]
+    for memory, mode, placement in cases:
+        pipe = types.SimpleNamespace(text_encoder_placement=None)
+        assert mem.place_text_encoders(pipe, memory, torch.device("cpu")) == mode
+        assert pipe.text_encoder_placement == placement
+
+
+@pytest.mark.parametrize("mode", ["release", "cpu"])
+def test_released_text_encoders_are_left_to_the_pipeline(mode, ckpt):
+    pipe = load(*ckpt)
+    cpu_backend().prepare(pipe, MemoryConfig(group_offload=True, text_encoders=mode), SPEC)
+    assert group_offloaded(pipe.transformer)
+    assert not any(group_offloaded(m) for m in text_encoders(pipe))
+    assert pipe.text_encoder_placement == mode
+
+
+def test_vae_slicing_decodes_like_the_whole_batch(ckpt):
+    pipe = load(*ckpt)
+    z = torch.randn(2, 16, 1, 4, 6, generator=torch.Generator().manual_seed(0))  # (B, C, T, h, w)
+    with torch.no_grad():
+        whole = pipe.vae.decode(z).sample
+        mem.vae_options(pipe, MemoryConfig(vae_slicing=True, vae_tiling=True))
+        assert pipe.vae.use_slicing and pipe.vae.use_tiling
+        # 32x48 frames are below the VAE's 256-pixel tile, so tiling leaves this decode untiled.
+        sliced_ = pipe.vae.decode(z).sample
+    assert rel_err(sliced_, whole) < EXACT_REL
+
+
+# ------------------------------------------------------------------------------------------ attention slicing
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 1000])
+def test_sliced_attention_equals_unchunked(chunk):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 64, 16, generator=g) for _ in range(3))  # (B, H, S, D)
+    out = sliced(sdpa, chunk)(q, k, v)
+    torch.testing.assert_close(out, sdpa(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_slicing_on_the_model(ckpt, ref):
+    pipe = load(*ckpt)
+    applied = cpu_backend().prepare(pipe, MemoryConfig(attention_slicing=5), SPEC)
+    assert "query chunks of 5" in applied["attention_kernel"]
+    assert rel_err(generate(pipe), ref["batched"]) < EXACT_REL
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+
+@pytest.mark.parametrize("method", sorted(QUANT_REL))
+def test_quantization_changes_the_result_a_little(method, quantized, ref):
+    pipe, applied, out = quantized(method)
+    assert applied["quantization"] == f"{method}: transformer, text_encoder_3"
+    assert not torch.equal(out, ref["batched"]), "quantization did nothing"
+    assert rel_err(out, ref["batched"]) < QUANT_REL[method]
+    assert cosine(out, ref["batched"]) > 0.999
+    # Components not listed stay as loaded.
+    assert type(pipe.text_encoder.text_model.encoder.layers[0].mlp.fc1) is nn.Linear
+
+
+def test_bnb_int8_weights_are_int8(quantized):
+    import bitsandbytes as bnb
+
+    pipe, _, _ = quantized("bnb_int8")
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, bnb.nn.Linear8bitLt) and not layer.training
+    w = layer.weight
+    assert isinstance(w, bnb.nn.Int8Params) and w.dtype == torch.int8 and w.device.type == "cpu"
+    assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (layer.out_features,)
+    # Kept in full precision: projections, embeddings/norms, and T5's `wo` (transformers' _keep_in_fp32_modules).
+    assert type(pipe.transformer.proj_out) is nn.Linear
+    assert type(pipe.transformer.context_embedder) is nn.Linear
+    assert type(pipe.text_encoder_3.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+    assert isinstance(pipe.text_encoder_3.encoder.block[0].layer[1].DenseReluDense.wi_0, bnb.nn.Linear8bitLt)
+
+
+def test_bnb_int8_layer_holds_CB_and_SCB_after_move_and_runs():
+    import bitsandbytes as bnb
+
+    linear = nn.Linear(64, 32).eval()
+    layer = mem._bnb_int8(linear)
+    layer.to(torch.device("cpu"))
+    w = layer.weight
+    assert isinstance(w, bnb.nn.Int8Params) and w.dtype == torch.int8
+    assert w.CB is not None and w.CB.dtype == torch.int8 and w.SCB is not None and w.SCB.shape == (32,)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, exact = layer(x), linear(x)
+    assert not torch.equal(out, exact) and rel_err(out, exact) < 2e-2
+
+
+def test_bnb_int8_reads_the_weight_where_hooks_put_it():
+    # bitsandbytes caches the int8 weight in layer.state on the first call; offload hooks move layer.weight.
+    linear = nn.Linear(64, 32).eval()
+    layer = mem._bnb_int8(linear)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)
+        assert layer.state.CB is None  # nothing cached between calls
+        layer.weight.data = torch.zeros_like(layer.weight.data)  # what a hook's `param.data = ...` does
+        out = layer(x)
+    torch.testing.assert_close(out, linear.bias.expand(4, -1), rtol=0, atol=1e-3)
+
+
+def test_bnb_nf4_weights_are_4bit(quantized):
+    import bitsandbytes as bnb
+
+    pipe, _, _ = quantized("bnb_nf4")
+    layer = pipe.transformer.transformer_blocks[0].ff.net[2]
+    assert isinstance(layer, bnb.nn.Linear4bit) and not layer.training
+    assert isinstance(layer.weight, bnb.nn.Params4bit) and layer.weight.bnb_quantized
+    assert layer.weight.quant_state is not None and layer.weight.quant_state.quant_type == "nf4"
+    assert layer.compute_dtype == torch.float32  # the component's own dtype
+
+
+def test_fp8_stores_float8_and_keeps_embeddings(quantized):
+    pipe, _, _ = quantized("fp8")
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    # Skipped: diffusers' defaults (norms, pos_embed, proj_out), our projections, embeddings, T5's `wo`.
+    assert pipe.transformer.proj_out.weight.dtype == torch.float32
+    assert pipe.text_encoder_3.shared.weight.dtype == torch.float32
+    assert pipe.text_encoder_3.dtype == torch.float32  # what the SD3 prompt encoding casts to
+    assert pipe.text_encoder_3.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+
+
+def test_torchao_int8_replaces_weights_with_int8_tensors(quantized):
+    from torchao.utils import TorchAOBaseTensor
+
+    pipe, _, _ = quantized("torchao_int8")
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
+    assert isinstance(pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q.weight, TorchAOBaseTensor)
+    assert not isinstance(pipe.transformer.proj_out.weight, TorchAOBaseTensor)
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        MemoryConfig(quantization="bnb_int8", group_offload=True, text_encoders="offload"),
+        MemoryConfig(quantization="bnb_nf4", model_cpu_offload=True, text_encoders="auto"),
+        MemoryConfig(quantization="fp8", sequential_cpu_offload=True, text_encoders="auto"),
+        MemoryConfig(quantization="torchao_int8", group_offload=True, text_encoders="offload"),
+    ],
+    ids=["bnb_int8+group", "bnb_nf4+model", "fp8+sequential", "torchao+group"],
+)
+def test_quantization_with_offload_matches_quantization_alone(memory, ckpt, quantized):
+    _, _, alone = quantized(memory.quantization)
+    pipe = load(*ckpt)
+    cpu_backend().prepare(pipe, memory, SPEC)
+    assert rel_err(generate(pipe), alone) < EXACT_REL
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "memory, option, words",
+    [
+        (
+            MemoryConfig(model_cpu_offload=True, sequential_cpu_offload=True),
+            "memory.sequential_cpu_offload",
+            "model_cpu_offload",
+        ),
+        (
+            MemoryConfig(group_offload=True, model_cpu_offload=True, text_encoders="auto"),
+            "memory.group_offload",
+            "pick one",
+        ),
+        (MemoryConfig(group_offload_blocks=0), "memory.group_offload_blocks", ">= 1"),
+        (MemoryConfig(attention_slicing=-1), "memory.attention_slicing", "chunk size"),
+        (MemoryConfig(guidance_mode="both"), "memory.guidance_mode", "sequential"),
+        (MemoryConfig(text_encoders="gpu"), "memory.text_encoders", "release"),
+        (MemoryConfig(model_cpu_offload=True, text_encoders="device"), "memory.text_encoders", "auto or offload"),
+        (MemoryConfig(sequential_cpu_offload=True, text_encoders="release"), "memory.text_encoders", "auto or offload"),
+        (MemoryConfig(model_cpu_offload=True, text_encoders="cpu"), "memory.text_encoders", "auto or offload"),
+        (MemoryConfig(text_encoders="offload"), "memory.text_encoders", "group_offload"),
+        (MemoryConfig(quantization="int4"), "memory.quantization", "torchao_int8"),
+        (
+            MemoryConfig(quantization="bnb_int8", sequential_cpu_offload=True, text_encoders="auto"),
+            "memory.quantization",
+            "group_offload or model_cpu_offload",
+        ),
+    ],
+)
+def test_contradictions_are_config_errors(memory, option, words):
+    with pytest.raises(ConfigError) as err:
+        mem.check(memory, cpu_backend())
+    assert err.value.option == option
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["bnb_int8", "bnb_nf4"])
+def test_bnb_on_a_backend_without_it_names_the_alternatives(method):
+    with pytest.raises(ConfigError) as err:
+        mem.check(MemoryConfig(quantization=method), stub_backend())
+    assert err.value.option == "memory.quantization" and err.value.value == method
+    assert "npu" in str(err.value) and "fp8" in str(err.value) and "torchao_int8" in str(err.value)
+
+
+def test_stream_groups_must_be_single_blocks_where_streams_exist():
+    memory = MemoryConfig(group_offload=True, group_offload_blocks=2)
+    with pytest.raises(ConfigError, match="group_offload_blocks"):
+        mem.check(memory, stub_backend(name="cuda", streams=True, methods=mem.QUANTIZATIONS))
+    mem.check(memory, cpu_backend())  # no streams here: groups of 2 copied synchronously
+    mem.check(
+        MemoryConfig(group_offload=True, group_offload_blocks=2, group_offload_stream=False), stub_backend(streams=True)
+    )
+
+
+def test_model_and_sequential_offload_together_fail_before_anything_moves(ckpt):
+    pipe = load(*ckpt)
+    with pytest.raises(ConfigError, match="pick one"):
+        cpu_backend().prepare(pipe, MemoryConfig(model_cpu_offload=True, sequential_cpu_offload=True), SPEC)
+    assert not hasattr(pipe.transformer, "_hf_hook")
+
+
+def test_unknown_component_to_quantize_lists_the_components(ckpt):
+    pipe = load(*ckpt)
+    with pytest.raises(ConfigError) as err:
+        mem.quantize(pipe, MemoryConfig(quantization="fp8", quantize=["unet"]), cpu_backend())
+    assert err.value.option == "memory.quantize" and "transformer" in str(err.value)
+
+
+def test_cpu_backend_offers_every_quantization():
+    assert set(cpu_backend().quantization_methods()) == set(mem.QUANTIZATIONS)
+    assert cpu_backend().supports_offload_streams is False
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+def cuda_backend():
+    return backends.build_backend(BackendConfig(name="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["bnb_int8", "bnb_nf4"])
+def test_group_offload_with_streams_and_bnb_on_cuda(method, ckpt, quantized):
+    _, _, cpu_out = quantized(method)
+    pipe = load(*ckpt)
+    memory = MemoryConfig(group_offload=True, group_offload_stream=True, text_encoders="offload", quantization=method)
+    applied = cuda_backend().prepare(pipe, memory, SPEC)
+    assert "stream True" in applied["placement"]
+    out = generate(pipe)
+    assert cosine(out, cpu_out) > 0.999
+    # Offloaded between calls: the quantized weights are back on the host.
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.device.type == "cpu"
+
+
+@pytest.mark.cuda
+def test_int8_preset_on_cuda_offloads_the_int8_weights(ckpt, ref):
+    pipe = load(*ckpt)
+    cuda_backend().prepare(pipe, load_preset("int8"), SPEC)
+    out = generate(pipe)
+    assert cosine(out, ref["batched"]) > 0.999
+    for module in pipe.transformer.modules():
+        if hasattr(module, "weight_scale"):
+            assert module.weight.device.type == "cpu" and module.state.CB is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["low_vram_24g", "low_vram_16g", "low_vram_8g", "model_offload"])
+def test_presets_on_cuda_match_the_cpu(name, ckpt, ref):
+    memory = load_preset(name)
+    pipe = load(*ckpt)
+    applied = cuda_backend().prepare(pipe, memory, SPEC)
+    if memory.group_offload:
+        assert "stream True" in applied["placement"]
+    out = generate(pipe, resolve_guidance(memory))
+    assert rel_err(out, ref[resolve_guidance(memory)]) < 1e-3
