@@ -36,6 +36,8 @@ class ModelSpec:
     validate: Callable[[SamplingConfig], None]
     # Pipeline call arguments from resolved sampling settings.
     call_kwargs: Callable[[SamplingConfig], dict]
+    # Optional: checks that need the model config too (e.g. a length fixed by the architecture).
+    validate_for_model: Callable[[ModelConfig, SamplingConfig], None] | None = None
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder")
     quantize_default: tuple[str, ...] = ("transformer",)

@@ -96,6 +96,8 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
     prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
     for prompt in prompts:
         spec.validate(dataclasses.replace(sampling, prompt=prompt))
+    if spec.validate_for_model is not None:
+        spec.validate_for_model(cfg.model, sampling)
     resolve_guidance(cfg.memory)
     for name in cfg.memory.quantize or ():
         if name not in spec.components:

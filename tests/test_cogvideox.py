@@ -364,3 +364,36 @@ def test_demo_writes_video_and_sidecar(demo_runs, name):
     assert record["config"]["model"]["name"] == name
     assert record["config"]["sampling"]["num_frames"] == 9
     assert record["video"] == videos[0].name
+
+
+@pytest.mark.parametrize(
+    "name,length,ok",
+    [("tiny_cogvideox", 226, True), ("tiny_cogvideox", 128, False), ("tiny_cogvideox_5b", 128, True)],
+)
+def test_text_length_is_checked_against_the_architecture_before_loading(name, length, ok):
+    from contentv.config import ModelConfig, RunConfig, SamplingConfig
+    from contentv.runtime import validate_run
+
+    cfg = RunConfig(
+        model=ModelConfig(
+            name=name,
+            family="cogvideox",
+            path=None,
+            tiny=True,
+            dtype="float32",
+            sampling_defaults={
+                "height": 64,
+                "width": 96,
+                "num_frames": 9,
+                "num_inference_steps": 1,
+                "guidance_scale": 6.0,
+                "fps": 8,
+            },
+        ),
+        sampling=SamplingConfig(prompt="a cat", max_sequence_length=length),
+    )
+    if ok:
+        validate_run(cfg)
+    else:
+        with pytest.raises(ConfigError, match="sampling.max_sequence_length=128"):
+            validate_run(cfg)

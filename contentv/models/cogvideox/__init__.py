@@ -6,6 +6,7 @@ Heavy imports happen inside the functions.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError
@@ -110,6 +111,26 @@ def validate(s: SamplingConfig) -> None:
         raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, f"an integer in 1..{MAX_TEXT_TOKENS}")
 
 
+def uses_rope(cfg: ModelConfig) -> bool | None:
+    """5B-style 3-D RoPE (any text length) or 2B-style sin-cos (exactly 226 text tokens); None if unknown."""
+    if cfg.tiny:
+        return cfg.name.endswith("_5b")
+    path = Path(cfg.path or "").expanduser() / "transformer" / "config.json"
+    if path.is_file():
+        return bool(json.loads(path.read_text()).get("use_rotary_positional_embeddings", False))
+    name = (cfg.path or "").lower()
+    return True if name.endswith(("-5b", "-5b-i2v", "1.5-5b")) else False if name.endswith("-2b") else None
+
+
+def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
+    if s.max_sequence_length not in (None, MAX_TEXT_TOKENS) and uses_rope(cfg) is False:
+        raise ConfigError(
+            "sampling.max_sequence_length",
+            s.max_sequence_length,
+            f"{MAX_TEXT_TOKENS} for {cfg.name} (its sin-cos position table has exactly {MAX_TEXT_TOKENS} text slots)",
+        )
+
+
 def call_kwargs(s: SamplingConfig) -> dict:
     kw = dict(
         prompt=s.prompt,
@@ -133,6 +154,7 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=call_kwargs,
+    validate_for_model=validate_for_model,
     components=("transformer", "vae", "text_encoder"),
     quantize_default=("transformer", "text_encoder"),  # the model card quantizes text encoder and transformer
 )
