@@ -108,8 +108,11 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)] or [[]]
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate every job before Hydra starts (so nothing is written for bad input)."""
+def preflight(argv: list[str]) -> bool:
+    """Compose and validate every job before Hydra starts (so nothing is written for bad input).
+
+    Returns True when the command is done (dry_run=true printed the plans).
+    """
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
@@ -121,9 +124,10 @@ def preflight(argv: list[str]) -> None:
 
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in PASSTHROUGH):
-        return
+        return False
     jobs = expand_jobs(args.overrides, args.multirun)
     built = {}
+    dry = False
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
@@ -144,7 +148,15 @@ def preflight(argv: list[str]) -> None:
             if key not in built:
                 built[key] = backends.build_backend(cfg.backend)
             built[key].attention_kernel()  # an unknown or uninstalled kernel fails here
-            mem.check(cfg.memory, built[key])
+            if cfg.memory.name != "auto":
+                mem.check(cfg.memory, built[key])
+            if cfg.dry_run:
+                from contentv.planner import format_plan
+                from contentv.runtime import Runtime
+
+                print(format_plan(Runtime(built[key]).plan(cfg)))
+                dry = True
+    return dry
 
 
 # One runtime per backend config, kept across the jobs of a sweep so weights load once per
@@ -250,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     register_configs()
     try:
-        preflight(argv)
+        if preflight(argv):
+            return 0
     except (UsageError, ConfigError) as exc:
         if "debug=true" in argv:
             raise

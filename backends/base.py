@@ -64,6 +64,10 @@ class Backend(ABC):
 
     # ---------------------------------------------------------------- memory
 
+    def check_memory(self, memory: MemoryConfig) -> None:
+        """ConfigError if this backend can't run `memory` (contradictions, missing packages, capabilities)."""
+        mem.check(memory, self)
+
     def quantization_methods(self) -> tuple[str, ...]:
         """memory.quantization values this device can run."""
         return ("none", "bnb_int8", "bnb_nf4", "fp8", "torchao_int8")
@@ -73,7 +77,7 @@ class Backend(ABC):
 
         Returns what was applied, for the run's record.
         """
-        mem.check(memory, self)
+        self.check_memory(memory)
         if memory.quantize is None:  # the family's default components
             memory = dataclasses.replace(memory, quantize=list(spec.quantize_default))
         applied: dict = {"memory_preset": memory.name}
@@ -104,3 +108,7 @@ class Backend(ABC):
 
     def empty_cache(self) -> None:
         """Return cached blocks to the device."""
+
+    def free_memory(self) -> int | None:
+        """Bytes a new pipeline can use on the device (for memory=auto); None where unknown (CPU)."""
+        return None

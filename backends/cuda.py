@@ -85,6 +85,11 @@ class CUDABackend(Backend):
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 
+    def free_memory(self) -> int:
+        # free + what our own caching allocator holds: a sweep's later jobs plan like the first
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device)
+
 
 def _missing(name: str, hint: str):
     def fail():

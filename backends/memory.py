@@ -18,6 +18,7 @@ from torch import nn
 
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
+from contentv.planner import QUANT_SKIP
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ CPU = torch.device("cpu")
 # Layers kept in full precision when quantizing: tiny, precision-critical, or input/output projections.
 # bnb/torchao match whole name parts (as transformers' `modules_to_not_convert`); fp8 adds these as regexes
 # to diffusers' layerwise-casting defaults. Each component's `_keep_in_fp32_modules` (T5: "wo") is added.
-QUANT_SKIP = ("proj_out", "norm_out", "time_text_embed", "pos_embed", "context_embedder", "norm", "shared")
+# (QUANT_SKIP is defined in contentv.planner: one source for the planner and the mechanism.)
 
 
 def check(memory: MemoryConfig, backend) -> None:

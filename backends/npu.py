@@ -163,3 +163,7 @@ class NPUBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.npu.empty_cache()
+
+    def free_memory(self) -> int:
+        free, _ = torch.npu.mem_get_info(self.device)
+        return free + torch.npu.memory_reserved(self.device)

@@ -36,6 +36,9 @@ class ModelSpec:
     validate: Callable[[SamplingConfig], None]
     # Pipeline call arguments from resolved sampling settings.
     call_kwargs: Callable[[SamplingConfig], dict]
+    # Planner: the components on the meta device (no weights read), and the token counts of one video.
+    components_on_meta: Callable[[ModelConfig, str | None], dict] | None = None
+    workload: Callable[[dict, SamplingConfig], Any] | None = None
     # Optional: checks that need the model config too (e.g. a length fixed by the architecture).
     validate_for_model: Callable[[ModelConfig, SamplingConfig], None] | None = None
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.

@@ -45,8 +45,11 @@ class DeviceBackend(Protocol):
 
     name: str
     device: torch.device
+    supports_offload_streams: bool
 
     def attention_kernel(self) -> AttentionKernel: ...
+    def check_memory(self, memory: MemoryConfig) -> None: ...
+    def free_memory(self) -> int | None: ...
     def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict: ...
     def synchronize(self) -> None: ...
     def reset_peak_memory(self) -> None: ...
@@ -125,15 +128,42 @@ def _key(cfg: RunConfig) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 class Runtime:
     """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend."""
 
-    def __init__(self, backend: DeviceBackend):
+    def __init__(self, backend: DeviceBackend, conf_dir: Path = CONF_DIR):
         self.backend = backend
+        self.conf_dir = Path(conf_dir)
         self._key: str | None = None
         self._pipe: Any = None
         self._prepared: dict = {}
         self.loads = 0  # how many times weights were loaded (sweeps check this)
+
+    def plan(self, cfg: RunConfig):
+        """The memory plan for cfg on this backend (contentv.planner.Plan); loads no weights."""
+        from contentv.planner import plan
+
+        return plan(
+            cfg,
+            self.conf_dir,
+            self.backend.free_memory(),
+            streams=self.backend.supports_offload_streams,
+            check=self.backend.check_memory,
+        )
+
+    def resolve_memory(self, cfg: RunConfig) -> RunConfig:
+        """memory=auto -> the fastest preset that fits (planner); other presets unchanged."""
+        if cfg.memory.name != "auto":
+            return cfg
+        chosen = self.plan(cfg).chosen
+        if chosen is None:  # no budget known (CPU): everything resident
+            log.info("memory=auto: no device budget known; using none")
+            return dataclasses.replace(cfg, memory=MemoryConfig(name="none"))
+        log.info("memory=auto chose %s (predicted peak %.2f GiB)", chosen.memory.name, chosen.device_bytes / 2**30)
+        return dataclasses.replace(cfg, memory=chosen.memory)
 
     @staticmethod
     def output_dir(cfg: RunConfig) -> Path:
@@ -170,6 +200,7 @@ class Runtime:
 
     def generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Validate, load (cached), generate. Returns frames and statistics; writes nothing."""
+        cfg = self.resolve_memory(cfg)
         spec, sampling = validate_run(cfg)
         recorder = StageRecorder(self.backend)
         loads = self.loads
@@ -206,6 +237,7 @@ class Runtime:
 
     def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
+        cfg = self.resolve_memory(cfg)
         result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
         s = result.sampling
         folder = self.output_dir(cfg)

@@ -146,6 +146,12 @@ def call_kwargs(s: SamplingConfig) -> dict:
     return kw
 
 
+def _architecture():
+    from contentv.models.cogvideox import architecture
+
+    return architecture
+
+
 SPEC = ModelSpec(
     family="cogvideox",
     resolve_path=resolve_path,
@@ -154,6 +160,8 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=call_kwargs,
+    components_on_meta=lambda cfg, path: _architecture().components_on_meta(cfg, path),
+    workload=lambda components, s: _architecture().workload(components, s),
     validate_for_model=validate_for_model,
     components=("transformer", "vae", "text_encoder"),
     quantize_default=("transformer", "text_encoder"),  # the model card quantizes text encoder and transformer

@@ -91,6 +91,12 @@ def call_kwargs(s: SamplingConfig) -> dict:
     return kw
 
 
+def _architecture():
+    from contentv.models.contentv import architecture
+
+    return architecture
+
+
 SPEC = ModelSpec(
     family="contentv",
     resolve_path=resolve_path,
@@ -99,6 +105,8 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=call_kwargs,
+    components_on_meta=lambda cfg, path: _architecture().components_on_meta(cfg, path),
+    workload=lambda components, s: _architecture().workload(components, s),
     components=("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
     quantize_default=("transformer", "text_encoder_3"),  # the 8B transformer and the 4.8B T5
 )

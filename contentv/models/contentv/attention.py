@@ -59,9 +59,9 @@ class ContentVJointAttnProcessor:
         out = out.transpose(1, 2).reshape(b, -1, h * out.shape[-1]).to(query.dtype)  # (B, S, H*D)
 
         if encoder_hidden_states is not None:
-            out, context = out[:, :n_video], out[:, n_video:]
-            if not attn.context_pre_only:
-                context = attn.to_add_out(context)
-            out = attn.to_out[1](attn.to_out[0](out))
+            # The last block is context-pre-only: its text output is unused, and returning a slice of
+            # `out` would keep the whole (B, S, H*D) attention output alive through the feed-forward.
+            context = None if attn.context_pre_only else attn.to_add_out(out[:, n_video:])
+            out = attn.to_out[1](attn.to_out[0](out[:, :n_video]))
             return out, context
         return attn.to_out[1](attn.to_out[0](out))

@@ -1,0 +1,473 @@
+"""The memory planner: exact weight bytes, activation estimates, strategy choice, the printed plan.
+
+Weight predictions are compared with checkpoints actually loaded (and quantized by backends/memory.py);
+activation estimates with meta-device traces of the real modules (and, with a GPU, with measured peaks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from contentv import planner
+from contentv.config import MemoryConfig, ModelConfig, RunConfig
+from contentv.errors import ConfigError
+from contentv.models.contentv import architecture
+from contentv.registry import get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GiB = 2**30
+
+# A fixed preset set, so choices don't depend on which presets conf/memory holds today.
+PRESETS = {
+    "none": "name: none\n",
+    "low_vram_24g": "model_cpu_offload: true\n",
+    "low_vram_16g": "group_offload: true\ngroup_offload_stream: true\ntext_encoders: auto\n",
+    "low_vram_8g": "defaults:\n  - low_vram_16g\n  - _self_\ntext_encoders: offload\nvae_tiling: true\nguidance_mode: sequential\n",
+    "int8_offload": "model_cpu_offload: true\nquantization: torchao_int8\n",
+    "sequential": "sequential_cpu_offload: true\n",
+}
+
+
+@pytest.fixture(scope="module")
+def conf_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("conf")
+    (root / "memory").mkdir()
+    for name, text in PRESETS.items():
+        (root / "memory" / f"{name}.yaml").write_text(text)
+    return root
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """conf/model/<name>.yaml as a ModelConfig (as Hydra composes it)."""
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    cfg = OmegaConf.to_object(node)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def loaded_bytes(module: torch.nn.Module) -> int:
+    """Bytes a loaded (maybe quantized) component holds: parameters and buffers, with tensor subclasses'
+    inner tensors and bitsandbytes' 4-bit quantization state, each tensor once."""
+    total = 0
+    for t in planner._unique([*module.parameters(), *module.buffers()]):
+        inner = t.data if isinstance(t, torch.nn.Parameter) else t
+        if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):  # torchao
+            names, _ = inner.__tensor_flatten__()
+            total += sum(getattr(inner, n).nbytes for n in names)
+        else:
+            total += t.nbytes
+        state = getattr(t, "quant_state", None)  # bitsandbytes nf4: travels with the layer
+        if state is not None:
+            total += state.absmax.nbytes + state.code.nbytes + (state.offset.nbytes if state.offset is not None else 0)
+            if state.state2 is not None:
+                total += state.state2.absmax.nbytes + state.state2.code.nbytes
+    return total
+
+
+def has_tiny(name: str) -> bool:
+    return (CONF / "model" / f"{name}.yaml").is_file()
+
+
+TINY = [
+    ("tiny_contentv", "float32"),
+    ("tiny_contentv", "bfloat16"),
+    ("tiny_contentv", "float16"),  # T5 keeps `wo` in float32 under fp16
+    pytest.param(
+        "tiny_cogvideox",
+        "float32",
+        marks=pytest.mark.skipif(not has_tiny("tiny_cogvideox"), reason="no tiny CogVideoX"),
+    ),
+    pytest.param(
+        "tiny_cogvideox",
+        "bfloat16",
+        marks=pytest.mark.skipif(not has_tiny("tiny_cogvideox"), reason="no tiny CogVideoX"),
+    ),
+]
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def test_quant_skip_list_is_backends_memory_s():
+    from backends import memory as mem
+
+    assert planner.QUANT_SKIP == mem.QUANT_SKIP
+
+
+def test_full_size_transformer_config_is_the_class_defaults():
+    from contentv.models.contentv.transformer import SD3Transformer3DModel
+
+    defaults = {
+        k: (list(p.default) if isinstance(p.default, tuple) else p.default)
+        for k, p in inspect.signature(SD3Transformer3DModel.__init__).parameters.items()
+        if k != "self"
+    }
+    assert architecture.TRANSFORMER == defaults
+
+
+def test_full_size_vae_config_is_autoencoderklwan_defaults():
+    from diffusers import AutoencoderKLWan
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    assert {k: params[k].default for k in architecture.WAN_VAE} == architecture.WAN_VAE
+
+
+@pytest.mark.parametrize("name,dtype", TINY)
+def test_predicted_weight_bytes_equal_loaded_bytes(cache_dir, name, dtype):
+    cfg = model_config(name, dtype=dtype)
+    spec = get_spec(cfg.family)
+    path = spec.resolve_path(cfg)
+    build, _ = planner.family_hooks(cfg.family)
+    components = build(cfg, path)
+    assert all(p.device.type == "meta" for m, _ in components.values() for p in m.parameters())
+    pipe = spec.load(cfg, path)
+    loaded = {n: loaded_bytes(getattr(pipe, n)) for n in components}
+    predicted = {n: planner.weight_bytes(m, d) for n, (m, d) in components.items()}
+    assert predicted == loaded
+    assert set(components) == {n for n, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+QUANTIZATIONS = [
+    pytest.param(
+        "bnb_int8", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="no bitsandbytes")
+    ),
+    pytest.param(
+        "bnb_nf4", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="no bitsandbytes")
+    ),
+    "fp8",
+    pytest.param(
+        "torchao_int8", marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="no torchao")
+    ),
+]
+
+
+@pytest.mark.parametrize("method", QUANTIZATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_predicted_quantized_bytes_equal_backends_quantization(cache_dir, method, dtype):
+    """The planner counts the same layers as quantized as backends/memory.py quantizes, at the same bytes."""
+    from backends import memory as mem
+    from backends.cpu import CPUBackend
+    from contentv.config import BackendConfig
+
+    cfg = model_config("tiny_contentv", dtype=dtype)
+    spec = get_spec("contentv")
+    path = spec.resolve_path(cfg)
+    components = architecture.components_on_meta(cfg, path)
+    memory = MemoryConfig(quantization=method, quantize=["transformer", "text_encoder_3"])
+    pipe = spec.load(cfg, path)
+    mem.quantize(pipe, memory, CPUBackend(BackendConfig(name="cpu")))
+    for name in ("transformer", "text_encoder_3"):
+        module, load_dtype = components[name]
+        assert planner.weight_bytes(module, load_dtype, method) == loaded_bytes(getattr(pipe, name)), name
+        assert planner.weight_bytes(module, load_dtype, method) < planner.weight_bytes(module, load_dtype)
+
+
+def test_full_size_contentv_weights_from_builtin_configs():
+    cfg = ModelConfig()  # ContentV-8B, bf16 transformer and text encoders, fp32 VAE
+    components = architecture.components_on_meta(cfg, architecture.HUB_ID)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, (m, _) in components.items()}
+    assert 8.0e9 <= params["transformer"] <= 8.1e9
+    assert planner.weight_bytes(*components["transformer"]) == 2 * params["transformer"]
+    assert params["text_encoder_3"] == pytest.approx(4.76e9, rel=0.005)
+    assert params["text_encoder"] == pytest.approx(0.124e9, rel=0.01)
+    assert params["text_encoder_2"] == pytest.approx(0.695e9, rel=0.01)
+    assert params["vae"] == pytest.approx(0.127e9, rel=0.01)
+    assert planner.weight_bytes(*components["vae"]) == 4 * params["vae"]  # float32, no buffers
+    # Quantized: int8 ~ 1 byte per quantized weight (+ row scales), nf4 ~ 0.5. fp8 keeps every layer whose
+    # name matches the regex "norm" in bf16, AdaLayerNormZero's modulation Linears (norm1.linear, a third
+    # of the weights) included; int8 matches whole name parts ("norm1" != "norm") and quantizes them.
+    t, dtype = components["transformer"]
+    for method, low, high in (
+        ("bnb_int8", 0.5, 0.52),
+        ("torchao_int8", 0.5, 0.52),
+        ("fp8", 0.6, 0.7),
+        ("bnb_nf4", 0.26, 0.29),
+    ):
+        ratio = planner.weight_bytes(t, dtype, method) / planner.weight_bytes(t, dtype)
+        assert low < ratio < high, (method, ratio)
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+
+def test_activation_estimate_is_linear_in_batch_and_tokens():
+    kw = dict(video_tokens=20_000, text_tokens=333, dim=2432, ff_dim=4 * 2432, dtype=torch.bfloat16, heads=38)
+    one = planner.activation_bytes(batch=1, **kw)
+    assert planner.activation_bytes(batch=2, **kw) == pytest.approx(2 * one, rel=1e-6)
+    double = dict(kw, video_tokens=2 * 20_333 - 333)
+    assert planner.activation_bytes(batch=1, **double) == pytest.approx(2 * one, rel=1e-6)
+    assert planner.activation_bytes(batch=1, **dict(kw, dtype=torch.float32)) == pytest.approx(2 * one, rel=1e-6)
+    # 12 (B, N, d) tensors at the feed-forward peak with a 4x FF.
+    assert one == pytest.approx(12 * 20_333 * 2432 * 2, rel=1e-6)
+    # The math kernel's N^2 scores dominate; query slicing divides them.
+    math_full = planner.activation_bytes(batch=1, **kw, math_attention=True)
+    math_sliced = planner.activation_bytes(batch=1, **kw, math_attention=True, attention_chunk=1024)
+    assert math_full > 10 * one and math_sliced < math_full / 10
+
+
+def _patch_sincos(monkeypatch):
+    # ContentV's 3-D positions are computed with numpy on the CPU; give the meta run a meta tensor.
+    import contentv.models.contentv.transformer as tm
+
+    monkeypatch.setattr(tm, "_sincos_3d", lambda d, t, h, w: torch.empty(1, t * h * w, d, device="meta"))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_transformer_activation_model_matches_a_meta_trace_of_contentv(monkeypatch, batch):
+    """Full-width ContentV blocks (3 of 38) at 49 frames 432x768: the estimate is the traced peak within 2 %."""
+    from contentv.models.contentv.attention import ContentVJointAttnProcessor
+    from contentv.models.contentv.transformer import SD3Transformer3DModel
+
+    _patch_sincos(monkeypatch)
+    with torch.device("meta"):
+        model = SD3Transformer3DModel(num_layers=3)
+    model = torch.nn.Module.to(model, torch.bfloat16)
+    model.set_attn_processor(ContentVJointAttnProcessor(lambda q, k, v: torch.empty_like(q)))  # flash-like: O(N)
+    t, h, w = 13, 54, 96
+    x = torch.empty(batch, 16, t, h, w, device="meta", dtype=torch.bfloat16)
+    text = torch.empty(batch, 333, 4096, device="meta", dtype=torch.bfloat16)
+    pooled = torch.empty(batch, 2048, device="meta", dtype=torch.bfloat16)
+    step = torch.empty(batch, device="meta", dtype=torch.bfloat16)
+    with planner.LiveBytes() as live, torch.no_grad():
+        model(x, text, pooled, step, return_dict=False)
+    predicted = planner.activation_bytes(
+        batch=batch,
+        video_tokens=t * (h // 2) * (w // 2),
+        text_tokens=333,
+        dim=2432,
+        ff_dim=4 * 2432,
+        dtype=torch.bfloat16,
+        heads=38,
+        live=architecture.BLOCK_LIVE,
+    )
+    assert predicted == pytest.approx(live.peak, rel=0.02)
+
+
+def test_transformer_activation_model_matches_a_meta_trace_of_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    from contentv.models.cogvideox.attention import CogVideoXKernelAttnProcessor
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(num_layers=2)  # 2B width
+    model = torch.nn.Module.to(model, torch.float16)
+    model.set_attn_processor(CogVideoXKernelAttnProcessor(lambda q, k, v: torch.empty_like(q)))
+    x = torch.empty(2, 13, 16, 60, 90, device="meta", dtype=torch.float16)
+    text = torch.empty(2, 226, 4096, device="meta", dtype=torch.float16)
+    with planner.LiveBytes() as live, torch.no_grad():
+        model(x, text, torch.empty(2, device="meta"), return_dict=False)
+    predicted = planner.activation_bytes(
+        batch=2, video_tokens=13 * 30 * 45, text_tokens=226, dim=1920, ff_dim=4 * 1920, dtype=torch.float16, heads=30
+    )
+    assert predicted == pytest.approx(live.peak, rel=0.02)
+
+
+def test_live_bytes_counts_what_is_alive():
+    x = torch.empty(1024, device="meta")
+    with planner.LiveBytes() as live:
+        y = x * 2  # 4 KiB
+        z = y + 1  # 8 KiB alive
+        del y
+        w = z.view(32, 32)  # a view: no new storage
+        del z, w
+        _ = torch.empty(256, device="meta")  # 1 KiB
+    assert live.peak == 8192
+    assert live.current == 1024
+
+
+def test_decode_estimate_matches_a_meta_trace_of_the_full_size_wan_vae():
+    """The decode peak traced at a small size and extrapolated equals a direct trace at a larger one (5 %)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**architecture.WAN_VAE)
+    latent = (16, 6, 18, 24)  # 21 frames at 144x192
+    traced = planner._vae_trace(vae, torch.float32, latent)
+    video = 3 * 21 * 144 * 192 * 4
+    estimate, tiled = planner.decode_bytes(vae, torch.float32, latent, architecture.DECODE_TRACE_FRAMES)
+    assert estimate == pytest.approx(max(traced, 3 * video), rel=0.05)
+    assert tiled == estimate  # 144x192 is smaller than one 256x256 tile
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+def full_size_run(**sampling) -> RunConfig:
+    cfg = RunConfig()  # ContentV-8B, 432x768, 125 frames, bf16; nothing local: the built-in configs
+    cfg.sampling = dataclasses.replace(cfg.sampling, **sampling)
+    return cfg
+
+
+def test_full_size_plan_builds_on_the_cpu_without_loading_weights(conf_dir):
+    planner.plan(full_size_run(num_frames=9), conf_dir)  # imports and first meta kernels
+    rss = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    p = planner.plan(full_size_run(), conf_dir)
+    seconds = time.perf_counter() - start
+    assert psutil.Process().memory_info().rss - rss < 1 * GiB  # 27 GB of weights were never materialized
+    assert seconds < 30  # seconds in practice; generous: shared machines are noisy
+    assert {s.name for s in p.strategies} == set(PRESETS)
+    assert p.chosen is None  # no budget: the table only
+    assert p.weights["transformer"] == 2 * sum(
+        x.numel() for x in architecture.components_on_meta(ModelConfig(), None)["transformer"][0].parameters()
+    )
+    none = next(s for s in p.strategies if s.name == "none")
+    assert none.time == 1.0 and none.device_bytes > sum(p.weights.values())
+    # Every stage and both host figures are predicted; offloading trades device memory for host RAM.
+    offload = next(s for s in p.strategies if s.name == "low_vram_24g")
+    assert set(offload.stage_bytes) == set(planner.STAGES)
+    assert offload.device_bytes < none.device_bytes and offload.host_bytes > none.host_bytes
+
+
+@pytest.mark.parametrize(
+    "budget_gb,expected",
+    [(80, "none"), (24, "low_vram_24g"), (16, "low_vram_16g"), (8, "low_vram_8g"), (5, "low_vram_8g")],
+)
+def test_budget_picks_the_fastest_strategy_that_fits(conf_dir, budget_gb, expected):
+    p = planner.plan(full_size_run(), conf_dir, budget_gb * GiB)
+    assert p.chosen.name == expected
+    assert p.chosen.device_bytes <= 0.95 * budget_gb * GiB
+    faster = [s for s in p.strategies if s.time < p.chosen.time and not s.error]
+    assert all(s.device_bytes > 0.95 * budget_gb * GiB for s in faster)
+
+
+def test_memory_budget_gb_wins_over_the_device_figure(conf_dir):
+    cfg = full_size_run()
+    cfg.memory = MemoryConfig(name="auto", budget_gb=80)
+    assert planner.plan(cfg, conf_dir, 1 * GiB).chosen.name == "none"
+
+
+def test_nothing_fits_names_memory_budget_gb(conf_dir):
+    with pytest.raises(ConfigError, match=r"memory\.budget_gb=.*smallest predicted peak is [0-9.]+ GiB"):
+        planner.plan(full_size_run(), conf_dir, 2 * GiB)
+
+
+def test_plan_with_this_repo_s_presets():
+    """Whatever conf/memory holds: every preset gets a row, the choice is the fastest that fits, and the
+    low-VRAM presets meet PERFORMANCE.md's peak targets for their cards (as predicted)."""
+    presets = planner.load_presets(CONF)
+    for budget in (80, 24, 16, 8):
+        try:
+            p = planner.plan(full_size_run(), CONF, budget * GiB)
+        except ConfigError as exc:
+            assert exc.option == "memory.budget_gb"
+            continue
+        assert {s.name for s in p.strategies} == set(presets)
+        assert p.chosen.device_bytes <= 0.95 * budget * GiB
+        assert not [s for s in p.strategies if s.fits and s.time < p.chosen.time]
+    p = planner.plan(full_size_run(), CONF)
+    assert p.strategies[0].name == "none"
+    targets = {"low_vram_24g": 22, "low_vram_16g": 15, "low_vram_8g": 7.5}  # GiB, PERFORMANCE.md
+    for s in p.strategies:
+        if s.name in targets:
+            assert s.device_bytes <= targets[s.name] * GiB, (s.name, s.device_bytes / GiB)
+
+
+def test_presets_merge_their_defaults_list(conf_dir):
+    presets = planner.load_presets(conf_dir)
+    small = presets["low_vram_8g"]
+    assert small.group_offload and small.group_offload_stream  # from low_vram_16g
+    assert small.vae_tiling and small.text_encoders == "offload" and small.guidance_mode == "sequential"
+    assert presets["low_vram_24g"].name == "low_vram_24g"  # named after the file
+
+
+def test_strategies_the_backend_cannot_run_are_shown_and_never_chosen(conf_dir):
+    def check(memory: MemoryConfig) -> None:
+        if memory.quantization != "none":
+            raise ConfigError("memory.quantization", memory.quantization, "not available on backend test")
+
+    p = planner.plan(full_size_run(), conf_dir, 80 * GiB, check=check)
+    int8 = next(s for s in p.strategies if s.name == "int8_offload")
+    assert int8.error and not int8.fits
+    assert "unavailable: memory.quantization" in planner.format_plan(p)
+
+
+def test_sequential_guidance_and_tiling_lower_the_peak(conf_dir):
+    p = planner.plan(full_size_run(), conf_dir)
+    assert p.activations["denoising_sequential"] < 0.55 * p.activations["denoising_batched"]
+    assert p.activations["decoding_tiled"] < 0.5 * p.activations["decoding"]
+    # Offloaded blocks are prefetched: streams make group offload faster, not larger than 2 blocks.
+    slow = planner.plan(full_size_run(), conf_dir, streams=False)
+    by_name = {s.name: s for s in slow.strategies}
+    fast = {s.name: s for s in p.strategies}
+    assert by_name["low_vram_16g"].time > fast["low_vram_16g"].time
+    assert by_name["low_vram_16g"].stage_bytes["denoising"] < fast["low_vram_16g"].stage_bytes["denoising"]
+
+
+def test_configured_preset_with_overrides_gets_its_own_row(conf_dir):
+    cfg = full_size_run()
+    cfg.memory = MemoryConfig(name="low_vram_24g", model_cpu_offload=True, vae_tiling=True)
+    names = [s.name for s in planner.plan(cfg, conf_dir).strategies]
+    assert "low_vram_24g (as configured)" in names and "low_vram_24g" in names
+
+
+def test_format_plan_is_a_readable_table(conf_dir):
+    p = planner.plan(full_size_run(), conf_dir, 24 * GiB)
+    text = planner.format_plan(p)
+    assert "432x768, 125 frames" in text and "fits 24.0 GiB" in text
+    for s in p.strategies:
+        assert s.name in text
+    assert f"chosen: {p.chosen.name}" in text and "<- chosen" in text
+
+
+def test_tiny_plans_build(cache_dir, conf_dir):
+    for name in ("tiny_contentv", "tiny_cogvideox"):
+        if not has_tiny(name):
+            continue
+        cfg = RunConfig(model=model_config(name))
+        p = planner.plan(cfg, conf_dir, 1 * GiB)
+        assert p.chosen.name == "none", name
+        assert sum(p.weights.values()) < 20 * 2**20
+
+
+def test_hub_id_without_local_configs_uses_the_builtin_contentv_configs():
+    configs, source = architecture.component_configs("someone/not-cached-anywhere")
+    assert source.startswith("built-in") and configs["transformer"] == architecture.TRANSFORMER
+
+
+# ------------------------------------------------------------------------------------------ GPU check
+
+
+@pytest.mark.cuda
+def test_predicted_denoising_peak_matches_the_gpu_within_10_percent():
+    """Two full-width ContentV blocks at 49 frames 432x768, batch 2, bf16, SDPA: measured vs predicted peak."""
+    from contentv.attention import sdpa
+    from contentv.models.contentv.attention import ContentVJointAttnProcessor
+    from contentv.models.contentv.transformer import SD3Transformer3DModel
+
+    device = torch.device("cuda")
+    model = SD3Transformer3DModel(num_layers=2).to(device=device, dtype=torch.bfloat16).eval()
+    model.set_attn_processor(ContentVJointAttnProcessor(sdpa))
+    t, h, w, batch = 13, 54, 96, 2
+    x = torch.randn(batch, 16, t, h, w, device=device, dtype=torch.bfloat16)
+    text = torch.randn(batch, 333, 4096, device=device, dtype=torch.bfloat16)
+    pooled = torch.randn(batch, 2048, device=device, dtype=torch.bfloat16)
+    step = torch.full((batch,), 500.0, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(x, text, pooled, step, return_dict=False)  # warm-up (kernels, workspaces)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(x, text, pooled, step, return_dict=False)
+        torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    predicted = planner.activation_bytes(
+        batch=batch,
+        video_tokens=t * (h // 2) * (w // 2),
+        text_tokens=333,
+        dim=2432,
+        ff_dim=4 * 2432,
+        dtype=torch.bfloat16,
+        heads=38,
+        live=architecture.BLOCK_LIVE,
+    )
+    assert predicted == pytest.approx(measured, rel=0.10)
