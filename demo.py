@@ -7,6 +7,8 @@
     python demo.py model=cogvideox_5b backend=cuda         # CogVideoX-5B (model=cogvideox_2b, tiny_cogvideox)
     USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
+    python demo.py mode=ui model=tiny_contentv backend=cpu   # web page on http://127.0.0.1:7860 ('.[ui]')
+    python demo.py dry_run=true memory=auto memory.budget_gb=16   # the memory plan, no weights loaded
     python demo.py --help                                 # groups, options and every field
 
 Every setting is checked before anything is loaded or written: a bad one prints one line naming the
@@ -23,6 +25,7 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("backend", "model", "memory", "sampling", "output")
+MODES = ("generate", "ui")
 # Hydra's own flags that print something and exit; they skip our pre-flight checks.
 PASSTHROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
 
@@ -119,6 +122,7 @@ def preflight(argv: list[str]) -> bool:
 
     import backends
     from backends import memory as mem
+    from contentv.errors import ConfigError
     from contentv.runtime import validate_run
     from contentv.validation import check_writable_dir
 
@@ -139,6 +143,15 @@ def preflight(argv: list[str]) -> bool:
                 raise UsageError(compose_error(exc, job)) from exc
             if cfg.debug:
                 os.environ["HYDRA_FULL_ERROR"] = "1"
+            if cfg.mode not in MODES:
+                raise ConfigError("mode", cfg.mode, MODES)
+            if cfg.mode == "ui":
+                from contentv import ui
+
+                if args.multirun:
+                    raise UsageError("mode=ui serves one page: drop -m")
+                ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
+                ui.check_ui(cfg)
             validate_run(cfg)
             check_writable_dir(
                 "output.dir" if cfg.output.dir else "hydra.run.dir",
@@ -208,6 +221,12 @@ def task(dcfg) -> None:
     from contentv.errors import ConfigError
 
     cfg = OmegaConf.to_object(dcfg)
+    if cfg.mode == "ui":
+        import backends
+        from contentv import ui
+
+        ui.launch(cfg, backends.build_backend, CONF_DIR)  # blocks until Ctrl-C
+        return
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job_dir = Path(hydra_cfg.runtime.output_dir)

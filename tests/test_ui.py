@@ -1,0 +1,319 @@
+"""The web page's logic (contentv/ui.py) without a browser: the handlers on the tiny model on the CPU."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+import demo
+from backends import build_backend
+from contentv import ui
+from contentv.config import BackendConfig, MemoryConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig
+from contentv.errors import ConfigError
+from contentv.runtime import validate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny request: 32x48, 5 frames (2 latent frames), 2 steps.
+SMALL = {"width": 48, "height": 32, "num_frames": 5, "num_inference_steps": 2}
+
+
+def tiny_cfg(out: Path, **ui_fields) -> RunConfig:
+    model = ui.load_presets(demo.CONF_DIR, "model", ModelConfig)["tiny_contentv"]
+    cfg = RunConfig(model=model, backend=BackendConfig(name="cpu"), output=OutputConfig(dir=str(out)))
+    cfg.sampling = SamplingConfig(prompt="a red fox walks in snow", **SMALL)
+    cfg.ui = dataclasses.replace(cfg.ui, **ui_fields)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def studio(cache_dir, tmp_path_factory) -> ui.Studio:
+    return ui.Studio(tiny_cfg(tmp_path_factory.mktemp("ui-out")), build_backend, demo.CONF_DIR)
+
+
+def form(studio: ui.Studio, **changes) -> ui.Form:
+    return dataclasses.replace(studio.defaults(), **changes)
+
+
+def videos(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def run(studio: ui.Studio, f: ui.Form, progress=None) -> ui.Outcome:
+    job, message = studio.prepare(f)
+    assert job is not None, message
+    return studio.generate(job, progress)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_page_opens_with_the_command_lines_config(studio):
+    d = studio.defaults()
+    assert (d.model, d.backend, d.memory, d.offload) == ("tiny_contentv", "cpu", "none", "none")
+    assert (d.width, d.height, d.num_frames, d.num_inference_steps) == (48, 32, 5, 2)
+    assert d.fps == 8 and d.negative_prompt.startswith("overexposed")  # the model's defaults fill the rest
+
+
+def test_generate_returns_an_existing_video_with_metadata(studio):
+    steps = []
+    outcome = run(studio, form(studio, seed=7), progress=lambda i, n, text: steps.append((i, n, text)))
+    assert outcome.ok, outcome.status
+    assert outcome.video.is_file() and outcome.video.suffix == ".mp4" and outcome.video.parent == studio.output_dir
+    assert outcome.sidecar.is_file()
+    assert outcome.status.startswith("done in ") and outcome.video.name in outcome.status
+    rec = outcome.record
+    assert rec["seed"] == 7 and rec["config"]["sampling"]["num_frames"] == 5
+    assert {"load", "text_encoding", "denoising", "decoding", "writing"} <= set(rec["timings_s"])
+    assert rec["peak_memory"]["host_rss_bytes"] > 0
+    for text in ("time:", "peak memory:", "host RSS", "placement", str(outcome.video)):
+        assert text in outcome.metadata
+    # progress: a "preparing" note, then one report per step with the count and the time left
+    assert [(i, n) for i, n, _ in steps] == [(0, 2), (1, 2), (2, 2)]
+    assert "step 2/2" in steps[-1][2] and "left" in steps[-1][2]
+    assert (str(outcome.video), "a red fox walks in snow (seed 7)") in studio.gallery()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"num_frames": 10},
+        {"width": 50},
+        {"height": 40},
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"num_inference_steps": 0},
+        {"fps": 0},
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}" for k, v in c.items()),
+)
+def test_bad_input_gives_the_command_lines_message_and_starts_nothing(studio, changes):
+    before_files, before_loads = videos(studio.output_dir), studio.runtime(BackendConfig(name="cpu")).loads
+    job, message = studio.prepare(form(studio, **changes))
+    assert job is None
+    # The same line the command line prints: "error: " + validate_run's ConfigError.
+    cfg = tiny_cfg(studio.output_dir)
+    cfg.sampling = dataclasses.replace(cfg.sampling, **changes)
+    with pytest.raises(ConfigError) as exc:
+        validate_run(cfg)
+    assert message == f"error: {exc.value}" and "\n" not in message
+    assert videos(studio.output_dir) == before_files
+    assert studio.runtime(BackendConfig(name="cpu")).loads == before_loads
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"model": "no_such_model"}, "model='no_such_model' is not valid: one of: "),
+        ({"backend": "tpu"}, "backend='tpu' is not valid: one of: auto, cpu, cuda, npu"),
+        ({"model_path": "/ckpt/ContentV-8B"}, "model.path='/ckpt/ContentV-8B' is not valid: empty for tiny_contentv"),
+        ({"num_frames": 5.5}, "sampling.num_frames=5.5 is not valid: an integer"),
+        ({"seed": None}, "sampling.seed=None is not valid: an integer"),
+        # the backend's own memory checks run before any weights load
+        ({"attention_slicing": -1}, "memory.attention_slicing=-1 is not valid"),
+        ({"quantization": "int3"}, "memory.quantization='int3' is not valid"),
+    ],
+)
+def test_other_bad_choices_are_one_line_before_loading(studio, changes, expected):
+    before_loads = studio.runtime(BackendConfig(name="cpu")).loads
+    job, message = studio.prepare(form(studio, **changes))
+    assert job is None and message.startswith(f"error: {expected}"), message
+    assert "\n" not in message and studio.runtime(BackendConfig(name="cpu")).loads == before_loads
+
+
+def test_a_real_model_path_is_checked_before_loading(studio, tmp_path):
+    job, message = studio.prepare(form(studio, model="contentv_8b", model_path=str(tmp_path / "missing")))
+    assert job is None
+    assert message.startswith(f"error: model.path='{tmp_path / 'missing'}' is not valid: an existing checkpoint")
+
+
+def test_an_unexpected_failure_is_one_line_too(cache_dir, tmp_path):
+    def broken_factory(cfg):
+        raise RuntimeError("no such device\nsecond line")
+
+    studio = ui.Studio(tiny_cfg(tmp_path), broken_factory, demo.CONF_DIR)
+    job, message = studio.prepare(form(studio))
+    assert job is None and message == "error: RuntimeError: no such device"
+
+
+# ------------------------------------------------------------------------------------------ cancel
+
+
+def test_cancel_stops_at_the_next_step_and_writes_nothing(studio):
+    before = videos(studio.output_dir)
+    seen = []
+
+    def progress(i, n, text):
+        seen.append(i)
+        if i == 1:
+            assert studio.cancel(session="page") == 1  # the Cancel button, while step 1 has just finished
+
+    job, _ = studio.prepare(form(studio, num_inference_steps=3), session="page")
+    outcome = studio.generate(job, progress)
+    assert not outcome.ok and outcome.video is None
+    assert outcome.status == "cancelled after step 1 of 3: no video written"
+    assert job.finished.is_set() and job.outcome is outcome  # what the Cancel button then shows
+    assert seen == [0, 1]  # no further steps ran
+    assert videos(studio.output_dir) == before  # no video, no sidecar, no .partial file
+
+
+def test_cancel_is_per_page_and_drops_a_queued_job(studio):
+    job, _ = studio.prepare(form(studio), session="page-a")
+    assert studio.cancel(session="page-b") == 0  # another page's Cancel leaves it alone
+    assert studio.cancel(session="page-a") == 1
+    before = videos(studio.output_dir)
+    outcome = studio.generate(job)
+    assert not outcome.ok and outcome.status == "cancelled before it started: no video written"
+    assert videos(studio.output_dir) == before
+    assert studio.cancel(session="page-a") == 0  # finished jobs are forgotten
+
+
+def test_same_model_backend_and_memory_reuse_the_loaded_pipeline(studio):
+    runtime = studio.runtime(BackendConfig(name="cpu"))
+    runtime.pipeline(studio.config(form(studio)))  # loaded by the tests above; a no-op then
+    loads = runtime.loads
+    # new prompt, sampling settings and a random seed: no reload (also: works after a cancel)
+    outcome = run(studio, form(studio, prompt="another prompt", num_inference_steps=1, random_seed=True, seed=None))
+    assert outcome.ok and outcome.reused and runtime.loads == loads
+    assert "reused (no weights loaded)" in outcome.metadata
+    assert isinstance(outcome.record["seed"], int) and f"seed **{outcome.record['seed']}**" in outcome.metadata
+    assert len(studio.runtimes) == 1  # one Runtime per backend
+    # a memory change reloads (here: model CPU offload, which also runs on the CPU backend)
+    outcome = run(studio, form(studio, offload="model", num_inference_steps=1))
+    assert outcome.ok and not outcome.reused and runtime.loads == loads + 1
+    assert outcome.record["prepared"]["placement"] != "device"
+
+
+# ------------------------------------------------------------------------------------------ memory options
+
+
+def test_offload_is_one_choice_so_model_and_sequential_cannot_combine(studio):
+    for mode in ui.OFFLOAD_MODES:
+        m = studio.memory_config(form(studio, offload=mode))
+        flags = [m.model_cpu_offload, m.sequential_cpu_offload, m.group_offload]
+        assert sum(flags) == (mode != "none")
+        assert ui.offload_mode(m) == mode
+    with pytest.raises(ConfigError, match="offload='model\\+sequential' is not valid: one of: none, model"):
+        studio.memory_config(form(studio, offload="model+sequential"))
+
+
+def test_offload_choice_picks_matching_text_encoder_placement(studio):
+    m = studio.memory_config(form(studio, offload="model"))
+    assert m.text_encoders == "auto"  # the preset's "device" placement can't go with offload hooks
+    studio.runtime(BackendConfig(name="cpu")).backend.check_memory(m)
+    assert studio.memory_config(form(studio)).text_encoders == studio.memories["none"].text_encoders
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def test_presets_are_exactly_the_command_lines(studio):
+    assert set(studio.models) == set(demo.group_options("model"))
+    assert set(studio.memories) == set(demo.group_options("memory"))
+    assert set(studio.backends) == set(demo.group_options("backend"))
+    assert studio.sampling_defaults("cogvideox_2b")["num_frames"] == 49  # the model change refills the form
+
+
+def test_presets_load_with_defaults_lists(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "base.yaml").write_text("name: base\nvae_tiling: true\nattention_slicing: 64\n")
+    (tmp_path / "memory" / "small.yaml").write_text(
+        "defaults:\n  - base\n  - _self_\nname: small\nmodel_cpu_offload: true\nattention_slicing: 32\n"
+    )
+    presets = ui.load_presets(tmp_path, "memory", MemoryConfig)
+    small = presets["small"]
+    assert isinstance(small, MemoryConfig)
+    assert (small.name, small.vae_tiling, small.model_cpu_offload, small.attention_slicing) == ("small", True, True, 32)
+    (tmp_path / "memory" / "bad.yaml").write_text("name: bad\nno_such_field: 1\n")
+    with pytest.raises(ConfigError, match="memory=bad"):
+        ui.load_presets(tmp_path, "memory", MemoryConfig)
+
+
+def test_every_memory_preset_goes_through_the_page_unchanged(studio):
+    for name, preset in studio.memories.items():
+        f = form(studio, memory=name, **studio.memory_fields(name))  # what choosing the preset fills in
+        assert studio.memory_config(f) == preset, name
+
+
+def test_memory_preset_fills_the_memory_widgets(studio):
+    fields = studio.memory_fields("none")
+    assert fields == {
+        "offload": "none",
+        "vae_slicing": False,
+        "vae_tiling": False,
+        "attention_slicing": 0,
+        "quantization": "none",
+        "budget_gb": None,
+    }
+    assert (
+        studio.memory_fields("low_vram_24g")["offload"] == "model"
+        and studio.memory_fields("low_vram_24g")["vae_tiling"]
+    )
+    assert studio.memory_fields("nope") == {}
+
+
+def test_memory_plan_and_auto(studio):
+    table = studio.plan(form(studio))  # the "Predict memory" button: every preset, no weights loaded
+    assert table.startswith("memory plan: tiny_contentv, 32x48, 5 frames")
+    assert all(name in table for name in studio.memories if name != "auto")
+    runtime = studio.runtime(BackendConfig(name="cpu"))
+    loads = runtime.loads
+    # memory=auto with a budget: the table is shown before the run, which uses the chosen preset
+    cfg, plan = studio.resolve(form(studio, memory="auto", budget_gb=16))
+    assert cfg.memory.name == "none" and "chosen" in plan  # tiny: the fastest preset fits
+    job, message = studio.prepare(form(studio, memory="auto", budget_gb=16), session="plan")
+    assert job.plan == plan and job.cfg.memory.name == "none"
+    studio.cancel(session="plan")
+    studio.generate(job)
+    # no budget known (the CPU backend): the table, and the runtime decides as for the command line
+    cfg, plan = studio.resolve(form(studio, memory="auto"))
+    assert cfg.memory.name == "auto" and plan.startswith("memory plan:")
+    assert runtime.resolve_memory(cfg).memory.name == "none"
+    # a budget nothing fits is one line, before anything loads
+    job, message = studio.prepare(form(studio, memory="auto", budget_gb=0.001))
+    assert job is None and message.startswith("error: memory.budget_gb=") and "at least" in message
+    assert runtime.loads == loads
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+def test_host_warning():
+    assert ui.host_warning("127.0.0.1") is None and ui.host_warning("localhost") is None
+    warning = ui.host_warning("0.0.0.0")
+    assert warning.startswith("warning: ui.host=0.0.0.0") and "127.0.0.1" in warning
+
+
+def test_launch_warns_for_another_interface_and_checks_ui_settings(cache_dir, tmp_path, monkeypatch, capsys):
+    gr = pytest.importorskip("gradio")
+    calls = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.update(kw))  # bind nothing
+    server = ui.launch(tiny_cfg(tmp_path, host="0.0.0.0", port=7861), build_backend, demo.CONF_DIR, block=False)
+    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] == 7861 and calls["share"] is False
+    assert "warning: ui.host=0.0.0.0" in capsys.readouterr().err
+    assert server.blocks._queue.max_size == 8  # ui.max_queue
+    ui.launch(tiny_cfg(tmp_path), build_backend, demo.CONF_DIR, block=False)
+    assert calls["server_name"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="ui.max_queue=0 is not valid"):
+        ui.launch(tiny_cfg(tmp_path, max_queue=0), build_backend, demo.CONF_DIR, block=False)
+
+
+def test_gradio_is_optional(monkeypatch):
+    # contentv/ui.py imports gradio only inside functions, so importing it never needs gradio ...
+    tree = ast.parse((ROOT / "contentv" / "ui.py").read_text())
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name.split(".")[0] for n in top_level for a in n.names} | {
+        n.module.split(".")[0] for n in top_level if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert "gradio" not in names
+    # ... and serving without it is one clear line.
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(ConfigError) as exc:
+        ui.check_available()
+    assert str(exc.value) == "mode='ui' is not valid: needs gradio: pip install '.[ui]'"
