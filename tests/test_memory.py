@@ -26,7 +26,8 @@ from contentv.models.contentv import SPEC
 from contentv.runtime import resolve_guidance
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "memory"
-PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+# `auto` is the planner choosing among these, not a strategy of its own (tests/test_planner.py covers it).
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "auto")
 EXPECTED_PRESETS = {
     "none",
     "low_vram_24g",
