@@ -77,3 +77,19 @@ def read_prompt_file(path: str) -> list[str]:
     if not prompts:
         raise ConfigError("sampling.prompt_file", path, "a file with at least one non-empty, non-comment line")
     return prompts
+
+
+def diffusers_call_kwargs(s: SamplingConfig) -> dict:
+    """The diffusers call arguments every family shares, from resolved sampling settings."""
+    kw = dict(
+        prompt=s.prompt,
+        negative_prompt=s.negative_prompt,
+        height=s.height,
+        width=s.width,
+        num_frames=s.num_frames,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+    )
+    if s.max_sequence_length is not None:
+        kw["max_sequence_length"] = s.max_sequence_length
+    return kw

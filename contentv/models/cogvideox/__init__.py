@@ -11,7 +11,7 @@ from pathlib import Path
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec
-from contentv.validation import check_common_sampling, check_local_checkpoint, check_size
+from contentv.validation import check_common_sampling, check_local_checkpoint, check_size, diffusers_call_kwargs
 
 # Files every CogVideoX checkpoint folder has (tokenizer files vary: spiece.model or tokenizer.json).
 REQUIRED_FILES = {
@@ -131,21 +131,6 @@ def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
         )
 
 
-def call_kwargs(s: SamplingConfig) -> dict:
-    kw = dict(
-        prompt=s.prompt,
-        negative_prompt=s.negative_prompt,
-        height=s.height,
-        width=s.width,
-        num_frames=s.num_frames,
-        num_inference_steps=s.num_inference_steps,
-        guidance_scale=s.guidance_scale,
-    )
-    if s.max_sequence_length is not None:
-        kw["max_sequence_length"] = s.max_sequence_length
-    return kw
-
-
 def _architecture():
     from contentv.models.cogvideox import architecture
 
@@ -159,7 +144,7 @@ SPEC = ModelSpec(
     load=load,
     install_attention=install_attention,
     validate=validate,
-    call_kwargs=call_kwargs,
+    call_kwargs=diffusers_call_kwargs,
     components_on_meta=lambda cfg, path: _architecture().components_on_meta(cfg, path),
     workload=lambda components, s: _architecture().workload(components, s),
     validate_for_model=validate_for_model,

@@ -12,27 +12,9 @@ from typing import Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 
-T5_XXL: dict[str, Any] = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dense_act_fn="gelu_new",
-    is_gated_act=True,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-    is_encoder_decoder=False,
-    use_cache=False,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
+# The same T5-v1.1-XXL encoder as ContentV's text_encoder_3.
+from contentv.models.contentv.architecture import T5_XXL  # noqa: E402
+
 TRANSFORMER_2B: dict[str, Any] = dict(
     num_attention_heads=30,
     attention_head_dim=64,
