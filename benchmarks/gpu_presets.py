@@ -1,4 +1,4 @@
-"""GPU benchmark: full-size random-weight ContentV-8B under every memory preset (PERFORMANCE.md).
+"""GPU benchmark: full-size random-weight ContentV-8B / CogVideoX-5B under every memory preset (PERFORMANCE.md).
 
 Speed and memory don't depend on weight values, so the model is built from its published configs
 on the meta device and filled with random numbers (no download). For each preset: seconds per
@@ -6,9 +6,10 @@ denoising step, total time, peak device memory, peak host RSS, achieved TFLOP/s 
 989 TFLOP/s bf16 spec of an H100, and the time ratio against everything resident.
 One JSON object per preset is appended to benchmarks/results/gpu_<device>.jsonl and a table printed.
 
-    python benchmarks/gpu_presets.py                         # all presets, 432x768x125, 4 timed steps
+    python benchmarks/gpu_presets.py                         # ContentV-8B, all presets, 432x768x125, 4 timed steps
+    python benchmarks/gpu_presets.py --model cogvideox_5b    # CogVideoX-5B, 720x480x49
     python benchmarks/gpu_presets.py --presets none,low_vram_24g --steps 8
-    python benchmarks/gpu_presets.py --size tiny --backend cpu --steps 1 --no-record   # smoke test
+    python benchmarks/gpu_presets.py --model tiny_contentv --backend cpu --steps 1 --no-record   # smoke test
 """
 
 from __future__ import annotations
@@ -41,24 +42,25 @@ def load_preset(name: str):
     return OmegaConf.to_object(node)
 
 
-def random_pipeline(size: str, seed: int = 0):
-    """ContentVPipeline with random weights: full-size configs (or the tiny checkpoint's), on the CPU."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def load_model(name: str):
+    from omegaconf import OmegaConf
 
     from contentv.config import ModelConfig
-    from contentv.models.contentv import architecture
-    from contentv.models.contentv.pipeline import ContentVPipeline
+
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    return OmegaConf.to_object(node)
+
+
+def random_pipeline(model: str, seed: int = 0):
+    """The model's pipeline with random weights from its configs (full-size or tiny), on the CPU."""
+    from contentv.registry import get_spec
     from contentv.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
 
-    cfg = ModelConfig(dtype="bfloat16") if size == "full" else ModelConfig(name="tiny_contentv", tiny=True, path=None)
-    path = None
-    if size == "tiny":
-        from contentv.models.contentv import SPEC
-
-        path = SPEC.resolve_path(cfg)
+    cfg = load_model(model)
+    spec = get_spec(cfg.family)
     torch.manual_seed(seed)
     parts = {}
-    for name, (module, dtype) in architecture.components_on_meta(cfg, path).items():
+    for name, (module, dtype) in spec.components_on_meta(cfg, spec.resolve_path(cfg)).items():
         module = module.to_empty(device="cpu")
         with torch.no_grad():
             for p in module.parameters():
@@ -66,19 +68,40 @@ def random_pipeline(size: str, seed: int = 0):
             for bname, b in module.named_buffers():
                 if bname.endswith("position_ids"):  # CLIP's (1, 77) index buffer
                     b.copy_(torch.arange(b.shape[-1]).expand_as(b))
-                else:  # ContentV's components have no other buffers; zero is a safe placeholder
+                elif b.is_floating_point() and "pos_embedding" in bname:  # CogVideoX's sin-cos table
+                    b.normal_(0.0, 0.02)
+                else:
                     b.zero_()
         parts[name] = module.to(dtype).eval()
-    parts["tokenizer"], parts["tokenizer_2"], parts["tokenizer_3"] = (
-        tiny_clip_tokenizer(),
-        tiny_clip_tokenizer(),
-        tiny_t5_tokenizer(),
-    )  # token ids only need to be in range; text content doesn't change speed
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return ContentVPipeline(**parts)
+    # Token ids only need to be in range: text content doesn't change speed or memory.
+    if cfg.family == "contentv":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from contentv.models.contentv.pipeline import ContentVPipeline
+
+        parts.update(
+            tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), tokenizer_3=tiny_t5_tokenizer()
+        )
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        return cfg, ContentVPipeline(**parts)
+    from diffusers import CogVideoXDPMScheduler
+
+    from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
+
+    parts["tokenizer"] = tiny_t5_tokenizer()
+    parts["scheduler"] = CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+    return cfg, CogVideoXRuntimePipeline(**parts)
 
 
 def flops_per_step(pipe, tokens: int, guidance_passes: int = 2) -> float:
+    """PERFORMANCE.md's count: linear layers 24*d^2*N and attention 4*N^2*d per block and pass."""
     c = pipe.transformer.config
     d, layers = c.num_attention_heads * c.attention_head_dim, c.num_layers
     return guidance_passes * layers * (24 * d * d * tokens + 4 * tokens * tokens * d)
@@ -86,12 +109,12 @@ def flops_per_step(pipe, tokens: int, guidance_passes: int = 2) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="contentv_8b", help="conf/model name: contentv_8b, cogvideox_5b, tiny_*")
     parser.add_argument("--presets", default="all", help="comma-separated conf/memory names, or all")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--backend", default="cuda")
-    parser.add_argument("--height", type=int, default=432)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--frames", type=int, default=125)
+    parser.add_argument("--height", type=int, help="default: the model's")
+    parser.add_argument("--width", type=int, help="default: the model's")
+    parser.add_argument("--frames", type=int, help="default: the model's")
     parser.add_argument("--steps", type=int, default=4, help="timed denoising steps (per-step time is what counts)")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--no-record", action="store_true")
@@ -99,12 +122,16 @@ def main() -> int:
 
     import backends
     from contentv.config import BackendConfig
-    from contentv.models.contentv import SPEC
+    from contentv.registry import get_spec
     from contentv.runtime import library_versions, resolve_guidance
     from contentv.stats import StageRecorder
 
+    defaults = load_model(args.model).sampling_defaults
+    args.height = args.height or defaults["height"]
+    args.width = args.width or defaults["width"]
+    args.frames = args.frames or defaults["num_frames"]
     names = (
-        [p.stem for p in sorted((ROOT / "conf" / "memory").glob("*.yaml"))]
+        [p.stem for p in sorted((ROOT / "conf" / "memory").glob("*.yaml")) if p.stem != "auto"]
         if args.presets == "all"
         else args.presets.split(",")
     )
@@ -113,17 +140,19 @@ def main() -> int:
     backend = backends.build_backend(BackendConfig(name=args.backend, attention=args.attention))
     backend.setup()
     device_name = backend.describe().get("name", str(backend.device))
-    tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16) + 333
+    text_tokens = 333 if load_model(args.model).family == "contentv" else 226
+    tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16) + text_tokens
     rows = []
     for name in names:
         memory = load_preset(name)
-        pipe = random_pipeline(args.size)
+        model_cfg, pipe = random_pipeline(args.model)
+        spec = get_spec(model_cfg.family)
         pipe.set_progress_bar_config(disable=True)
         recorder = StageRecorder(backend)
         row = {"benchmark": "gpu_presets", "profile": name, "memory": dataclasses.asdict(memory)}
         try:
             with recorder.stage("load"):
-                prepared = backend.prepare(pipe, memory, SPEC)
+                prepared = backend.prepare(pipe, memory, spec)
             out = pipe(
                 prompt="a red fox walks in snow",
                 negative_prompt="low quality",
@@ -158,7 +187,7 @@ def main() -> int:
             date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             device=device_name,
             versions=library_versions(),
-            model=f"ContentV-8B random weights ({args.size})",
+            model=f"{args.model} random weights",
             size=f"{args.height}x{args.width}x{args.frames}, bf16, {args.steps} timed steps",
         )
         rows.append(row)

@@ -25,28 +25,12 @@ def run(script: str, *args: str, cache_dir: Path) -> str:
 
 
 def test_gpu_presets_smoke_on_cpu(cache_dir):
-    out = run(
-        "gpu_presets.py",
-        "--size",
-        "tiny",
-        "--backend",
-        "cpu",
-        "--steps",
-        "1",
-        "--no-record",
-        "--height",
-        "32",
-        "--width",
-        "48",
-        "--frames",
-        "5",
-        "--presets",
-        "none,low_vram_8g",
-        cache_dir=cache_dir,
-    )
-    lines = [ln for ln in out.splitlines() if ln.startswith(("none", "low_vram_8g"))]
-    assert len(lines) == 2 and not any("failed" in ln for ln in lines), out
-    assert lines[0].split()[2] == "1.00"  # the baseline's ratio to itself
+    for model in ("tiny_contentv", "tiny_cogvideox_5b"):
+        args = ["--model", model, "--backend", "cpu", "--steps", "1", "--no-record", "--presets", "none,low_vram_8g"]
+        out = run("gpu_presets.py", *args, "--height", "32", "--width", "48", "--frames", "9", cache_dir=cache_dir)
+        lines = [ln for ln in out.splitlines() if ln.startswith(("none", "low_vram_8g"))]
+        assert len(lines) == 2 and not any("failed" in ln for ln in lines), out
+        assert lines[0].split()[2] == "1.00"  # the baseline's ratio to itself
 
 
 def test_cpu_reference_smoke(cache_dir):
