@@ -51,3 +51,26 @@ def test_cpu_reference_smoke(cache_dir):
     )
     methods = [ln.split()[0] for ln in out.splitlines()[-3:]]
     assert methods == ["reference", "runtime", "sequential"], out
+
+
+def test_speedups_smoke(cache_dir):
+    out = run(
+        "speedups.py",
+        "--repeats",
+        "1",
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--frames",
+        "5",
+        "--thresholds",
+        "0.1",
+        "--no-record",
+        cache_dir=cache_dir,
+    )
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[-2:]}
+    assert set(rows) == {"plain", "first_block"}, out
+    assert rows["plain"][-1] == "inf"  # the plain run against itself
