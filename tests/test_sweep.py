@@ -130,3 +130,26 @@ def test_submitit_local_launcher(tmp_path, cache_dir):
     with (sweep_dir / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "sweep"
+    proc = demo(
+        [
+            "-m",
+            "hydra/launcher=local_parallel",
+            "model=tiny_contentv",
+            *SMALL,
+            "sampling.num_inference_steps=1",
+            "sampling.seed=1,2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cache_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (sweep_dir / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    # two worker processes: each loaded its own pipeline
+    assert [r["prepared"]["pipeline_reused"] for r in sidecars(sweep_dir)] == [False, False]
