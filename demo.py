@@ -9,6 +9,7 @@
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
     python demo.py mode=ui model=tiny_contentv backend=cpu   # web page on http://127.0.0.1:7860 ('.[ui]')
     python demo.py dry_run=true memory=auto memory.budget_gb=16   # the memory plan, no weights loaded
+    torchrun --nproc_per_node=4 demo.py backend=cuda parallel=cfg parallel.ulysses_degree=2   # one video, 4 GPUs
     python demo.py --help                                 # groups, options and every field
 
 Every setting is checked before anything is loaded or written: a bad one prints one line naming the
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = ("backend", "model", "memory", "sampling", "output")
+GROUPS = ("backend", "model", "memory", "sampling", "output", "parallel")
 MODES = ("generate", "ui")
 # Hydra's own flags that print something and exit; they skip our pre-flight checks.
 PASSTHROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
@@ -121,7 +122,9 @@ def preflight(argv: list[str]) -> bool:
     from omegaconf import OmegaConf
 
     import backends
+    from backends import distributed
     from backends import memory as mem
+    from contentv import parallel
     from contentv.errors import ConfigError
     from contentv.runtime import validate_run
     from contentv.validation import check_writable_dir
@@ -153,6 +156,13 @@ def preflight(argv: list[str]) -> bool:
                 ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
                 ui.check_ui(cfg)
             validate_run(cfg)
+            world_size = distributed.launch_env().world_size
+            launcher = hydra_cfg.get("launcher") or {}
+            if args.multirun and "tasks_per_node" in launcher:  # submitit: a job is nodes x tasks_per_node ranks
+                world_size = int(launcher.tasks_per_node) * int(launcher.get("nodes") or 1)
+            parallel.layout(cfg.parallel, world_size)
+            if world_size > 1 and cfg.mode != "generate":
+                raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web UI is one process)")
             check_writable_dir(
                 "output.dir" if cfg.output.dir else "hydra.run.dir",
                 cfg.output.dir or (hydra_cfg.sweep.dir if args.multirun else hydra_cfg.run.dir),
@@ -179,15 +189,17 @@ _STATE: dict = {"key": None, "runtime": None}
 
 def get_runtime(backend_cfg):
     import backends
+    from backends import distributed
     from contentv.runtime import Runtime
 
+    distributed.configure(backend_cfg)  # under torchrun/SLURM: this rank's device (LOCAL_RANK)
     key = repr(backend_cfg)
     if _STATE["key"] != key:
         if _STATE["runtime"] is not None:
             _STATE["runtime"].release()
         backend = backends.build_backend(backend_cfg)
         backend.setup()
-        _STATE.update(key=key, runtime=Runtime(backend))
+        _STATE.update(key=key, runtime=Runtime(backend, world=distributed.init_world(backend)))
     return _STATE["runtime"]
 
 
@@ -217,9 +229,11 @@ def task(dcfg) -> None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from contentv import sweep
+    from backends import distributed
+    from contentv import parallel, sweep
     from contentv.errors import ConfigError
 
+    distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
     if cfg.mode == "ui":
         import backends
@@ -233,7 +247,13 @@ def task(dcfg) -> None:
     if cfg.output.dir is None:
         cfg.output.dir = str(job_dir)
     try:
-        results = get_runtime(cfg.backend).run_all(cfg)
+        runtime = get_runtime(cfg.backend)
+        world = runtime.world
+        if world.size > 1 or cfg.parallel.seeds:
+            cfg.output.dir = world.broadcast(cfg.output.dir)  # rank 0's folder: Hydra's ${now} dirs differ per rank
+            results = parallel.run_all(runtime, cfg, cfg.parallel, world)
+        else:
+            results = runtime.run_all(cfg)
     except KeyboardInterrupt:
         print("interrupted: no video written", file=sys.stderr)
         sys.exit(130)
@@ -252,8 +272,9 @@ def task(dcfg) -> None:
         )
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     for result in results:
-        print(summary(result))
-    if multirun:
+        if result.record:  # ranks that don't write have no record
+            print(summary(result))
+    if multirun and runtime.world.rank == 0:
         sweep.write_job_rows(job_dir, sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), results))
 
 
@@ -276,9 +297,11 @@ class SweepSummary(Callback):
 def main(argv: list[str] | None = None) -> int:
     import hydra
 
+    from backends import distributed
     from contentv.errors import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    distributed.export_slurm_env()
     register_configs()
     try:
         if preflight(argv):
@@ -289,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sys.argv = [sys.argv[0], *argv]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    finally:
+        distributed.destroy()
     return 0
 
 

@@ -165,6 +165,28 @@ class UIConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """`RunConfig.parallel`: how the ranks of a torchrun (or SLURM) launch share the work.
+
+    ranks = data_parallel_degree x (2 if cfg_parallel) x ring_degree x ulysses_degree.
+    """
+
+    # Ulysses sequence parallelism: ranks sharing one generation by all-to-all over heads. 1 = off.
+    ulysses_degree: int = 1
+    # Ring attention: ranks sharing one generation by passing key/value blocks around. 1 = off.
+    ring_degree: int = 1
+    # Guidance parallelism: the unconditional and conditional passes on two ranks (needs guidance_mode batched).
+    cfg_parallel: bool = False
+    # Groups generating different prompts/seeds; null = the ranks left over (world size / ranks per generation).
+    data_parallel_degree: int | None = None
+    # Allow uneven splits of tokens and heads (diffusers' ulysses_anything / ring_anything). false = diffusers'
+    # even split: video tokens, text tokens and heads must then all divide by the degree.
+    uneven: bool = True
+    # Data parallel: generate every prompt with each of these seeds; null = [sampling.seed].
+    seeds: list[int] | None = None
+
+
+@dataclass
 class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,6 +194,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     speedup: SpeedupConfig = field(default_factory=SpeedupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ui: UIConfig = field(default_factory=UIConfig)
     # generate: make the video(s) | ui: serve the web page (python demo.py mode=ui).
     mode: str = "generate"

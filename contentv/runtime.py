@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from contentv import speedup
+from contentv import parallel, speedup
 from contentv.attention import AttentionKernel
 from contentv.config import MemoryConfig, RunConfig, SamplingConfig, parse_dtype, resolve_sampling
 from contentv.errors import ConfigError
@@ -106,6 +106,7 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
         if name not in spec.components:
             raise ConfigError("memory.quantize", name, spec.components)
     speedup.check(cfg.speedup)
+    parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
     if cfg.mode not in MODES:
         raise ConfigError("mode", cfg.mode, MODES)
     for option, value in (("model.dtype", cfg.model.dtype), ("model.vae_dtype", cfg.model.vae_dtype)):
@@ -124,7 +125,7 @@ def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
 def _key(cfg: RunConfig) -> str:
     # guidance_mode is chosen per call, so it doesn't invalidate the prepared pipeline
     memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k != "guidance_mode"}
-    parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup)]
+    parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup), dataclasses.asdict(cfg.parallel)]
     return json.dumps(parts, sort_keys=True)
 
 
@@ -134,9 +135,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 class Runtime:
     """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend."""
 
-    def __init__(self, backend: DeviceBackend, conf_dir: Path = CONF_DIR):
+    def __init__(self, backend: DeviceBackend, conf_dir: Path = CONF_DIR, world: parallel.World | None = None):
         self.backend = backend
         self.conf_dir = Path(conf_dir)
+        self.world = world or parallel.World()  # one process unless the entry point set up torch.distributed
         self._key: str | None = None
         self._pipe: Any = None
         self._prepared: dict = {}
@@ -183,7 +185,12 @@ class Runtime:
         log.info("loading %s from %s", cfg.model.name, path)
         self._pipe = spec.load(cfg.model, path)
         self.loads += 1
+        par = parallel.apply(self._pipe, cfg.parallel, spec.family, self.world)  # before any placement/offload
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
+        if par.kernel is not None:  # context parallelism replaces the backend's attention kernel
+            spec.install_attention(self._pipe, par.kernel)
+            self._prepared["attention_kernel"] = par.kernel.__name__
+        self._prepared.update(par.record)
         self._prepared.update(speedup.apply(self._pipe, cfg.speedup))
         self._key = key
         return self._pipe

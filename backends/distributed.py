@@ -1,0 +1,275 @@
+"""Multi-process launches: torchrun (or SLURM) environment -> process group -> `contentv.parallel.World`.
+
+One process per device. The process-group backend follows the device backend: gloo on the CPU, NCCL on CUDA
+(with gloo beside it for small host-side collectives), HCCL on Ascend NPU. The device of each rank is
+`LOCAL_RANK`. Under SLURM without torchrun (e.g. Hydra's submitit launcher, one task per GPU) the torchrun
+variables are derived from SLURM's.
+
+diffusers' own `enable_parallelism` places rank r on `accelerator:(r % accelerator count)`, which divides by
+zero on a CPU-only machine and ignores the backend's device; `init_world` instead hands diffusers the backend's
+device and a DeviceMesh built for the backend's device type (see contentv.parallel.apply).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+from contentv.config import BackendConfig
+from contentv.errors import ConfigError
+from contentv.parallel import World
+
+log = logging.getLogger(__name__)
+
+# backend.name -> torch.distributed backend. "cpu:gloo,cuda:nccl": tensors on the GPU go through NCCL, host
+# tensors (diffusers' split-size exchange in the uneven modes, object gathers) through gloo without a sync.
+PROCESS_GROUP_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "hccl"}
+# Ulysses: which diffusers attention backend computes the local attention, per (backend, backend.attention).
+ULYSSES_ATTENTION = {
+    ("cpu", "auto"): "native",
+    ("cpu", "sdpa"): "native",
+    ("cuda", "auto"): "native",
+    ("cuda", "sdpa"): "native",
+    ("cuda", "flash"): "flash",
+    ("cuda", "sage"): "sage",
+    ("npu", "auto"): "_native_npu",
+    ("npu", "npu_fusion"): "_native_npu",
+    ("npu", "npu_fused_infer"): "_native_npu",
+    ("npu", "sdpa"): "native",
+}
+# Ring attention merges partial results by their log-sum-exp, so it needs a kernel that returns it.
+RING_ATTENTION = {
+    ("cuda", "auto"): "_native_cudnn",
+    ("cuda", "sdpa"): "_native_cudnn",
+    ("cuda", "flash"): "flash",
+    ("cuda", "sage"): "sage",
+}
+HALF = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    source: str = "single"  # single | torchrun | slurm
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Rank and world size from torchrun's variables, else SLURM's (one task per device), else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            source="torchrun",
+        )
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        world = int(env["SLURM_NTASKS"])
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(world)
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=int(per_node),
+            source="slurm",
+        )
+    return LaunchEnv()
+
+
+def export_slurm_env(environ: MutableMapping[str, str] | None = None) -> LaunchEnv:
+    """Under SLURM without torchrun, set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT (first node of the job; a port derived from the job id) for torch.distributed and accelerate."""
+    env = os.environ if environ is None else environ
+    launch = launch_env(env)
+    if launch.source != "slurm":
+        return launch
+    env.setdefault("RANK", str(launch.rank))
+    env.setdefault("WORLD_SIZE", str(launch.world_size))
+    env.setdefault("LOCAL_RANK", str(launch.local_rank))
+    env.setdefault("LOCAL_WORLD_SIZE", str(launch.local_world_size))
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return launch
+
+
+def configure(backend_cfg: BackendConfig) -> LaunchEnv:
+    """Call before building the backend: exports SLURM-derived variables and points `backend.device_index` at
+    LOCAL_RANK (one device per process). A single process is left alone."""
+    launch = export_slurm_env()
+    if launch.world_size > 1:
+        count = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+        # a launcher that shows each task only its own device (e.g. srun --gpus-per-task=1): index 0
+        backend_cfg.device_index = 0 if count == 1 else launch.local_rank
+        log.info(
+            "rank %d of %d (%s): device index %d",
+            launch.rank,
+            launch.world_size,
+            launch.source,
+            backend_cfg.device_index,
+        )
+    return launch
+
+
+# ------------------------------------------------------------------------------------------ process group
+
+
+def process_group_backend(backend_name: str) -> str:
+    """The torch.distributed backend for a device backend: gloo (cpu), nccl (cuda), hccl (npu)."""
+    if backend_name not in PROCESS_GROUP_BACKENDS:
+        raise ConfigError("backend.name", backend_name, PROCESS_GROUP_BACKENDS)
+    return PROCESS_GROUP_BACKENDS[backend_name]
+
+
+def init_process_group(backend) -> tuple[int, int]:
+    """Join the launch's process group with the backend's collective library (after `backend.setup()`, so NCCL
+    and HCCL see this rank's device). Returns (rank, world_size); (0, 1) without a launcher."""
+    import torch.distributed as dist
+
+    launch = launch_env()
+    if launch.world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend=process_group_backend(backend.name))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (end of the entry point)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ world
+
+
+def cp_attention(backend_name: str, attention: str, dtype: torch.dtype, ring: bool):
+    """The diffusers attention backend (name) or forward op that runs context-parallel attention here."""
+    key = (backend_name, attention)
+    if not ring:
+        if backend_name == "npu" and dtype not in HALF:
+            return "native"  # the fused kernel takes fp16/bf16 only (as backends/npu.py routes fp32)
+        if key not in ULYSSES_ATTENTION:
+            valid = sorted(a for b, a in ULYSSES_ATTENTION if b == backend_name)
+            raise ConfigError(
+                "backend.attention", attention, f"with parallel.ulysses_degree: one of {', '.join(valid)}"
+            )
+        return ULYSSES_ATTENTION[key]
+    if backend_name == "cpu":
+        return cpu_flash_forward_op
+    if backend_name == "npu":
+        raise ConfigError(
+            "parallel.ring_degree",
+            "> 1",
+            "1 on npu (diffusers 0.42's NPU attention returns no log-sum-exp, which ring attention needs): "
+            "use parallel.ulysses_degree",
+        )
+    if key not in RING_ATTENTION:
+        valid = sorted(a for b, a in RING_ATTENTION if b == backend_name)
+        raise ConfigError("backend.attention", attention, f"with parallel.ring_degree: one of {', '.join(valid)}")
+    if dtype not in HALF:
+        raise ConfigError(
+            "model.dtype",
+            str(dtype).removeprefix("torch."),
+            "bfloat16 or float16 with parallel.ring_degree on cuda (its log-sum-exp kernels are 16-bit); "
+            "or use parallel.ulysses_degree",
+        )
+    return RING_ATTENTION[key]
+
+
+def cpu_flash_forward_op(
+    ctx,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _save_ctx: bool = True,
+    _parallel_config=None,
+):
+    """diffusers forward-op signature over PyTorch's CPU flash attention, which also returns the log-sum-exp
+    that ring attention merges by (diffusers' own "_native_flash" op exists only for CUDA). (B, S, H, D)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p,
+        is_causal,
+        attn_mask=attn_mask,
+        scale=scale,
+    )  # (B, H, S, D), (B, H, S)
+    out = out.transpose(1, 2)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def init_world(backend) -> World:
+    """Join the process group and describe this rank for contentv.parallel (a one-process World without a
+    launcher). Call once, after `backend.setup()`."""
+    rank, size = init_process_group(backend)
+    launch = launch_env()
+    if size == 1:
+        return World(device=backend.device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def splitter():
+        from accelerate import PartialState
+
+        # reuses the process group made above (on a CPU it must be told so); made only when data parallelism
+        # shards across every rank, so a context-parallel run never meets accelerate's device checks
+        return PartialState(cpu=backend.name == "cpu")
+
+    def mesh_factory(shape, names):
+        return init_device_mesh(backend.device.type, tuple(shape), mesh_dim_names=tuple(names))
+
+    return World(
+        rank=rank,
+        size=size,
+        local_rank=launch.local_rank,
+        device=backend.device,
+        mesh_factory=mesh_factory,
+        attention=functools.partial(cp_attention, backend.name, backend.cfg.attention),
+        splitter=splitter,
+    )
