@@ -204,6 +204,21 @@ class RunConfig:
     debug: bool = False
 
 
+def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments every family's pipeline takes: dtypes and hub options."""
+    kw: dict[str, Any] = dict(
+        torch_dtype=parse_dtype("model.dtype", cfg.dtype),
+        vae_dtype=parse_dtype("model.vae_dtype", cfg.vae_dtype),
+        text_encoder_dtype=parse_dtype("model.text_encoder_dtype", cfg.text_encoder_dtype)
+        if cfg.text_encoder_dtype
+        else None,
+        local_files_only=cfg.local_files_only,
+    )
+    if cfg.revision:
+        kw["revision"] = cfg.revision
+    return kw
+
+
 def resolve_sampling(sampling: SamplingConfig, model: ModelConfig) -> SamplingConfig:
     """Fill null sampling fields from the model's defaults; unknown default keys are an error."""
     names = {f.name for f in fields(SamplingConfig)}

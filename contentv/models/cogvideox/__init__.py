@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from contentv.config import ModelConfig, SamplingConfig, parse_dtype
+from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec
 from contentv.validation import check_common_sampling, check_local_checkpoint, check_size, diffusers_call_kwargs
@@ -74,16 +74,7 @@ def check_checkpoint(path: str) -> None:
 def load(cfg: ModelConfig, path: str):
     from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
 
-    return CogVideoXRuntimePipeline.from_pretrained(
-        path,
-        torch_dtype=parse_dtype("model.dtype", cfg.dtype),
-        vae_dtype=parse_dtype("model.vae_dtype", cfg.vae_dtype),
-        text_encoder_dtype=parse_dtype("model.text_encoder_dtype", cfg.text_encoder_dtype)
-        if cfg.text_encoder_dtype
-        else None,
-        local_files_only=cfg.local_files_only,
-        **({"revision": cfg.revision} if cfg.revision else {}),
-    )
+    return CogVideoXRuntimePipeline.from_pretrained(path, **load_kwargs(cfg))
 
 
 def install_attention(pipe, kernel) -> None:
