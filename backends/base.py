@@ -27,6 +27,8 @@ class Backend(ABC):
     name: str = ""
     # Can diffusers' group offloading prefetch on a side stream here?
     supports_offload_streams: bool = False
+    # memory.guidance_mode=auto: one batch-2 forward per step (accelerators) or two forwards (CPU).
+    batched_guidance: bool = True
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg

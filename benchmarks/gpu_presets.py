@@ -160,7 +160,7 @@ def main() -> int:
                 width=args.width,
                 num_frames=args.frames,
                 num_inference_steps=args.steps,
-                guidance_mode=resolve_guidance(memory),
+                guidance_mode=resolve_guidance(memory, backend.batched_guidance),
                 generator=torch.Generator().manual_seed(0),
                 output_type="np",
                 stage_context=recorder.stage,

@@ -46,6 +46,7 @@ class DeviceBackend(Protocol):
     name: str
     device: torch.device
     supports_offload_streams: bool
+    batched_guidance: bool
 
     def attention_kernel(self) -> AttentionKernel: ...
     def check_memory(self, memory: MemoryConfig) -> None: ...
@@ -81,12 +82,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def resolve_guidance(memory: MemoryConfig) -> str:
+def resolve_guidance(memory: MemoryConfig, batched: bool = True) -> str:
+    """auto -> the backend's preference: batched on accelerators (one batch-2 forward per step fills the
+    device better and halves weight traffic under offload), sequential on the CPU (no gain from batching
+    there, measured by benchmarks/cpu_reference.py). Presets for small cards choose sequential explicitly."""
     if memory.guidance_mode not in GUIDANCE_MODES:
         raise ConfigError("memory.guidance_mode", memory.guidance_mode, GUIDANCE_MODES)
-    # auto: batched (one batch-2 forward per step halves weight traffic); presets for small cards
-    # choose sequential explicitly.
-    return "batched" if memory.guidance_mode == "auto" else memory.guidance_mode
+    if memory.guidance_mode == "auto":
+        return "batched" if batched else "sequential"
+    return memory.guidance_mode
 
 
 def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
@@ -217,7 +221,7 @@ class Runtime:
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         out = pipe(
             **spec.call_kwargs(sampling),
-            guidance_mode=resolve_guidance(cfg.memory),
+            guidance_mode=resolve_guidance(cfg.memory, self.backend.batched_guidance),
             generator=generator,
             output_type="np",
             stage_context=recorder.stage,

@@ -50,7 +50,7 @@ def test_cpu_reference_smoke(cache_dir):
         cache_dir=cache_dir,
     )
     methods = [ln.split()[0] for ln in out.splitlines()[-3:]]
-    assert methods == ["reference", "runtime", "sequential"], out
+    assert methods == ["reference", "runtime", "batched"], out
 
 
 def test_speedups_smoke(cache_dir):
