@@ -104,7 +104,8 @@ class MemoryConfig:
     # Components the quantization applies to; null = the model family's default (ContentV: transformer and
     # text_encoder_3 (T5); CogVideoX: transformer and text_encoder (T5)).
     quantize: list[str] | None = None
-    # Classifier-free guidance: auto | batched (one batch-2 forward per step) | sequential (two forwards).
+    # Classifier-free guidance: auto (batched on GPU/NPU, sequential on the CPU) | batched (one batch-2
+    # forward per step) | sequential (two forwards, less activation memory).
     guidance_mode: str = "auto"
     # memory=auto only: the device budget in GB to plan for; null = the device's free memory.
     budget_gb: float | None = None
