@@ -260,7 +260,8 @@ def task(dcfg) -> None:
     except Exception as exc:  # noqa: BLE001 - one line unless debug; a sweep records it and goes on
         if cfg.debug:
             raise
-        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        text = str(exc).strip().splitlines()
+        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {text[0] if text else ''}"
         if multirun:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
             rows = sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), [], error=message)

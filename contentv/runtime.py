@@ -32,7 +32,7 @@ from contentv.config import MemoryConfig, RunConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec, get_spec
 from contentv.stats import StageRecorder
-from contentv.validation import check_writable_dir, read_prompt_file
+from contentv.validation import check_writable_dir, is_hub_id, read_prompt_file
 from contentv.video import slugify, write_json, write_mp4
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,11 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_guidance(memory: MemoryConfig, batched: bool = True) -> str:
@@ -187,7 +192,15 @@ class Runtime:
         path = spec.resolve_path(cfg.model)
         spec.check_checkpoint(path)
         log.info("loading %s from %s", cfg.model.name, path)
-        self._pipe = spec.load(cfg.model, path)
+        try:
+            self._pipe = spec.load(cfg.model, path)
+        except OSError as exc:
+            if not is_hub_id(path):
+                raise
+            raise OSError(
+                f"could not load {path} from the Hugging Face hub or its local cache ({_first_line(exc)}); "
+                f"without network, download it elsewhere and pass model.path=<folder>"
+            ) from exc
         self.loads += 1
         par = parallel.apply(self._pipe, cfg.parallel, spec.family, self.world)  # before any placement/offload
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)

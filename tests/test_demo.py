@@ -164,3 +164,21 @@ def test_bad_input_from_a_real_process_has_exit_status_2(tmp_path, cache_dir):
 def test_debug_shows_the_traceback(tmp_path, cache_dir):
     proc = run_demo([*TINY, "sampling.num_frames=50", "debug=true", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_hub_id_without_network_fails_with_one_clear_line(tmp_path, cache_dir):
+    env_args = [*TINY, "model.tiny=false", "model.path=nobody/no-such-model", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), *env_args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: OSError: could not load nobody/no-such-model") and "model.path=<folder>" in last
+    assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "run").rglob("*.mp4"))  # the run folder may exist (Hydra made it); no video
