@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     from contentv.errors import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     distributed.export_slurm_env()
     register_configs()
     try:
