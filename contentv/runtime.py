@@ -4,10 +4,13 @@ The backend is injected (anything with the `DeviceBackend` members), so this mod
 `backends/` and never names a device. Python users:
 
 >>> from backends import build_backend
->>> from contentv import RunConfig, Runtime
->>> cfg = RunConfig()
->>> cfg.model = tiny_model_config(); cfg.sampling.prompt = "a cat"
->>> result = Runtime(build_backend(cfg.backend)).run(cfg)
+>>> from contentv.config import BackendConfig, ModelConfig, RunConfig
+>>> from contentv.runtime import Runtime
+>>> cfg = RunConfig(backend=BackendConfig(name="cpu"))
+>>> cfg.model = ModelConfig(name="tiny_contentv", tiny=True, path=None, dtype="float32")
+>>> cfg.sampling.prompt, cfg.sampling.height, cfg.sampling.width = "a cat", 64, 96
+>>> cfg.sampling.num_frames, cfg.sampling.num_inference_steps = 13, 4
+>>> result = Runtime(build_backend(cfg.backend)).run(cfg)   # result.video, result.record
 """
 
 from __future__ import annotations
