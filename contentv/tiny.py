@@ -75,6 +75,30 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return tok
 
 
+def tiny_t5_encoder(tok, **dims):
+    """A random T5 encoder (gated-GELU, like T5-v1.1) whose vocabulary and special ids match `tok`."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tok),
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        **dims,
+    )
+    return T5EncoderModel(config)
+
+
+def save_seeded(builders: dict[str, Callable[[], object]], out: Path, seed: int) -> None:
+    """Build and save each component under out/<name>, each from its own seed (independent inits)."""
+    import torch
+
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed * 1000 + i)
+        build().eval().save_pretrained(Path(out) / name)
+
+
 def cache_root() -> Path:
     """Where tiny checkpoints are cached: $CONTENTV_CACHE, else $XDG_CACHE_HOME/contentv, else ~/.cache/contentv."""
     if os.environ.get("CONTENTV_CACHE"):

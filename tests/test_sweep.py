@@ -111,45 +111,24 @@ def test_missing_prompt_file_is_a_usage_error(tmp_path, cache_dir):
     assert not (tmp_path / "run").exists()
 
 
-def test_submitit_local_launcher(tmp_path, cache_dir):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+def sweep_with_launcher(launcher: str, plugin: str, tmp_path, cache_dir) -> tuple[Path, list[dict]]:
+    """A two-job sweep through one of conf/hydra/launcher's configs; returns the sweep folder and CSV rows."""
+    pytest.importorskip(plugin)
     sweep_dir = tmp_path / "sweep"
-    proc = demo(
-        [
-            "-m",
-            "hydra/launcher=local_processes",
-            "model=tiny_contentv",
-            *SMALL,
-            "sampling.num_inference_steps=1",
-            "sampling.seed=1,2",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cache_dir,
-    )
+    args = ["-m", f"hydra/launcher={launcher}", "model=tiny_contentv", *SMALL, "sampling.num_inference_steps=1"]
+    proc = demo([*args, "sampling.seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (sweep_dir / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+        return sweep_dir, list(csv.DictReader(f))
+
+
+def test_submitit_local_launcher(tmp_path, cache_dir):
+    _, rows = sweep_with_launcher("local_processes", "hydra_plugins.hydra_submitit_launcher", tmp_path, cache_dir)
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep_dir = tmp_path / "sweep"
-    proc = demo(
-        [
-            "-m",
-            "hydra/launcher=local_parallel",
-            "model=tiny_contentv",
-            *SMALL,
-            "sampling.num_inference_steps=1",
-            "sampling.seed=1,2",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cache_dir,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with (sweep_dir / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    sweep_dir, rows = sweep_with_launcher("local_parallel", "hydra_plugins.hydra_joblib_launcher", tmp_path, cache_dir)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     # two worker processes: each loaded its own pipeline
     assert [r["prepared"]["pipeline_reused"] for r in sidecars(sweep_dir)] == [False, False]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 TEXT_TOKENS = 226  # CogVideoX's max_text_seq_length and T5 tokenizer length
 
 _TRANSFORMER = dict(
@@ -80,10 +78,9 @@ def build_tiny_cogvideox(out: Path, spec: dict, seed: int = 0) -> None:
     """Write a complete tiny CogVideoX checkpoint to `out` (deterministic for a given seed and torch)."""
     import diffusers
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     from contentv.models.cogvideox.pipeline import SCHEDULERS
-    from contentv.tiny import tiny_t5_tokenizer
+    from contentv.tiny import save_seeded, tiny_t5_encoder, tiny_t5_tokenizer
 
     out = Path(out)
     tok = tiny_t5_tokenizer(model_max_length=TEXT_TOKENS)
@@ -91,20 +88,9 @@ def build_tiny_cogvideox(out: Path, spec: dict, seed: int = 0) -> None:
     builders = {
         "transformer": lambda: CogVideoXTransformer3DModel(**spec["transformer"]),
         "vae": lambda: AutoencoderKLCogVideoX(**spec["vae"]),
-        "text_encoder": lambda: T5EncoderModel(
-            T5Config(
-                vocab_size=len(tok),
-                feed_forward_proj="gated-gelu",
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                decoder_start_token_id=tok.pad_token_id,
-                **spec["t5"],
-            )
-        ),
+        "text_encoder": lambda: tiny_t5_encoder(tok, **spec["t5"]),
     }
-    for i, (name, build) in enumerate(builders.items()):
-        torch.manual_seed(seed * 1000 + i)  # each component's init independent of the others
-        build().eval().save_pretrained(out / name)
+    save_seeded(builders, out, seed)
     sched = dict(spec["scheduler"])
     scheduler_class = sched.pop("class")
     SCHEDULERS[scheduler_class](**sched).save_pretrained(out / "scheduler")

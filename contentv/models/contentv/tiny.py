@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 TINY_SPEC = {
     "format": 3,  # bump when the builder changes: it is part of the cache key
     "transformer": dict(
@@ -51,10 +49,10 @@ TINY_SPEC = {
 def build_tiny_contentv(out: Path, seed: int = 0, spec: dict = TINY_SPEC) -> None:
     """Write a complete tiny ContentV checkpoint to `out` (deterministic for a given seed and torch)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from contentv.models.contentv.transformer import SD3Transformer3DModel
-    from contentv.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from contentv.tiny import save_seeded, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
     out = Path(out)
     tokenizers = {
@@ -84,20 +82,9 @@ def build_tiny_contentv(out: Path, seed: int = 0, spec: dict = TINY_SPEC) -> Non
         "vae": lambda: AutoencoderKLWan(**spec["vae"]),
         "text_encoder": lambda: clip(spec["clip_l"]),
         "text_encoder_2": lambda: clip(spec["clip_g"]),
-        "text_encoder_3": lambda: T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                feed_forward_proj="gated-gelu",
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=t5_tok.pad_token_id,
-                **spec["t5"],
-            )
-        ),
+        "text_encoder_3": lambda: tiny_t5_encoder(t5_tok, **spec["t5"]),
     }
-    for i, (name, build) in enumerate(builders.items()):
-        torch.manual_seed(seed * 1000 + i)  # each component's init independent of the others
-        build().eval().save_pretrained(out / name)
+    save_seeded(builders, out, seed)
     FlowMatchEulerDiscreteScheduler(**spec["scheduler"]).save_pretrained(out / "scheduler")
 
     # Written last: its presence marks a complete checkpoint. The transformer entry names the SD3 base
