@@ -1,32 +1,40 @@
-"""ContentV runtime: text to video from the command line (Hydra).
+"""ContentV runtime: text to video from the command line (Hydra). Installed as the `contentv` command too.
 
     python demo.py model=tiny_contentv backend=cpu        # tiny offline model on the CPU, seconds
     python demo.py                                        # ContentV-8B, reference defaults, backend=auto
-    python demo.py backend=cuda sampling.prompt="a red fox in snow" sampling.num_frames=49
+    python demo.py backend=cuda sampling.prompt="a red fox, walking in snow" sampling.num_frames=49
     python demo.py model.path=/ckpt/ContentV-8B memory=low_vram_24g
     python demo.py model=cogvideox_5b backend=cuda         # CogVideoX-5B (model=cogvideox_2b, tiny_cogvideox)
     USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
+    python demo.py -m 'sampling.prompt=choice("a cat","a dog")'              # sweep over prompts
     python demo.py mode=ui model=tiny_contentv backend=cpu   # web page on http://127.0.0.1:7860 ('.[ui]')
-    python demo.py dry_run=true memory=auto memory.budget_gb=16   # the memory plan, no weights loaded
+    python demo.py dry_run=true backend=cuda memory.budget_gb=16   # the memory plan for a 16 GB GPU, no weights
     torchrun --nproc_per_node=4 demo.py backend=cuda parallel=cfg parallel.ulysses_degree=2   # one video, 4 GPUs
     python demo.py --help                                 # groups, options and every field
 
 Every setting is checked before anything is loaded or written: a bad one prints one line naming the
 option, the value and what is allowed, and exits with status 2 (debug=true shows a traceback).
+
+From Python, the same presets without the command line: `load_config([...])` and `load_presets()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("backend", "model", "memory", "sampling", "output", "parallel")
-MODES = ("generate", "ui")
+PRESET_GROUPS = ("model", "memory", "backend")
+# Free text: taken as typed (commas, quotes, brackets, '=', '${', unicode ...), one job even under -m.
+PROMPT_KEYS = ("sampling.prompt", "sampling.negative_prompt")
 # Hydra's own flags that print something and exit; they skip our pre-flight checks.
 PASSTHROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
 
@@ -37,6 +45,9 @@ class UsageError(Exception):
     """A bad command line; reported as one line, exit status 2."""
 
 
+# ------------------------------------------------------------------------------------------ configs
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -45,33 +56,55 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def conf_files():
+    """The YAML configs, shipped as package data of `conf` (works from a checkout and from an installed wheel)."""
+    import importlib.resources
+
+    return importlib.resources.files("conf")
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in (conf_files() / group).iterdir() if p.name.endswith(".yaml"))
 
 
-def _first_line(exc: BaseException) -> str:
-    """The most specific message in an exception chain, on one line."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
+def quote_text(text: str) -> str:
+    """`text` as a quoted Hydra override value that composes back to exactly `text`.
+
+    Two layers: OmegaConf reads "${" as an interpolation (k backslashes before it become 2k+1, the last one
+    escaping it); Hydra's quoted strings treat backslashes as escapes only before a quote or at the end.
+    """
+    s = re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+    s = re.sub(r"(\\*)('|$)", lambda m: "\\" * (2 * len(m.group(1))) + ("\\'" if m.group(2) else ""), s)
+    return "'" + s + "'"
+
+
+def literal_prompts(overrides: Sequence[str], multirun: bool) -> list[str]:
+    """Rewrite `sampling.prompt=<any text>` (and the negative prompt) into a quoted override, so Hydra's grammar
+    never parses prompt text. Under -m, an explicit `choice(...)` sweep is left to Hydra."""
+    out = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if eq and key in PROMPT_KEYS and not (multirun and re.fullmatch(r"\s*choice\(.*\)\s*", value, re.S)):
+            item = f"{key}={quote_text(value)}"
+        out.append(item)
+    return out
 
 
 def compose_error(exc: BaseException, job: list[str]) -> str:
     """One line for a Hydra/OmegaConf composition error, naming the option and its value."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+    from contentv.errors import first_line
+
     key, e, inner = None, exc, exc
     while e is not None:
         key = getattr(e, "full_key", None) or key
         inner, e = e, e.__cause__
-    message = _first_line(inner)
+    message = first_line(inner)
     if not key:
         return message
     values = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in job}
     if isinstance(inner, (ConfigKeyError, ConfigAttributeError)):
-        import dataclasses
-
         from contentv.config import RunConfig
 
         group, _, name = key.rpartition(".")
@@ -86,21 +119,46 @@ def compose_error(exc: BaseException, job: list[str]) -> str:
     return f"{key}={value!r} is not valid: {message}" if value is not None else f"{key}: {message}"
 
 
+def _field_types() -> dict[str, type]:
+    """Dotted option -> annotated type, for every field of RunConfig and its groups."""
+    import typing
+
+    from contentv.config import RunConfig
+
+    out: dict[str, type] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{name}.")
+            else:
+                out[f"{prefix}{name}"] = hint
+
+    walk(RunConfig, "")
+    return out
+
+
 def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job a (multi)run would launch; checks group option names."""
+    """The override list of every job a (multi)run would launch; checks group option names and switches."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from contentv.errors import first_line
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra raises several types; all are usage errors here
-        raise UsageError(_first_line(exc)) from exc
+        raise UsageError(first_line(exc, innermost=True)) from exc
+    types = _field_types()
     choices: list[list[str]] = []
     for o in parsed:
         key = o.get_key_element()
         if o.is_sweep_override():
             if not multirun:
                 raise UsageError(f"{o.input_line}: a sweep needs -m (multirun)")
-            values = list(o.sweep_string_iterator())
+            if key in PROMPT_KEYS:  # choice("a cat", "a dog"): each item as typed
+                values = [quote_text(str(v)) for v in o.sweep_iterator()]
+            else:
+                values = list(o.sweep_string_iterator())
         else:
             values = [o.get_value_element_as_str()]
         if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
@@ -108,8 +166,74 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
             for v in values:
                 if v not in allowed:
                     raise UsageError(f"{o.key_or_group}={v!r} is not valid: one of: {', '.join(allowed)}")
+        elif types.get(o.key_or_group) is bool and not o.is_sweep_override() and not isinstance(o.value(), bool):
+            # OmegaConf would turn 2 or "yes" into True: a switch takes exactly true or false.
+            raise UsageError(f"{o.key_or_group}={o.get_value_element_as_str()!r} is not valid: true or false")
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in itertools.product(*choices)] or [[]]
+
+
+@contextlib.contextmanager
+def hydra_context():
+    """Hydra initialized on the packaged configs (reused if the caller already initialized it)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        yield
+
+
+def _compose(overrides: Sequence[str], hydra: bool = False):
+    from hydra import compose
+
+    return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def load_config(overrides: Sequence[str] = ()) -> RunConfig:  # noqa: F821 - RunConfig imported lazily
+    """The RunConfig the command line would build from `overrides` (same presets, same checks of the syntax):
+
+    >>> cfg = load_config(["model=tiny_contentv", "backend=cpu", "sampling.prompt=a red fox, walking in snow"])
+
+    Prompt overrides take any text as typed. Raises UsageError for a bad override or option name.
+    """
+    from omegaconf import OmegaConf
+
+    (job,) = expand_jobs(literal_prompts(overrides, multirun=False), multirun=False)
+    with hydra_context():
+        try:
+            return OmegaConf.to_object(_compose(job))
+        except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
+            raise UsageError(compose_error(exc, job)) from exc
+
+
+def load_presets(groups: Sequence[str] = PRESET_GROUPS):
+    """Every option of the preset groups (model, memory, backend), composed by Hydra in one pass and typed:
+    what the web page offers and what memory=auto chooses from (`contentv.config.Presets`)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from contentv.config import BackendConfig, MemoryConfig, ModelConfig, Presets
+
+    schemas = {"model": ModelConfig, "memory": MemoryConfig, "backend": BackendConfig}
+    # One composition places each option under its own package (+memory@_memory.int8=int8 ...).
+    overrides = [f"+{g}@_{g}.{name}={name}" for g in groups for name in group_options(g)]
+    with hydra_context():
+        tree = compose(config_name=None, overrides=overrides)
+    found = {
+        g: {
+            n: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[g]), v))
+            for n, v in tree[f"_{g}"].items()
+        }
+        for g in groups
+    }
+    return Presets(models=found.get("model", {}), memories=found.get("memory", {}), backends=found.get("backend", {}))
+
+
+# ------------------------------------------------------------------------------------------ pre-flight
 
 
 def preflight(argv: list[str]) -> bool:
@@ -117,28 +241,24 @@ def preflight(argv: list[str]) -> bool:
 
     Returns True when the command is done (dry_run=true printed the plans).
     """
-    from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
     import backends
     from backends import distributed
-    from backends import memory as mem
-    from contentv import parallel
-    from contentv.errors import ConfigError
-    from contentv.runtime import validate_run
-    from contentv.validation import check_writable_dir
+    from contentv.validation import validate_run
 
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in PASSTHROUGH):
         return False
     jobs = expand_jobs(args.overrides, args.multirun)
-    built = {}
+    built: dict = {}
+    presets = None
     dry = False
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with hydra_context():
         for job in jobs:
             try:
-                dcfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                dcfg = _compose(job, hydra=True)
                 hydra_cfg = dcfg.hydra
                 del dcfg.hydra
                 cfg = OmegaConf.to_object(dcfg)
@@ -146,48 +266,42 @@ def preflight(argv: list[str]) -> bool:
                 raise UsageError(compose_error(exc, job)) from exc
             if cfg.debug:
                 os.environ["HYDRA_FULL_ERROR"] = "1"
-            if cfg.mode not in MODES:
-                raise ConfigError("mode", cfg.mode, MODES)
             if cfg.mode == "ui":
                 from contentv import ui
 
                 if args.multirun:
                     raise UsageError("mode=ui serves one page: drop -m")
                 ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
-                ui.check_ui(cfg)
-            validate_run(cfg)
             world_size = distributed.launch_env().world_size
             launcher = hydra_cfg.get("launcher") or {}
             if args.multirun and "tasks_per_node" in launcher:  # submitit: a job is nodes x tasks_per_node ranks
                 world_size = int(launcher.tasks_per_node) * int(launcher.get("nodes") or 1)
-            parallel.layout(cfg.parallel, world_size)
-            if world_size > 1 and cfg.mode != "generate":
-                raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web UI is one process)")
-            check_writable_dir(
-                "output.dir" if cfg.output.dir else "hydra.run.dir",
-                cfg.output.dir or (hydra_cfg.sweep.dir if args.multirun else hydra_cfg.run.dir),
-            )
+            if cfg.dry_run:
+                # Plans for the named backend's device on any machine: its capabilities, no device needed.
+                from contentv.planner import format_plan, plan
+
+                validate_run(cfg, world_size=world_size)
+                presets = presets or load_presets(("memory",))
+                caps = backends.backend_class(cfg.backend.name).capabilities()
+                print(format_plan(plan(cfg, presets.memories, caps)))
+                dry = True
+                continue
             key = repr(cfg.backend)
             if key not in built:
                 built[key] = backends.build_backend(cfg.backend)
-            built[key].attention_kernel()  # an unknown or uninstalled kernel fails here
-            if cfg.memory.name != "auto":
-                mem.check(cfg.memory, built[key])
-            if cfg.dry_run:
-                from contentv.planner import format_plan
-                from contentv.runtime import Runtime
-
-                print(format_plan(Runtime(built[key]).plan(cfg)))
-                dry = True
+            out_dir = hydra_cfg.sweep.dir if args.multirun else hydra_cfg.run.dir
+            validate_run(cfg, built[key], world_size=world_size, output_dir=out_dir, output_option="hydra.run.dir")
     return dry
 
+
+# ------------------------------------------------------------------------------------------ jobs
 
 # One runtime per backend config, kept across the jobs of a sweep so weights load once per
 # (model, memory) key; replaced (and its memory freed) when the backend changes.
 _STATE: dict = {"key": None, "runtime": None}
 
 
-def get_runtime(backend_cfg):
+def get_runtime(backend_cfg, memory_name: str):
     import backends
     from backends import distributed
     from contentv.runtime import Runtime
@@ -198,9 +312,12 @@ def get_runtime(backend_cfg):
         if _STATE["runtime"] is not None:
             _STATE["runtime"].release()
         backend = backends.build_backend(backend_cfg)
-        backend.setup()
+        backend.setup()  # before joining the process group: NCCL/HCCL bind to the current device
         _STATE.update(key=key, runtime=Runtime(backend, world=distributed.init_world(backend)))
-    return _STATE["runtime"]
+    runtime = _STATE["runtime"]
+    if memory_name == "auto" and not runtime.presets:
+        runtime.presets = load_presets(("memory",)).memories
+    return runtime
 
 
 def _gib(n: int | None) -> str:
@@ -230,8 +347,8 @@ def task(dcfg) -> None:
     from omegaconf import OmegaConf
 
     from backends import distributed
-    from contentv import parallel, sweep
-    from contentv.errors import ConfigError
+    from contentv import sweep
+    from contentv.errors import ConfigError, first_line
 
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
@@ -239,7 +356,13 @@ def task(dcfg) -> None:
         import backends
         from contentv import ui
 
-        ui.launch(cfg, backends.build_backend, CONF_DIR)  # blocks until Ctrl-C
+        try:
+            ui.launch(cfg, load_presets(), backends.build_backend)  # blocks until Ctrl-C
+        except ConfigError as exc:
+            if cfg.debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         return
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -247,21 +370,15 @@ def task(dcfg) -> None:
     if cfg.output.dir is None:
         cfg.output.dir = str(job_dir)
     try:
-        runtime = get_runtime(cfg.backend)
-        world = runtime.world
-        if world.size > 1 or cfg.parallel.seeds:
-            cfg.output.dir = world.broadcast(cfg.output.dir)  # rank 0's folder: Hydra's ${now} dirs differ per rank
-            results = parallel.run_all(runtime, cfg, cfg.parallel, world)
-        else:
-            results = runtime.run_all(cfg)
+        runtime = get_runtime(cfg.backend, cfg.memory.name)
+        results = runtime.run_all(cfg)  # under torchrun: rank 0's folder (Hydra's ${now} dirs differ per rank)
     except KeyboardInterrupt:
         print("interrupted: no video written", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - one line unless debug; a sweep records it and goes on
         if cfg.debug:
             raise
-        text = str(exc).strip().splitlines()
-        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {text[0] if text else ''}"
+        message = str(exc) if isinstance(exc, ConfigError) else first_line(exc, with_type=True)
         if multirun:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
             rows = sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), [], error=message)
@@ -302,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     from contentv.errors import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    argv = literal_prompts(argv, multirun)
     # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     distributed.export_slurm_env()
@@ -316,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv = [sys.argv[0], *argv]
     try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+        hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")(task)()
     finally:
         distributed.destroy()
     return 0

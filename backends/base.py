@@ -1,26 +1,45 @@
 """The Backend abstraction: one device, its attention kernels, and how a pipeline is placed on it.
 
-A backend is built once per process by the entry point, `setup()` once, then injected into
-`contentv.Runtime`. Members (aim: about eight): name, device, setup, attention_kernel, prepare,
-synchronize / reset_peak_memory / peak_memory / empty_cache (memory statistics), describe.
+A backend is built by the entry point (or by a Python user), injected into `contentv.Runtime`, which calls
+`setup()` (idempotent) before anything runs. Everything device-specific lives in the backend's own file:
+device and its statistics, attention kernels, capabilities the memory policy asks about, the process-group
+backend for multi-process launches and the attention that context parallelism uses. Adding a device = one
+file here, one conf/backend/*.yaml, one line in backends/__init__.py's BACKENDS (README "Extending").
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from backends import memory as mem
+from contentv import memory_policy
 from contentv.attention import AttentionKernel, sdpa, sliced
 from contentv.config import BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec
 
 log = logging.getLogger(__name__)
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A backend's capabilities without its device (contentv.memory_policy.Capabilities): dry runs plan for any
+    backend on any machine."""
+
+    name: str
+    supports_offload_streams: bool
+    batched_guidance: bool
+    quantizations: tuple[str, ...]
+
+    def quantization_methods(self) -> tuple[str, ...]:
+        return self.quantizations
 
 
 class Backend(ABC):
@@ -29,11 +48,18 @@ class Backend(ABC):
     supports_offload_streams: bool = False
     # memory.guidance_mode=auto: one batch-2 forward per step (accelerators) or two forwards (CPU).
     batched_guidance: bool = True
+    # torch.distributed backend for a launch on this device. "cpu:gloo,<dev>:<lib>": device tensors go through
+    # the collective library, host tensors (diffusers' split-size exchange in the uneven modes, object gathers)
+    # through gloo without a device sync.
+    process_group_backend: str = "gloo"
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
+        if isinstance(cfg.device_index, bool) or not isinstance(cfg.device_index, int) or cfg.device_index < 0:
+            raise ConfigError("backend.device_index", cfg.device_index, "an integer >= 0")
         self.device = self._device()
         self.kernel_name = ""
+        self._set_up = False
 
     # ---------------------------------------------------------------- device
 
@@ -42,7 +68,13 @@ class Backend(ABC):
         """The device, after checking it is visible (ConfigError otherwise)."""
 
     def setup(self) -> None:
-        """Process-wide switches; called once by the entry point, never at import time."""
+        """Process-wide switches for this device; the runtime calls it before any work. Idempotent."""
+        if not self._set_up:
+            self._setup()
+            self._set_up = True
+
+    def _setup(self) -> None:
+        """The switches themselves (TF32/HF32, current device, ...); none by default."""
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}
@@ -64,24 +96,41 @@ class Backend(ABC):
         self.kernel_name = name
         return table[name]()
 
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool) -> Any:
+        """What computes the local attention under context parallelism: a diffusers attention backend name, or a
+        forward op of diffusers' signature. Ring attention merges partial results by their log-sum-exp, so it needs
+        a kernel that returns one. Default: PyTorch's SDPA for Ulysses; no ring."""
+        if ring:
+            raise ConfigError("parallel.ring_degree", "> 1", f"1 on {self.name}: use parallel.ulysses_degree")
+        if self.cfg.attention not in ("auto", "sdpa"):
+            raise ConfigError("backend.attention", self.cfg.attention, "auto or sdpa with parallel.ulysses_degree")
+        return "native"
+
     # ---------------------------------------------------------------- memory
 
-    def check_memory(self, memory: MemoryConfig) -> None:
-        """ConfigError if this backend can't run `memory` (contradictions, missing packages, capabilities)."""
-        mem.check(memory, self)
+    # memory.quantization values this kind of device can run (quantization_methods() may narrow it by model).
+    quantizations: tuple[str, ...] = memory_policy.QUANTIZATIONS
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """This kind of device's capabilities, without building one (no device needed)."""
+        return Capabilities(cls.name, cls.supports_offload_streams, cls.batched_guidance, cls.quantizations)
 
     def quantization_methods(self) -> tuple[str, ...]:
         """memory.quantization values this device can run."""
-        return ("none", "bnb_int8", "bnb_nf4", "fp8", "torchao_int8")
+        return self.quantizations
 
-    def prepare(self, pipe, memory: MemoryConfig, spec: ModelSpec) -> dict:
+    def check_memory(self, memory: MemoryConfig) -> None:
+        """ConfigError if `memory` breaks the policy or needs what this backend lacks (before any weights move)."""
+        memory_policy.check(memory, self)
+
+    def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict:
         """Apply the memory strategy and attention kernel to a pipeline loaded on the CPU.
 
         Returns what was applied, for the run's record.
         """
         self.check_memory(memory)
-        if memory.quantize is None:  # the family's default components
-            memory = dataclasses.replace(memory, quantize=list(spec.quantize_default))
+        memory = memory_policy.with_defaults(memory, spec.quantize_default)
         applied: dict = {"memory_preset": memory.name}
         applied["quantization"] = mem.quantize(pipe, memory, self)
         kernel = self.attention_kernel()
@@ -91,8 +140,9 @@ class Backend(ABC):
             applied["attention_kernel"] += f" (query chunks of {memory.attention_slicing})"
         spec.install_attention(pipe, kernel)
         applied.update(mem.vae_options(pipe, memory))
-        applied["placement"] = mem.place(pipe, memory, self.device, streams=self.supports_offload_streams)
+        applied["placement"] = mem.place(pipe, memory, self.device, streams=memory_policy.use_streams(memory, self))
         applied["text_encoders"] = mem.place_text_encoders(pipe, memory, self.device)
+        applied["output_changes"] = memory_policy.output_changes(memory)
         log.info("prepared on %s: %s", self.device, applied)
         return applied
 
@@ -114,3 +164,7 @@ class Backend(ABC):
     def free_memory(self) -> int | None:
         """Bytes a new pipeline can use on the device (for memory=auto); None where unknown (CPU)."""
         return None
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether `exc` is this device running out of memory (the runtime then frees it and may retry)."""
+        return isinstance(exc, torch.OutOfMemoryError)

@@ -31,3 +31,36 @@ class CPUBackend(Backend):
             "threads": torch.get_num_threads(),
             "cores": os.cpu_count(),
         }
+
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+        # Ring attention merges by log-sum-exp; diffusers' own "_native_flash" op exists only for CUDA.
+        return cpu_flash_forward_op if ring else Backend.context_parallel_attention(self, dtype, ring)
+
+
+def cpu_flash_forward_op(
+    ctx,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _save_ctx: bool = True,
+    _parallel_config=None,
+):
+    """diffusers forward-op signature over PyTorch's CPU flash attention, which also returns the log-sum-exp
+    that ring attention merges by (diffusers' own "_native_flash" op exists only for CUDA). (B, S, H, D)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p,
+        is_causal,
+        attn_mask=attn_mask,
+        scale=scale,
+    )  # (B, H, S, D), (B, H, S)
+    out = out.transpose(1, 2)
+    return (out, lse.transpose(1, 2)) if return_lse else out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.base import Backend
+from backends.base import HALF, Backend
 from contentv.attention import sdpa
 from contentv.errors import ConfigError
 
@@ -39,9 +39,16 @@ def _installed(name: str) -> bool:
     return bool(getattr(iu, check, lambda: False)())
 
 
+# Context parallelism: which diffusers attention backend computes the local attention, per backend.attention.
+ULYSSES_ATTENTION = {"auto": "native", "sdpa": "native", "flash": "flash", "sage": "sage"}
+# Ring attention merges partial results by their log-sum-exp, so it needs a kernel that returns it.
+RING_ATTENTION = {"auto": "_native_cudnn", "sdpa": "_native_cudnn", "flash": "flash", "sage": "sage"}
+
+
 class CUDABackend(Backend):
     name = "cuda"
     supports_offload_streams = True
+    process_group_backend = "cpu:gloo,cuda:nccl"
 
     def _device(self) -> torch.device:
         if not torch.cuda.is_available():
@@ -51,7 +58,7 @@ class CUDABackend(Backend):
             raise ConfigError("backend.device_index", self.cfg.device_index, f"0..{count - 1} ({count} GPUs visible)")
         return torch.device("cuda", self.cfg.device_index)
 
-    def setup(self) -> None:
+    def _setup(self) -> None:
         torch.cuda.set_device(self.device)
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
@@ -72,6 +79,20 @@ class CUDABackend(Backend):
         for name, (dispatch_name, hint) in DISPATCH.items():
             table[name] = (lambda d=dispatch_name: _dispatched(d)) if _installed(name) else _missing(name, hint)
         return table
+
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+        table = RING_ATTENTION if ring else ULYSSES_ATTENTION
+        option = "parallel.ring_degree" if ring else "parallel.ulysses_degree"
+        if self.cfg.attention not in table:
+            raise ConfigError("backend.attention", self.cfg.attention, f"with {option}: one of {', '.join(table)}")
+        if ring and dtype not in HALF:
+            raise ConfigError(
+                "model.dtype",
+                str(dtype).removeprefix("torch."),
+                "bfloat16 or float16 with parallel.ring_degree on cuda (its log-sum-exp kernels are 16-bit); "
+                "or use parallel.ulysses_degree",
+            )
+        return table[self.cfg.attention]
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -1,7 +1,7 @@
 """Multi-process launches: torchrun (or SLURM) environment -> process group -> `contentv.parallel.World`.
 
-One process per device. The process-group backend follows the device backend: gloo on the CPU, NCCL on CUDA
-(with gloo beside it for small host-side collectives), HCCL on Ascend NPU. The device of each rank is
+One process per device. The process-group backend and the attention context parallelism uses are the device
+backend's (`Backend.process_group_backend`, `Backend.context_parallel_attention`). The device of each rank is
 `LOCAL_RANK`. Under SLURM without torchrun (e.g. Hydra's submitit launcher, one task per GPU) the torchrun
 variables are derived from SLURM's.
 
@@ -12,7 +12,6 @@ device and a DeviceMesh built for the backend's device type (see contentv.parall
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -22,36 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from contentv.config import BackendConfig
-from contentv.errors import ConfigError
 from contentv.parallel import World
 
 log = logging.getLogger(__name__)
-
-# backend.name -> torch.distributed backend. "cpu:gloo,cuda:nccl": tensors on the GPU go through NCCL, host
-# tensors (diffusers' split-size exchange in the uneven modes, object gathers) through gloo without a sync.
-PROCESS_GROUP_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "hccl"}
-# Ulysses: which diffusers attention backend computes the local attention, per (backend, backend.attention).
-ULYSSES_ATTENTION = {
-    ("cpu", "auto"): "native",
-    ("cpu", "sdpa"): "native",
-    ("cuda", "auto"): "native",
-    ("cuda", "sdpa"): "native",
-    ("cuda", "flash"): "flash",
-    ("cuda", "sage"): "sage",
-    ("npu", "auto"): "_native_npu",
-    ("npu", "npu_fusion"): "_native_npu",
-    ("npu", "npu_fused_infer"): "_native_npu",
-    ("npu", "sdpa"): "native",
-}
-# Ring attention merges partial results by their log-sum-exp, so it needs a kernel that returns it.
-RING_ATTENTION = {
-    ("cuda", "auto"): "_native_cudnn",
-    ("cuda", "sdpa"): "_native_cudnn",
-    ("cuda", "flash"): "flash",
-    ("cuda", "sage"): "sage",
-}
-HALF = (torch.float16, torch.bfloat16)
-
 
 # ------------------------------------------------------------------------------------------ environment
 
@@ -138,13 +110,6 @@ def configure(backend_cfg: BackendConfig) -> LaunchEnv:
 # ------------------------------------------------------------------------------------------ process group
 
 
-def process_group_backend(backend_name: str) -> str:
-    """The torch.distributed backend for a device backend: gloo (cpu), nccl (cuda), hccl (npu)."""
-    if backend_name not in PROCESS_GROUP_BACKENDS:
-        raise ConfigError("backend.name", backend_name, PROCESS_GROUP_BACKENDS)
-    return PROCESS_GROUP_BACKENDS[backend_name]
-
-
 def init_process_group(backend) -> tuple[int, int]:
     """Join the launch's process group with the backend's collective library (after `backend.setup()`, so NCCL
     and HCCL see this rank's device). Returns (rank, world_size); (0, 1) without a launcher."""
@@ -154,7 +119,7 @@ def init_process_group(backend) -> tuple[int, int]:
     if launch.world_size == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend=process_group_backend(backend.name))
+        dist.init_process_group(backend=backend.process_group_backend)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -182,69 +147,6 @@ def destroy() -> None:
 # ------------------------------------------------------------------------------------------ world
 
 
-def cp_attention(backend_name: str, attention: str, dtype: torch.dtype, ring: bool):
-    """The diffusers attention backend (name) or forward op that runs context-parallel attention here."""
-    key = (backend_name, attention)
-    if not ring:
-        if backend_name == "npu" and dtype not in HALF:
-            return "native"  # the fused kernel takes fp16/bf16 only (as backends/npu.py routes fp32)
-        if key not in ULYSSES_ATTENTION:
-            valid = sorted(a for b, a in ULYSSES_ATTENTION if b == backend_name)
-            raise ConfigError(
-                "backend.attention", attention, f"with parallel.ulysses_degree: one of {', '.join(valid)}"
-            )
-        return ULYSSES_ATTENTION[key]
-    if backend_name == "cpu":
-        return cpu_flash_forward_op
-    if backend_name == "npu":
-        raise ConfigError(
-            "parallel.ring_degree",
-            "> 1",
-            "1 on npu (diffusers 0.42's NPU attention returns no log-sum-exp, which ring attention needs): "
-            "use parallel.ulysses_degree",
-        )
-    if key not in RING_ATTENTION:
-        valid = sorted(a for b, a in RING_ATTENTION if b == backend_name)
-        raise ConfigError("backend.attention", attention, f"with parallel.ring_degree: one of {', '.join(valid)}")
-    if dtype not in HALF:
-        raise ConfigError(
-            "model.dtype",
-            str(dtype).removeprefix("torch."),
-            "bfloat16 or float16 with parallel.ring_degree on cuda (its log-sum-exp kernels are 16-bit); "
-            "or use parallel.ulysses_degree",
-        )
-    return RING_ATTENTION[key]
-
-
-def cpu_flash_forward_op(
-    ctx,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _save_ctx: bool = True,
-    _parallel_config=None,
-):
-    """diffusers forward-op signature over PyTorch's CPU flash attention, which also returns the log-sum-exp
-    that ring attention merges by (diffusers' own "_native_flash" op exists only for CUDA). (B, S, H, D)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        dropout_p,
-        is_causal,
-        attn_mask=attn_mask,
-        scale=scale,
-    )  # (B, H, S, D), (B, H, S)
-    out = out.transpose(1, 2)
-    return (out, lse.transpose(1, 2)) if return_lse else out
-
-
 def init_world(backend) -> World:
     """Join the process group and describe this rank for contentv.parallel (a one-process World without a
     launcher). Call once, after `backend.setup()`."""
@@ -259,7 +161,7 @@ def init_world(backend) -> World:
 
         # reuses the process group made above (on a CPU it must be told so); made only when data parallelism
         # shards across every rank, so a context-parallel run never meets accelerate's device checks
-        return PartialState(cpu=backend.name == "cpu")
+        return PartialState(cpu=backend.device.type == "cpu")
 
     def mesh_factory(shape, names):
         return init_device_mesh(backend.device.type, tuple(shape), mesh_dim_names=tuple(names))
@@ -270,6 +172,6 @@ def init_world(backend) -> World:
         local_rank=launch.local_rank,
         device=backend.device,
         mesh_factory=mesh_factory,
-        attention=functools.partial(cp_attention, backend.name, backend.cfg.attention),
+        attention=backend.context_parallel_attention,
         splitter=splitter,
     )

@@ -1,8 +1,8 @@
 """Memory mechanisms shared by every backend; each takes the backend's device explicitly.
 
-The config states the intent (contentv.config.MemoryConfig); these functions apply diffusers',
-accelerate's, bitsandbytes' and torchao's mechanisms. Device-specific gaps are decided by the backend
-(e.g. `supports_offload_streams`, `quantization_methods`).
+The rules (what each `memory.*` setting means, allowed combinations, skip lists) live in
+contentv/memory_policy.py; these functions apply diffusers', accelerate's, bitsandbytes' and torchao's
+mechanisms accordingly. Device capabilities (streams, quantizations) come from the backend.
 
 Order (Backend.prepare): check -> quantize (weights left on the CPU) -> attention -> vae_options -> place -> text encoders.
 """
@@ -10,93 +10,18 @@ Order (Backend.prepare): check -> quantize (weights left on the CPU) -> attentio
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 
 import torch
 from torch import nn
 
+from contentv import _diffusers
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
-from contentv.planner import QUANT_SKIP
+from contentv.memory_policy import FP8_SKIP_CLASSES, fp8_skip_patterns, quantizable, skip_parts, text_encoder_mode
 
 log = logging.getLogger(__name__)
-
-TEXT_ENCODER_MODES = ("auto", "device", "release", "cpu", "offload")
-QUANTIZATIONS = ("none", "bnb_int8", "bnb_nf4", "fp8", "torchao_int8")
-GUIDANCE_MODES = ("auto", "batched", "sequential")
 CPU = torch.device("cpu")
-# Layers kept in full precision when quantizing: tiny, precision-critical, or input/output projections.
-# bnb/torchao match whole name parts (as transformers' `modules_to_not_convert`); fp8 adds these as regexes
-# to diffusers' layerwise-casting defaults. Each component's `_keep_in_fp32_modules` (T5: "wo") is added.
-# (QUANT_SKIP is defined in contentv.planner: one source for the planner and the mechanism.)
-
-
-def check(memory: MemoryConfig, backend) -> None:
-    """Reject contradictory or unsupported combinations with one clear error (before any weights move)."""
-    if memory.model_cpu_offload and memory.sequential_cpu_offload:
-        raise ConfigError(
-            "memory.sequential_cpu_offload", True, "not together with memory.model_cpu_offload=true (pick one)"
-        )
-    if memory.group_offload and (memory.model_cpu_offload or memory.sequential_cpu_offload):
-        which = "model_cpu_offload" if memory.model_cpu_offload else "sequential_cpu_offload"
-        raise ConfigError("memory.group_offload", True, f"not together with memory.{which}=true (pick one)")
-    if memory.group_offload_blocks < 1:
-        raise ConfigError("memory.group_offload_blocks", memory.group_offload_blocks, "an integer >= 1")
-    if (
-        memory.group_offload
-        and memory.group_offload_stream
-        and backend.supports_offload_streams
-        and memory.group_offload_blocks != 1
-    ):
-        # diffusers would silently reset it to 1: it prefetches exactly one block ahead on the side stream.
-        raise ConfigError(
-            "memory.group_offload_blocks",
-            memory.group_offload_blocks,
-            "1 when memory.group_offload_stream=true (or set group_offload_stream=false)",
-        )
-    if memory.attention_slicing < 0:
-        raise ConfigError("memory.attention_slicing", memory.attention_slicing, "0 (off) or a chunk size >= 1")
-    if memory.guidance_mode not in GUIDANCE_MODES:
-        raise ConfigError("memory.guidance_mode", memory.guidance_mode, GUIDANCE_MODES)
-    if memory.text_encoders not in TEXT_ENCODER_MODES:
-        raise ConfigError("memory.text_encoders", memory.text_encoders, TEXT_ENCODER_MODES)
-    if memory.text_encoders in ("device", "release", "cpu") and (
-        memory.model_cpu_offload or memory.sequential_cpu_offload
-    ):
-        raise ConfigError(
-            "memory.text_encoders",
-            memory.text_encoders,
-            "auto or offload when model/sequential CPU offload is on (the offload hooks place the text encoders)",
-        )
-    if memory.text_encoders == "offload" and not (
-        memory.group_offload or memory.model_cpu_offload or memory.sequential_cpu_offload
-    ):
-        raise ConfigError(
-            "memory.text_encoders", "offload", "only with group_offload, model_cpu_offload or sequential_cpu_offload"
-        )
-    if memory.quantization not in QUANTIZATIONS:
-        raise ConfigError("memory.quantization", memory.quantization, QUANTIZATIONS)
-    methods = backend.quantization_methods()
-    if memory.quantization != "none" and memory.quantization not in methods:
-        others = [m for m in methods if m != "none"]
-        raise ConfigError(
-            "memory.quantization",
-            memory.quantization,
-            f"not available on backend {backend.name}; use one of: {', '.join(others) or 'none'}",
-        )
-    needs = {"bnb_int8": "bitsandbytes", "bnb_nf4": "bitsandbytes", "torchao_int8": "torchao"}
-    package = needs.get(memory.quantization)
-    if package and importlib.util.find_spec(package) is None:
-        raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: pip install '.[quant]'")
-    if memory.quantization.startswith("bnb") and memory.sequential_cpu_offload:
-        # accelerate's per-layer hooks rebuild each weight from a plain copy on every call; bitsandbytes' 4-bit
-        # quant state does not survive it (fails on the CPU too) and its int8 path there assumes its own classes.
-        raise ConfigError(
-            "memory.quantization",
-            memory.quantization,
-            "fp8 or torchao_int8 with sequential_cpu_offload (or bitsandbytes with group_offload or model_cpu_offload)",
-        )
 
 
 # ------------------------------------------------------------------------------------------ quantization
@@ -114,18 +39,10 @@ def _components(pipe, names: list[str]) -> dict[str, nn.Module]:
     return out
 
 
-def _skip_parts(module: nn.Module) -> tuple[str, ...]:
-    return QUANT_SKIP + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-
-
-def _quantizable(name: str, module: nn.Module, skip: tuple[str, ...] = QUANT_SKIP) -> bool:
-    return type(module) is nn.Linear and not any(part in skip for part in name.split("."))
-
-
 def _swap_linears(root: nn.Module, make) -> int:
     """Replace every quantizable nn.Linear under `root` by make(linear); returns how many."""
-    skip = _skip_parts(root)
-    targets = [(n, m) for n, m in root.named_modules() if _quantizable(n, m, skip)]
+    skip = skip_parts(root)
+    targets = [(n, m) for n, m in root.named_modules() if quantizable(n, m, skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
@@ -218,34 +135,30 @@ def _bnb_nf4(linear: nn.Linear, device: torch.device = CPU) -> nn.Module:
 def _fp8(module: nn.Module) -> int:
     """diffusers layerwise casting: weights stored in float8_e4m3fn, upcast per layer to the module's dtype."""
     from diffusers.hooks import apply_layerwise_casting
-    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, DEFAULT_SKIP_MODULES_PATTERN
 
     compute = next(module.parameters()).dtype  # bf16 for ContentV-8B; fp32 for the tiny test model
     kw = dict(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=compute,
-        skip_modules_pattern=tuple(dict.fromkeys(DEFAULT_SKIP_MODULES_PATTERN + _skip_parts(module))),
-        # Embeddings stay: T5's tied `shared`/`encoder.embed_tokens` would turn `text_encoder_3.dtype` (which
-        # the SD3 prompt encoding casts to) into float8.
-        skip_modules_classes=(nn.Embedding,),
+        skip_modules_pattern=fp8_skip_patterns(module),
+        skip_modules_classes=FP8_SKIP_CLASSES,
     )
     if hasattr(module, "enable_layerwise_casting"):  # diffusers models add their own skip patterns
         module.enable_layerwise_casting(**kw)
     else:
         apply_layerwise_casting(module, **kw)
-    hooked = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is not None]
-    return sum(1 for m in hooked if m._diffusers_hook.get_hook(_LAYERWISE_CASTING_HOOK) is not None)
+    return sum(1 for m in module.modules() if _diffusers.layerwise_casting_hook(m) is not None)
 
 
 def _torchao_int8(module: nn.Module) -> int:
     """torchao int8 weight-only (per-row scales), quantized on the CPU (torchao's kernels vary by device)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    skip = _skip_parts(module)
-    n = sum(1 for name, m in module.named_modules() if _quantizable(name, m, skip))
+    skip = skip_parts(module)
+    n = sum(1 for name, m in module.named_modules() if quantizable(name, m, skip))
     # set_inductor_config=False: torchao would otherwise change torch._inductor settings for the whole process.
     quantize_(
-        module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: _quantizable(fqn, m, skip)
+        module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: quantizable(fqn, m, skip)
     )
     return n
 
@@ -369,16 +282,6 @@ def place(pipe, memory: MemoryConfig, device: torch.device, streams: bool) -> st
         if isinstance(module, nn.Module) and name not in keep_off:
             module.to(device)
     return "device"
-
-
-def text_encoder_mode(memory: MemoryConfig) -> str:
-    """auto -> offload under model/sequential offload, release under group offload, else device."""
-    mode = memory.text_encoders
-    if memory.model_cpu_offload or memory.sequential_cpu_offload:
-        return "offload"
-    if mode == "auto":
-        return "release" if memory.group_offload else "device"
-    return mode
 
 
 def place_text_encoders(pipe, memory: MemoryConfig, device: torch.device) -> str:

@@ -14,10 +14,9 @@ import torch
 
 from backends.base import Backend
 from contentv.attention import AttentionKernel, sdpa
-from contentv.config import BackendConfig
+from contentv.config import NPU_LAYOUTS, BackendConfig
 from contentv.errors import ConfigError
 
-LAYOUTS = ("BNSD", "BSND")
 # Fused attention takes fp16/bf16 (fp32 only on newer CANN); fp32 goes to SDPA.
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -95,8 +94,8 @@ def npu_fused_infer_kernel() -> AttentionKernel:
 
 
 def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise ConfigError("backend.npu_layout", layout, LAYOUTS)
+    if layout not in NPU_LAYOUTS:
+        raise ConfigError("backend.npu_layout", layout, NPU_LAYOUTS)
     return layout
 
 
@@ -104,6 +103,11 @@ class NPUBackend(Backend):
     name = "npu"
     # diffusers' group-offload streams support only CUDA and XPU: on NPU, group-offload without streams.
     supports_offload_streams = False
+    # gloo beside HCCL: diffusers' uneven Ulysses exchanges split sizes as host tensors, so they don't sync the
+    # device (with HCCL alone: four host syncs per attention call).
+    process_group_backend = "cpu:gloo,npu:hccl"
+    # bitsandbytes has no Ascend build.
+    quantizations = ("none", "fp8", "torchao_int8")
 
     def __init__(self, cfg: BackendConfig):
         check_layout(cfg.npu_layout)  # a config error before importing torch_npu
@@ -123,7 +127,7 @@ class NPUBackend(Backend):
             raise ConfigError("backend.device_index", self.cfg.device_index, f"0..{count - 1} ({count} NPUs visible)")
         return torch.device("npu", self.cfg.device_index)
 
-    def setup(self) -> None:
+    def _setup(self) -> None:
         torch.npu.set_device(self.device)
         # The reference's process-wide settings: plain ND tensors (no private NZ formats), and the
         # precompiled operator binaries rather than online JIT compilation.
@@ -148,9 +152,23 @@ class NPUBackend(Backend):
             "sdpa": lambda: sdpa,
         }
 
-    def quantization_methods(self) -> tuple[str, ...]:
-        # bitsandbytes has no Ascend build.
-        return ("none", "fp8", "torchao_int8")
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+        if ring:
+            raise ConfigError(
+                "parallel.ring_degree",
+                "> 1",
+                "1 on npu (diffusers 0.42's NPU attention returns no log-sum-exp, which ring attention needs): "
+                "use parallel.ulysses_degree",
+            )
+        if dtype not in FUSED_DTYPES or self.cfg.attention == "sdpa":
+            return "native"  # the fused kernel takes fp16/bf16 only (as the kernels here route fp32)
+        if self.cfg.attention not in ("auto", "npu_fusion", "npu_fused_infer"):
+            raise ConfigError(
+                "backend.attention",
+                self.cfg.attention,
+                "with parallel.ulysses_degree: one of auto, npu_fusion, npu_fused_infer, sdpa",
+            )
+        return "_native_npu"
 
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)

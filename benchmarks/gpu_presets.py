@@ -32,23 +32,17 @@ H100_BF16_FLOPS = 989e12
 
 
 def load_preset(name: str):
-    from omegaconf import OmegaConf
+    """conf/memory/<name>.yaml as the command line composes it."""
+    import demo
 
-    from contentv.config import MemoryConfig
-
-    node = OmegaConf.merge(
-        OmegaConf.structured(MemoryConfig), OmegaConf.load(ROOT / "conf" / "memory" / f"{name}.yaml")
-    )
-    return OmegaConf.to_object(node)
+    return demo.load_presets(("memory",)).memories[name]
 
 
 def load_model(name: str):
-    from omegaconf import OmegaConf
+    """conf/model/<name>.yaml as the command line composes it."""
+    import demo
 
-    from contentv.config import ModelConfig
-
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
-    return OmegaConf.to_object(node)
+    return demo.load_presets(("model",)).models[name]
 
 
 def random_pipeline(model: str, seed: int = 0):
@@ -121,9 +115,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import backends
+    import demo
     from contentv.config import BackendConfig
+    from contentv.memory_policy import guidance_mode
     from contentv.registry import get_spec
-    from contentv.runtime import library_versions, resolve_guidance
+    from contentv.runtime import library_versions
     from contentv.stats import StageRecorder
 
     defaults = load_model(args.model).sampling_defaults
@@ -131,9 +127,7 @@ def main() -> int:
     args.width = args.width or defaults["width"]
     args.frames = args.frames or defaults["num_frames"]
     names = (
-        [p.stem for p in sorted((ROOT / "conf" / "memory").glob("*.yaml")) if p.stem != "auto"]
-        if args.presets == "all"
-        else args.presets.split(",")
+        [n for n in demo.group_options("memory") if n != "auto"] if args.presets == "all" else args.presets.split(",")
     )
     if "none" in names:  # the baseline first
         names = ["none"] + [n for n in names if n != "none"]
@@ -160,7 +154,7 @@ def main() -> int:
                 width=args.width,
                 num_frames=args.frames,
                 num_inference_steps=args.steps,
-                guidance_mode=resolve_guidance(memory, backend.batched_guidance),
+                guidance_mode=guidance_mode(memory, backend.batched_guidance),
                 generator=torch.Generator().manual_seed(0),
                 output_type="np",
                 stage_context=recorder.stage,

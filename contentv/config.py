@@ -26,6 +26,9 @@ CONTENTV_8B_SAMPLING: dict[str, Any] = {
     "max_sequence_length": 256,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("generate", "ui")
+# Layouts the NPU fused-attention call is given (backends/npu.py).
+NPU_LAYOUTS = ("BNSD", "BSND")
 
 
 def parse_dtype(option: str, value: str) -> torch.dtype:
@@ -160,9 +163,14 @@ class SpeedupConfig:
 class UIConfig:
     # Interface to listen on; anything but 127.0.0.1/localhost prints a warning.
     host: str = "127.0.0.1"
+    # TCP port of the page (0 = any free port).
     port: int = 7860
     # Generations waiting in the queue at most (one runs at a time).
     max_queue: int = 8
+    # Generations one browser session may have waiting or running at once.
+    max_queue_per_client: int = 2
+    # Checkpoint folders the page may load besides the model presets (the page offers no other server paths).
+    allowed_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -228,3 +236,13 @@ def resolve_sampling(sampling: SamplingConfig, model: ModelConfig) -> SamplingCo
             raise ConfigError(f"model.sampling_defaults.{key}", model.sampling_defaults[key], sorted(names))
     filled = {k: v for k, v in model.sampling_defaults.items() if getattr(sampling, k) is None}
     return replace(sampling, **filled)
+
+
+@dataclass
+class Presets:
+    """The named choices of each config group, as the entry point composed them from conf/ (Hydra): what the
+    web page offers and what memory=auto chooses from. Python users: `demo.load_presets()`."""
+
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    memories: dict[str, MemoryConfig] = field(default_factory=dict)
+    backends: dict[str, BackendConfig] = field(default_factory=dict)

@@ -1,6 +1,7 @@
-"""Model-family registry: `model.family` -> a small spec saying how to load, validate and call it.
+"""Model-family registry: `model.family` -> a small spec saying how to load, validate, describe and split it.
 
-Families are imported lazily, so naming one never imports another's code.
+Families are imported lazily, so naming one never imports another's code. Adding a family = a folder under
+contentv/models/ with a `SPEC`, a line in FAMILIES, and a conf/model/*.yaml (see README "Extending").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contentv.attention import AttentionKernel
 from contentv.config import ModelConfig, SamplingConfig
 from contentv.errors import ConfigError
 
-# family -> module defining SPEC. Adding a family = a folder, a line here, a conf/model/*.yaml.
+# family -> module defining SPEC.
 FAMILIES = {
     "contentv": "contentv.models.contentv",
     "cogvideox": "contentv.models.cogvideox",
@@ -37,6 +38,7 @@ class ModelSpec:
     # Pipeline call arguments from resolved sampling settings.
     call_kwargs: Callable[[SamplingConfig], dict]
     # Planner: the components on the meta device (no weights read), and the token counts of one video.
+    # None = the generic description of a diffusers-layout checkpoint (contentv.models.common).
     components_on_meta: Callable[[ModelConfig, str | None], dict] | None = None
     workload: Callable[[dict, SamplingConfig], Any] | None = None
     # Optional: checks that need the model config too (e.g. a length fixed by the architecture).
@@ -44,6 +46,11 @@ class ModelSpec:
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder")
     quantize_default: tuple[str, ...] = ("transformer",)
+    # Context parallelism: diffusers-style plan {module path: ContextParallelInput/Output} for the transformer
+    # (None = this family can't split one video across ranks), and the transformer keyword arguments that
+    # carry the guidance batch (B = 2: uncond, cond) for guidance parallelism.
+    cp_plan: Callable[[], dict] | None = None
+    guidance_inputs: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "timestep")
 
 
 def get_spec(family: str) -> ModelSpec:

@@ -21,6 +21,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,18 +30,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from contentv import parallel, speedup
+from contentv import memory_policy, speedup
 from contentv.attention import AttentionKernel
-from contentv.config import MemoryConfig, RunConfig, SamplingConfig, parse_dtype, resolve_sampling
-from contentv.errors import ConfigError
+from contentv.config import MemoryConfig, RunConfig, SamplingConfig
+from contentv.errors import ConfigError, first_line
+from contentv.parallel import World
+from contentv.parallel.context import apply as apply_parallel
 from contentv.registry import ModelSpec, get_spec
 from contentv.stats import StageRecorder
-from contentv.validation import check_writable_dir, is_hub_id, read_prompt_file
+from contentv.validation import CheckedRun, is_hub_id, read_prompt_file, validate_run
 from contentv.video import slugify, write_json, write_mp4
 
 log = logging.getLogger(__name__)
-GUIDANCE_MODES = ("auto", "batched", "sequential")
-MODES = ("generate", "ui")
 
 
 class DeviceBackend(Protocol):
@@ -51,6 +52,8 @@ class DeviceBackend(Protocol):
     supports_offload_streams: bool
     batched_guidance: bool
 
+    def setup(self) -> None: ...
+    def quantization_methods(self) -> tuple[str, ...]: ...
     def attention_kernel(self) -> AttentionKernel: ...
     def check_memory(self, memory: MemoryConfig) -> None: ...
     def free_memory(self) -> int | None: ...
@@ -85,55 +88,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def resolve_guidance(memory: MemoryConfig, batched: bool = True) -> str:
-    """auto -> the backend's preference: batched on accelerators (one batch-2 forward per step fills the
-    device better and halves weight traffic under offload), sequential on the CPU (no gain from batching
-    there, measured by benchmarks/cpu_reference.py). Presets for small cards choose sequential explicitly."""
-    if memory.guidance_mode not in GUIDANCE_MODES:
-        raise ConfigError("memory.guidance_mode", memory.guidance_mode, GUIDANCE_MODES)
-    if memory.guidance_mode == "auto":
-        return "batched" if batched else "sequential"
-    return memory.guidance_mode
-
-
-def validate_run(cfg: RunConfig) -> tuple[ModelSpec, SamplingConfig]:
-    """Everything checkable before loading weights (settings, checkpoint folder, output folder).
-
-    Raises ConfigError naming the option, the value and what is allowed.
-    """
-    spec = get_spec(cfg.model.family)
-    sampling = resolve_sampling(cfg.sampling, cfg.model)
-    prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
-    for prompt in prompts:
-        spec.validate(dataclasses.replace(sampling, prompt=prompt))
-    if spec.validate_for_model is not None:
-        spec.validate_for_model(cfg.model, sampling)
-    resolve_guidance(cfg.memory)
-    for name in cfg.memory.quantize or ():
-        if name not in spec.components:
-            raise ConfigError("memory.quantize", name, spec.components)
-    speedup.check(cfg.speedup)
-    parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
-    if cfg.mode not in MODES:
-        raise ConfigError("mode", cfg.mode, MODES)
-    for option, value in (("model.dtype", cfg.model.dtype), ("model.vae_dtype", cfg.model.vae_dtype)):
-        parse_dtype(option, value)
-    if cfg.model.text_encoder_dtype is not None:
-        parse_dtype("model.text_encoder_dtype", cfg.model.text_encoder_dtype)
-    if not 0 <= cfg.output.crf <= 51:
-        raise ConfigError("output.crf", cfg.output.crf, "an integer in 0..51")
-    if cfg.output.dir is not None:
-        check_writable_dir("output.dir", cfg.output.dir)
-    if not cfg.model.tiny:
-        spec.check_checkpoint(spec.resolve_path(cfg.model))
-    return spec, sampling
-
-
 def _key(cfg: RunConfig) -> str:
     # guidance_mode is chosen per call, so it doesn't invalidate the prepared pipeline
     memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k != "guidance_mode"}
@@ -141,20 +95,39 @@ def _key(cfg: RunConfig) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+def host_available() -> int:
+    """RAM this process can still use: what the system has available plus what the process already holds."""
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
 
 
 class Runtime:
-    """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend."""
+    """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend.
 
-    def __init__(self, backend: DeviceBackend, conf_dir: Path = CONF_DIR, world: parallel.World | None = None):
+    `presets`: the memory presets `memory=auto` chooses from (the entry point composes them from conf/memory;
+    `demo.load_presets()` gives them to Python users). `world`: this process's place in a multi-process launch
+    (one process by default).
+    """
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        presets: Mapping[str, MemoryConfig] | None = None,
+        world: World | None = None,
+    ):
         self.backend = backend
-        self.conf_dir = Path(conf_dir)
-        self.world = world or parallel.World()  # one process unless the entry point set up torch.distributed
+        backend.setup()  # process-wide switches (TF32/HF32, current device); idempotent
+        self.presets = dict(presets or {})
+        self.world = world or World(device=backend.device)
         self._key: str | None = None
         self._pipe: Any = None
         self._prepared: dict = {}
         self.loads = 0  # how many times weights were loaded (sweeps check this)
+
+    def validate(self, cfg: RunConfig) -> CheckedRun:
+        """Every check that needs no weights, on this backend (ConfigError on the first failure)."""
+        return validate_run(cfg, self.backend, world_size=self.world.size)
 
     def plan(self, cfg: RunConfig):
         """The memory plan for cfg on this backend (contentv.planner.Plan); loads no weights."""
@@ -162,16 +135,20 @@ class Runtime:
 
         return plan(
             cfg,
-            self.conf_dir,
-            self.backend.free_memory(),
-            streams=self.backend.supports_offload_streams,
-            check=self.backend.check_memory,
+            self.presets,
+            self.backend,
+            budget_bytes=self.backend.free_memory(),
+            host_budget_bytes=host_available(),
         )
 
     def resolve_memory(self, cfg: RunConfig) -> RunConfig:
         """memory=auto -> the fastest preset that fits (planner); other presets unchanged."""
         if cfg.memory.name != "auto":
             return cfg
+        if not self.presets:
+            raise ConfigError(
+                "memory", "auto", "a Runtime given the memory presets to choose from: Runtime(backend, presets=...)"
+            )
         chosen = self.plan(cfg).chosen
         if chosen is None:  # no budget known (CPU): everything resident
             log.info("memory=auto: no device budget known; using none")
@@ -201,11 +178,11 @@ class Runtime:
             if not is_hub_id(path):
                 raise
             raise OSError(
-                f"could not load {path} from the Hugging Face hub or its local cache ({_first_line(exc)}); "
+                f"could not load {path} from the Hugging Face hub or its local cache ({first_line(exc)}); "
                 f"without network, download it elsewhere and pass model.path=<folder>"
             ) from exc
         self.loads += 1
-        par = parallel.apply(self._pipe, cfg.parallel, spec.family, self.world)  # before any placement/offload
+        par = apply_parallel(self._pipe, cfg.parallel, spec, self.world)  # before any placement/offload
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
         if par.kernel is not None:  # context parallelism replaces the backend's attention kernel
             spec.install_attention(self._pipe, par.kernel)
@@ -228,7 +205,8 @@ class Runtime:
     def generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Validate, load (cached), generate. Returns frames and statistics; writes nothing."""
         cfg = self.resolve_memory(cfg)
-        spec, sampling = validate_run(cfg)
+        checked = self.validate(cfg)
+        spec, sampling = checked.spec, checked.sampling
         recorder = StageRecorder(self.backend)
         loads = self.loads
         with recorder.stage("load"):
@@ -237,7 +215,7 @@ class Runtime:
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         out = pipe(
             **spec.call_kwargs(sampling),
-            guidance_mode=resolve_guidance(cfg.memory, self.backend.batched_guidance),
+            guidance_mode=memory_policy.guidance_mode(cfg.memory, self.backend.batched_guidance),
             generator=generator,
             output_type="np",
             stage_context=recorder.stage,
@@ -251,7 +229,18 @@ class Runtime:
         )
 
     def run_all(self, cfg: RunConfig, callback_on_step_end=None) -> list[RunResult]:
-        """One video, or one per line of sampling.prompt_file (the pipeline is loaded once)."""
+        """Every video the config asks for: one, or one per line of sampling.prompt_file (weights load once).
+
+        In a multi-process launch (or with parallel.seeds) the work is shared out (contentv.parallel.data): every
+        rank writes into rank 0's output folder, and this rank's results are returned.
+        """
+        if self.world.size > 1 or cfg.parallel.seeds:
+            from contentv.parallel.data import run_all
+
+            output = dataclasses.replace(cfg.output, dir=self.world.broadcast(cfg.output.dir))
+            return run_all(
+                self, dataclasses.replace(cfg, output=output), cfg.parallel, self.world, callback_on_step_end
+            )
         if not cfg.sampling.prompt_file:
             return [self.run(cfg, callback_on_step_end)]
         results = []

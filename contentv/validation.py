@@ -1,27 +1,257 @@
-"""Checks that run before any weights are loaded; each failure is one ConfigError line."""
+"""The one pre-flight check: everything knowable before weights load, for every entry point.
+
+`validate_run` is called by the command line (for every job of a sweep, before Hydra writes anything), by the
+web page (before a job is queued) and by `Runtime` (Python users). Every field of every group is checked,
+whatever the other choices; each failure is one ConfigError line naming the option, the value and what is
+allowed. Device-specific parts (kernels, quantizations the device can run) are asked of the backend.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import math
 import os
 import re
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from contentv.config import SamplingConfig
+from contentv import memory_policy
+from contentv.config import (
+    DTYPES,
+    MODES,
+    NPU_LAYOUTS,
+    BackendConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    SamplingConfig,
+    UIConfig,
+    resolve_sampling,
+)
 from contentv.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from contentv.registry import ModelSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# Hard limits, whatever the memory: libx264 refuses frames wider or taller than 16384 pixels; schedulers are
+# trained on 1000 timesteps, so more steps than that repeat timesteps; MP4 players handle up to 240 fps.
+MAX_SIDE = 16384
+MAX_STEPS = 1000
+MAX_FPS = 240
+MAX_GUIDANCE = 100.0
+# Far more frames than any model here was trained for; the memory check refuses long runs well before this.
+MAX_FRAMES = 100_000
+MAX_PROMPT_CHARS = 20_000
+# A generator seed: torch.Generator.manual_seed takes -2**63 .. 2**64 - 1.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# File stems: bytes, leaving room for "-NNNN.json" within the 255-byte names of common file systems.
+MAX_STEM_BYTES = 200
+
+
+class DeviceBackend(memory_policy.Capabilities, Protocol):
+    """What validation asks of a backend (backends.Backend has these)."""
+
+    def attention_kernel(self) -> Any: ...
+    def check_memory(self, memory: Any) -> None: ...
+
+
+@dataclass
+class CheckedRun:
+    """What validation found out: the family, the resolved sampling settings and the prompts to generate."""
+
+    spec: ModelSpec
+    sampling: SamplingConfig  # null fields filled from the model's defaults
+    prompts: list[str]  # the prompt, or every line of sampling.prompt_file
+    path: str | None = None  # the checkpoint folder or hub id (None if not resolved: tiny models before building)
+
+
+def validate_run(
+    cfg: RunConfig,
+    backend: DeviceBackend | None = None,
+    *,
+    world_size: int = 1,
+    output_dir: str | os.PathLike | None = None,
+    output_option: str = "output.dir",
+) -> CheckedRun:
+    """Check every setting of `cfg` before anything loads; returns what the run needs to know.
+
+    `backend`: the device's capabilities (attention kernels, quantizations); None checks only device-independent
+    rules. `world_size`: ranks of a torchrun/SLURM launch. `output_dir`: where files will go when output.dir is
+    null (the entry point's run folder), reported as `output_option`.
+    """
+    from contentv import parallel, speedup
+    from contentv.registry import get_spec
+
+    check_types(cfg)
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", cfg.mode, MODES)
+    check_backend_config(cfg.backend)
+    check_model_config(cfg.model)
+    spec = get_spec(cfg.model.family)
+    sampling = resolve_sampling(cfg.sampling, cfg.model)
+    prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
+    check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
+    check_bounds(sampling)
+    for prompt in prompts:
+        one = dataclasses.replace(sampling, prompt=prompt)
+        check_text("sampling.prompt", prompt)
+        spec.validate(one)
+    if spec.validate_for_model is not None:
+        spec.validate_for_model(cfg.model, sampling)
+    if cfg.memory.name != "auto":
+        memory_policy.check(cfg.memory, backend)
+    else:
+        memory_policy.check(cfg.memory)  # a chosen preset is checked again once the planner picks it
+    memory_policy.check_components(cfg.memory, spec.components)
+    speedup.check(cfg.speedup)
+    parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
+    parallel.layout(cfg.parallel, world_size)
+    if world_size > 1 and cfg.mode != "generate":
+        raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
+    check_output(cfg.output)
+    if cfg.output.dir is not None:
+        check_writable_dir("output.dir", cfg.output.dir)
+    elif output_dir is not None:
+        check_writable_dir(output_option, output_dir)
+    check_ui(cfg.ui)
+    if backend is not None:
+        backend.attention_kernel()  # an unknown, missing or unusable kernel fails here
+    path = None
+    if not cfg.model.tiny:
+        path = spec.resolve_path(cfg.model)
+        spec.check_checkpoint(path)
+    return CheckedRun(spec=spec, sampling=sampling, prompts=prompts, path=path)
+
+
+# ------------------------------------------------------------------------------------------ types
+
+
+def check_types(cfg: Any, prefix: str = "") -> None:
+    """Each dataclass field holds a value of its annotated type (Python users can put anything there; Hydra's
+    own type checks stop at the command line). bool is not an int; floats must be finite."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        option = f"{prefix}{f.name}"
+        hint = typing.get_type_hints(type(cfg))[f.name]
+        if is_dataclass(value):
+            check_types(value, f"{option}.")
+            continue
+        if not _matches(value, hint):
+            raise ConfigError(option, value, f"a value of type {_type_name(hint)}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True  # Any
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "text"}
+    if hint in names:
+        return names[hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if len(args) < len(typing.get_args(hint)):
+        return f"null or {' or '.join(_type_name(a) for a in args)}"
+    return " or ".join(_type_name(a) for a in args) or str(hint)
+
+
+# ------------------------------------------------------------------------------------------ groups
+
+
+def check_backend_config(b: BackendConfig) -> None:
+    """Backend fields, whichever backend is chosen (its name is checked by the backend registry)."""
+    if b.device_index < 0:
+        raise ConfigError("backend.device_index", b.device_index, "an integer >= 0")
+    if b.npu_layout not in NPU_LAYOUTS:
+        raise ConfigError("backend.npu_layout", b.npu_layout, NPU_LAYOUTS)
+    if not b.attention or not b.attention.replace("_", "").isalnum():
+        raise ConfigError("backend.attention", b.attention, "auto or the name of one of the backend's kernels")
+
+
+def check_model_config(m: ModelConfig) -> None:
+    for option, value in (("model.dtype", m.dtype), ("model.vae_dtype", m.vae_dtype)):
+        if value not in DTYPES:
+            raise ConfigError(option, value, DTYPES)
+    if m.text_encoder_dtype is not None and m.text_encoder_dtype not in DTYPES:
+        raise ConfigError("model.text_encoder_dtype", m.text_encoder_dtype, ["null (= model.dtype)", *DTYPES])
+    if m.tiny and m.path is not None:
+        raise ConfigError(
+            "model.path",
+            m.path,
+            f"null with model.tiny=true ({m.name} is built in code; set model.tiny=false to load a folder)",
+        )
+    if not m.tiny and (m.path is None or not str(m.path).strip()):
+        raise ConfigError("model.path", m.path, "a checkpoint folder or hub id like owner/name (or model.tiny=true)")
+    if not 0 <= m.tiny_seed < 2**32:
+        raise ConfigError("model.tiny_seed", m.tiny_seed, "an integer in 0..4294967295")
+
+
+def check_text(option: str, text: str | None, allow_empty: bool = False) -> None:
+    """Prompts: text without NUL or other control characters (newlines and tabs allowed), of a sane length."""
+    if text is None and allow_empty:
+        return
+    if text is None or (not allow_empty and not str(text).strip()):
+        raise ConfigError(option, text, "a non-empty text")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConfigError(option, text, f"at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
+    bad = next((c for c in text if ord(c) < 32 and c not in "\n\t\r"), None)
+    if bad is not None:
+        raise ConfigError(option, text, f"text without control characters (found {bad!r})")
+
+
+def check_bounds(s: SamplingConfig) -> None:
+    """Hard limits every family shares (the family's own validate() checks its multiples and lengths)."""
+    for option, value, low, high in (
+        ("sampling.height", s.height, 16, MAX_SIDE),
+        ("sampling.width", s.width, 16, MAX_SIDE),
+        ("sampling.num_frames", s.num_frames, 1, MAX_FRAMES),
+        ("sampling.num_inference_steps", s.num_inference_steps, 1, MAX_STEPS),
+        ("sampling.fps", s.fps, 1, MAX_FPS),
+    ):
+        if value is None or not low <= value <= high:
+            why = {
+                "sampling.height": "the H.264 encoder's limit",
+                "sampling.width": "the H.264 encoder's limit",
+                "sampling.num_inference_steps": "the scheduler's 1000 training timesteps",
+            }.get(option, "")
+            raise ConfigError(option, value, f"an integer in {low}..{high}" + (f" ({why})" if why else ""))
+    g = s.guidance_scale
+    if g is None or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise ConfigError("sampling.guidance_scale", g, f"a number in 0..{MAX_GUIDANCE:g} (<= 1 disables guidance)")
+    if not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
+        raise ConfigError("sampling.seed", s.seed, f"an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    if s.max_sequence_length is not None and s.max_sequence_length < 1:
+        raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, "null or an integer >= 1")
+
 
 def check_common_sampling(s: SamplingConfig) -> None:
-    """Settings every family shares: a prompt, positive sizes, at least one step."""
-    if s.prompt is None or not str(s.prompt).strip():
-        raise ConfigError("sampling.prompt", s.prompt, "a non-empty text")
-    if s.num_inference_steps is None or s.num_inference_steps < 1:
-        raise ConfigError("sampling.num_inference_steps", s.num_inference_steps, "an integer >= 1")
-    if s.guidance_scale is None or s.guidance_scale < 0:
-        raise ConfigError("sampling.guidance_scale", s.guidance_scale, "a number >= 0 (<= 1 disables guidance)")
-    if s.fps is None or s.fps < 1:
-        raise ConfigError("sampling.fps", s.fps, "an integer >= 1")
+    """Settings every family shares: a prompt, sizes, frames, steps, guidance, fps, seed within their limits."""
+    check_text("sampling.prompt", s.prompt)
+    check_bounds(s)
 
 
 def check_frames(num_frames: int | None, temporal: int) -> None:
@@ -33,6 +263,62 @@ def check_size(height: int | None, width: int | None, multiple: int) -> None:
     for key, value in (("sampling.height", height), ("sampling.width", width)):
         if value is None or value <= 0 or value % multiple:
             raise ConfigError(key, value, f"a positive multiple of {multiple}")
+
+
+def check_stem(option: str, stem: str) -> None:
+    """A file stem is a file name: no folders, no '..', not hidden, no control characters, not too long."""
+    if not stem or stem.strip() != stem or stem in (".", ".."):
+        raise ConfigError(option, stem, "a file name (not empty, no leading/trailing spaces, not . or ..)")
+    if any(c in stem for c in "/\\") or any(ord(c) < 32 for c in stem):
+        raise ConfigError(option, stem, "a file name without folders (no / or \\) or control characters")
+    if stem.startswith("."):
+        raise ConfigError(
+            option, stem, "a file name that doesn't start with '.' (hidden files are the writer's temporaries)"
+        )
+    if len(stem.encode()) > MAX_STEM_BYTES:
+        raise ConfigError(option, stem, f"a file name of at most {MAX_STEM_BYTES} bytes (got {len(stem.encode())})")
+
+
+def check_output(o: OutputConfig) -> None:
+    if o.name is not None:
+        check_stem("output.name", o.name)
+    if not 0 <= o.crf <= 51:
+        raise ConfigError("output.crf", o.crf, "an integer in 0..51 (0 = lossless)")
+    if o.dir is not None and (not o.dir.strip() or "\0" in o.dir):
+        raise ConfigError("output.dir", o.dir, "null (the run folder) or a folder path")
+
+
+def check_ui(u: UIConfig) -> None:
+    """ui.* settings (checked on every run: a bad value is a bad value whether or not the page is served)."""
+    if not 0 <= u.port <= 65535:
+        raise ConfigError("ui.port", u.port, "a TCP port in 0..65535 (0 = any free port)")
+    if not 1 <= u.max_queue <= 1000:
+        raise ConfigError("ui.max_queue", u.max_queue, "an integer in 1..1000")
+    if not 1 <= u.max_queue_per_client <= u.max_queue:
+        raise ConfigError(
+            "ui.max_queue_per_client", u.max_queue_per_client, f"an integer in 1..ui.max_queue ({u.max_queue})"
+        )
+    if not _is_host(u.host):
+        raise ConfigError("ui.host", u.host, "an interface address such as 127.0.0.1, 0.0.0.0, ::1 or a host name")
+    for i, path in enumerate(u.allowed_paths):
+        if not path.strip() or "\0" in path:
+            raise ConfigError(f"ui.allowed_paths[{i}]", path, "a checkpoint folder path")
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(
+            re.fullmatch(
+                r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+                host,
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------------ files
 
 
 def is_hub_id(path: str) -> bool:
@@ -68,11 +354,19 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    """One prompt per non-empty line; lines starting with # are comments."""
+    """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError("sampling.prompt_file", path, "an existing text file with one prompt per line")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("sampling.prompt_file", path, f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from exc
+    except OSError as exc:
+        raise ConfigError("sampling.prompt_file", path, f"a readable file ({exc.strerror})") from exc
+    if "\0" in text:
+        raise ConfigError("sampling.prompt_file", path, "a text file (it contains NUL bytes: binary?)")
+    prompts = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
     if not prompts:
         raise ConfigError("sampling.prompt_file", path, "a file with at least one non-empty, non-comment line")

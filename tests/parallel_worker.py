@@ -15,7 +15,7 @@ Scenarios:
   cog2b:<mode>    CogVideoX transformer, 2B-style (sin-cos positions), 7 heads, 13 text tokens
   pipe:<mode>     the tiny ContentV pipeline, 2 denoising steps with guidance, final latents
   pipecog:<mode>  the tiny CogVideoX-5B pipeline, 2 steps with guidance, final latents
-  data[:<mode>]   Runtime + contentv.parallel.run_all over a 3-line prompt file x 2 seeds (files, index.json);
+  data[:<mode>]   Runtime.run_all (contentv.parallel.data) over a 3-line prompt file x 2 seeds (files, index.json);
                   with <mode>, data-parallel groups of 2 ranks each running <mode>
   runtime:<mode>  Runtime + run_all, one prompt, one generation split across ranks (only rank 0 writes)
   model_offload:<mode>, group_offload:<mode>   the same with that memory strategy on each rank
@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+import types
 from pathlib import Path
 
 import torch
@@ -39,50 +39,12 @@ import torch
 from backends import build_backend, distributed
 from contentv import parallel
 from contentv.config import BackendConfig, ModelConfig, RunConfig
+from contentv.parallel.context import apply
+from contentv.registry import ModelSpec, get_spec
 from contentv.runtime import Runtime
 
 TEXT_TOKENS = 333  # ContentV: 77 CLIP + 256 T5; odd, so every split of the text is uneven
 HEADS = 7  # not divisible by 2 or 4: Ulysses pads heads (diffusers' ulysses_anything)
-
-
-# ------------------------------------------------------------------------------------------ wiring under test
-
-
-@dataclass
-class ParallelRunConfig(RunConfig):
-    """RunConfig with the `parallel` field the wiring adds to contentv/config.py."""
-
-    parallel: parallel.ParallelConfig = field(default_factory=parallel.ParallelConfig)
-
-
-class WiredRuntime(Runtime):
-    """Runtime.pipeline with the proposed wiring: parallel.apply between load and backend.prepare."""
-
-    def __init__(self, backend, world: parallel.World):
-        super().__init__(backend)
-        self.world = world
-
-    def pipeline(self, cfg):
-        from contentv import speedup
-        from contentv.registry import get_spec
-
-        key = repr((cfg.model, cfg.memory, cfg.speedup, cfg.parallel))
-        if key == self._key and self._pipe is not None:
-            return self._pipe
-        self.release()
-        spec = get_spec(cfg.model.family)
-        path = spec.resolve_path(cfg.model)
-        self._pipe = spec.load(cfg.model, path)
-        self.loads += 1
-        par = parallel.apply(self._pipe, cfg.parallel, spec.family, self.world)  # before any placement/offload
-        self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
-        if par.kernel is not None:
-            spec.install_attention(self._pipe, par.kernel)
-            self._prepared["attention_kernel"] = par.kernel.__name__
-        self._prepared.update(par.record)
-        self._prepared.update(speedup.apply(self._pipe, cfg.speedup))
-        self._key = key
-        return self._pipe
 
 
 # ------------------------------------------------------------------------------------------ modes
@@ -132,7 +94,7 @@ def sd3_transformer(heads: int = HEADS, text_tokens: int = TEXT_TOKENS, frames: 
         pooled_projections=torch.randn(2, 8, generator=g),
         timestep=torch.tensor([500.0, 500.0]),
     )
-    return model, inputs, "contentv"
+    return model, inputs, get_spec("contentv")
 
 
 def cog_transformer(rope: bool):
@@ -167,11 +129,15 @@ def cog_transformer(rope: bool):
         timestep=torch.tensor([500, 500]),
         image_rotary_emb=get_3d_rotary_pos_embed(16, ((0, 0), (3, 5)), (3, 5), 3) if rope else None,
     )
-    return model, inputs, "cogvideox"
+    return model, inputs, get_spec("cogvideox")
 
 
-def run_transformer(build, mode: str, world: parallel.World, dtype: torch.dtype = torch.float32) -> dict:
-    model, inputs, family = build()
+def run_transformer(
+    build, mode: str, world: parallel.World, dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None
+) -> dict:
+    model, inputs, family_spec = build()
+    spec = spec or family_spec
+    family = spec.family
     model.to(dtype)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     if family == "contentv":
@@ -183,10 +149,10 @@ def run_transformer(build, mode: str, world: parallel.World, dtype: torch.dtype 
         ref = model(**inputs, return_dict=False)[0]
     model = copy.deepcopy(model)
 
-    class Pipe:  # parallel.apply looks at pipe.transformer only
+    class Pipe:  # contentv.parallel.context.apply looks at pipe.transformer only
         transformer = model
 
-    applied = parallel.apply(Pipe, mode_config(mode, world.size), family, world)
+    applied = apply(Pipe, mode_config(mode, world.size), spec, world)
     if applied.kernel is not None:
         from contentv.models.cogvideox.attention import CogVideoXKernelAttnProcessor
         from contentv.models.contentv.attention import ContentVJointAttnProcessor
@@ -234,7 +200,7 @@ def run_pipeline(model_name: str, mode: str, world: parallel.World) -> dict:
             return pipe(**kwargs, generator=torch.Generator().manual_seed(42)).frames
 
     ref = generate()
-    applied = parallel.apply(pipe, mode_config(mode, world.size), model.family, world)
+    applied = apply(pipe, mode_config(mode, world.size), spec, world)
     if applied.kernel is not None:
         spec.install_attention(pipe, applied.kernel)
     out = generate()
@@ -249,6 +215,7 @@ def run_npu_standin(mode: str, world: parallel.World) -> dict:
     import pytest
     from diffusers.models import attention_dispatch
 
+    from backends.npu import NPUBackend
     from tests.npu_standin import StandIn
 
     # Only the op: installing the whole stand-in registers an "npu" device type for the rest of this process,
@@ -257,7 +224,9 @@ def run_npu_standin(mode: str, world: parallel.World) -> dict:
     standin = StandIn()
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(attention_dispatch, "npu_fusion_attention", standin.npu_fusion_attention, raising=False)
-    monkeypatch.setattr(world, "attention", functools.partial(distributed.cp_attention, "npu", "npu_fusion"))
+    # The NPU backend's own choice of attention for context parallelism (it needs no device to choose).
+    chooser = types.SimpleNamespace(cfg=BackendConfig(name="npu", attention="npu_fusion"))
+    monkeypatch.setattr(world, "attention", functools.partial(NPUBackend.context_parallel_attention, chooser))
     try:
         result = run_transformer(sd3_transformer, mode, world, dtype=torch.bfloat16)
     finally:
@@ -271,15 +240,6 @@ def run_npu_standin(mode: str, world: parallel.World) -> dict:
     return result
 
 
-def generate_all(runtime: WiredRuntime, cfg: ParallelRunConfig) -> list:
-    """The proposed wiring of demo.task: one output folder (rank 0's) for the launch, then run_all."""
-    world = runtime.world
-    if world.size > 1 or cfg.parallel.seeds:
-        cfg.output.dir = world.broadcast(cfg.output.dir)
-        return parallel.run_all(runtime, cfg, cfg.parallel, world)
-    return runtime.run_all(cfg)
-
-
 def run_data(out_dir: Path, world: parallel.World, mode: str | None, backend) -> dict:
     """Data parallel (with `mode` inside each group of 2, if given): 3 prompts x 2 seeds, 1 step each."""
     folder = out_dir / f"data-{mode or 'dp'}"
@@ -289,12 +249,12 @@ def run_data(out_dir: Path, world: parallel.World, mode: str | None, backend) ->
     world.barrier()
     par = mode_config(mode, 2) if mode else parallel.ParallelConfig()
     par.seeds = [1, 2]
-    cfg = ParallelRunConfig(model=tiny_model("tiny_contentv"), parallel=par)
+    cfg = RunConfig(model=tiny_model("tiny_contentv"), parallel=par)
     cfg.backend = BackendConfig(name="cpu")
     cfg.sampling.prompt_file = str(prompt_file)
     cfg.sampling.num_inference_steps = 1
     cfg.output.dir = str(folder if world.rank == 0 else out_dir / f"elsewhere{world.rank}")  # as Hydra's per-rank dirs
-    results = generate_all(WiredRuntime(backend, world), cfg)
+    results = Runtime(backend, world=world).run_all(cfg)  # the entry point's call
     return {
         "mine": [(r.sampling.prompt, r.sampling.seed, r.video.name if r.video else None) for r in results],
         "files": sorted(p.name for p in folder.iterdir()) if folder.exists() else [],
@@ -307,14 +267,14 @@ def run_runtime(out_dir: Path, world: parallel.World, mode: str, backend, memory
     """One generation across all ranks through Runtime (with a memory strategy: none, model_offload or
     group_offload, applied after the parallel hooks); its frames against a single-process Runtime's."""
     folder = out_dir / f"runtime-{memory}-{mode}"
-    cfg = ParallelRunConfig(model=tiny_model("tiny_contentv"), parallel=mode_config(mode, world.size))
+    cfg = RunConfig(model=tiny_model("tiny_contentv"), parallel=mode_config(mode, world.size))
     cfg.backend = BackendConfig(name="cpu")
     cfg.memory.name = memory
     cfg.memory.model_cpu_offload = memory == "model_offload"
     cfg.memory.group_offload = memory == "group_offload"
     cfg.sampling.prompt = "a red fox in the snow"
     cfg.output.dir = str(folder if world.rank == 0 else out_dir / f"elsewhere{world.rank}")
-    results = generate_all(WiredRuntime(backend, world), cfg)
+    results = Runtime(backend, world=world).run_all(cfg)  # the entry point's call
     single = Runtime(backend).generate(dataclasses.replace(cfg, parallel=parallel.ParallelConfig()))  # one process
     return {
         "max_abs": max_abs(torch.from_numpy(results[0].frames), torch.from_numpy(single.frames)),
@@ -347,14 +307,11 @@ def main(out_dir: str, scenarios: list[str]) -> int:
             elif kind == "sd3even":  # 8 heads, 336 text and 60 video tokens: even splits for 2 and 4 ranks
                 result = run_transformer(lambda: sd3_transformer(heads=8, text_tokens=336, frames=4), mode, world)
             elif kind == "control":  # a wrong plan (text tokens not split) must be caught by the comparison
-                right = parallel.PLANS["contentv"]
-                parallel.PLANS["contentv"] = lambda right=right: {
-                    k: v for k, v in right().items() if k != "context_embedder"
-                }
-                try:
-                    result = run_transformer(sd3_transformer, mode, world)
-                finally:
-                    parallel.PLANS["contentv"] = right
+                right = get_spec("contentv")
+                wrong = dataclasses.replace(
+                    right, cp_plan=lambda r=right: {k: v for k, v in r.cp_plan().items() if k != "context_embedder"}
+                )
+                result = run_transformer(sd3_transformer, mode, world, spec=wrong)
             elif kind == "npu":  # Ulysses through diffusers' "_native_npu" on the strict torch_npu stand-in, bf16
                 result = run_npu_standin(mode, world)
             elif kind in ("cog5b", "cog2b"):

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import demo
 from contentv.config import MemoryConfig, ModelConfig, RunConfig, SamplingConfig, resolve_sampling
 from contentv.errors import ConfigError
-from contentv.runtime import validate_run
-
-CONF = Path(demo.CONF_DIR)
-demo.register_configs()
+from contentv.validation import validate_run
 
 
 def composed(overrides: list[str]) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    return demo.load_config(overrides)
 
 
 OPTIONS = [(g, o) for g in demo.GROUPS for o in demo.group_options(g)]
@@ -115,5 +108,5 @@ def test_python_users_need_no_hydra(tmp_path):
     )
     cfg.sampling.prompt = "a cat"
     cfg.output.dir = str(tmp_path)
-    spec, s = validate_run(cfg)
-    assert spec.family == "contentv" and s.num_frames == 5
+    checked = validate_run(cfg)
+    assert checked.spec.family == "contentv" and checked.sampling.num_frames == 5 and checked.prompts == ["a cat"]

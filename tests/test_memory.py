@@ -7,6 +7,7 @@ and 1): relative error bnb_int8 ~4e-3, bnb_nf4 ~2.1e-2, fp8 ~3.8e-3, torchao_int
 
 from __future__ import annotations
 
+import copy
 import logging
 import types
 from pathlib import Path
@@ -14,20 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 import backends
+import demo
 from backends import memory as mem
+from contentv import _diffusers, memory_policy
 from contentv.attention import sdpa, sliced
 from contentv.config import BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
+from contentv.memory_policy import guidance_mode
 from contentv.models.contentv import SPEC
-from contentv.runtime import resolve_guidance
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "memory"
-# `auto` is the planner choosing among these, not a strategy of its own (tests/test_planner.py covers it).
-PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if p.stem != "auto")
+# The presets as the command line composes them; `auto` is the planner choosing among these, not a strategy
+# of its own (tests/test_planner.py covers it).
+ALL_PRESETS = demo.load_presets(("memory",)).memories
+PRESETS = sorted(n for n in ALL_PRESETS if n != "auto")
 EXPECTED_PRESETS = {
     "none",
     "low_vram_24g",
@@ -80,12 +84,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load_preset(name: str) -> MemoryConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(MemoryConfig), OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
-    return OmegaConf.to_object(merged)
+    return copy.deepcopy(ALL_PRESETS[name])
 
 
 def stub_backend(name="npu", streams=False, methods=("none", "fp8", "torchao_int8")):
-    """Just what memory.check reads from a backend: an NPU-like device without bitsandbytes."""
+    """Just what the memory policy reads from a backend: an NPU-like device without bitsandbytes."""
     return types.SimpleNamespace(
         name=name, device=torch.device("cpu"), supports_offload_streams=streams, quantization_methods=lambda: methods
     )
@@ -96,9 +99,7 @@ def text_encoders(pipe) -> list[nn.Module]:
 
 
 def group_offloaded(module: nn.Module) -> bool:
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled
-
-    return _is_group_offload_enabled(module)
+    return _diffusers.is_group_offloaded(module)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -150,7 +151,7 @@ def test_preset_composes_and_says_its_figures_are_predictions(name):
     assert memory.name == name
     text = (PRESET_DIR / f"{name}.yaml").read_text()
     assert "PREDICTED" in text and "not yet measured" in text
-    mem.check(memory, cpu_backend())  # every preset is valid on the CPU
+    memory_policy.check(memory, cpu_backend())  # every preset is valid on the CPU
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -187,7 +188,7 @@ def test_preset_applies_on_cpu_and_keeps_the_result(name, ckpt, ref, caplog):
         for part in memory.quantize or SPEC.quantize_default:
             assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in getattr(pipe, part).modules())
 
-    mode = resolve_guidance(memory)
+    mode = guidance_mode(memory)
     out = generate(pipe, mode)
     if memory.quantization == "none":
         assert rel_err(out, ref[mode]) < EXACT_REL
@@ -411,7 +412,7 @@ def test_quantization_with_offload_matches_quantization_alone(memory, ckpt, quan
 )
 def test_contradictions_are_config_errors(memory, option, words):
     with pytest.raises(ConfigError) as err:
-        mem.check(memory, cpu_backend())
+        memory_policy.check(memory, cpu_backend())
     assert err.value.option == option
     assert words in str(err.value)
 
@@ -419,7 +420,7 @@ def test_contradictions_are_config_errors(memory, option, words):
 @pytest.mark.parametrize("method", ["bnb_int8", "bnb_nf4"])
 def test_bnb_on_a_backend_without_it_names_the_alternatives(method):
     with pytest.raises(ConfigError) as err:
-        mem.check(MemoryConfig(quantization=method), stub_backend())
+        memory_policy.check(MemoryConfig(quantization=method), stub_backend())
     assert err.value.option == "memory.quantization" and err.value.value == method
     assert "npu" in str(err.value) and "fp8" in str(err.value) and "torchao_int8" in str(err.value)
 
@@ -427,9 +428,9 @@ def test_bnb_on_a_backend_without_it_names_the_alternatives(method):
 def test_stream_groups_must_be_single_blocks_where_streams_exist():
     memory = MemoryConfig(group_offload=True, group_offload_blocks=2)
     with pytest.raises(ConfigError, match="group_offload_blocks"):
-        mem.check(memory, stub_backend(name="cuda", streams=True, methods=mem.QUANTIZATIONS))
-    mem.check(memory, cpu_backend())  # no streams here: groups of 2 copied synchronously
-    mem.check(
+        memory_policy.check(memory, stub_backend(name="cuda", streams=True, methods=memory_policy.QUANTIZATIONS))
+    memory_policy.check(memory, cpu_backend())  # no streams here: groups of 2 copied synchronously
+    memory_policy.check(
         MemoryConfig(group_offload=True, group_offload_blocks=2, group_offload_stream=False), stub_backend(streams=True)
     )
 
@@ -449,7 +450,7 @@ def test_unknown_component_to_quantize_lists_the_components(ckpt):
 
 
 def test_cpu_backend_offers_every_quantization():
-    assert set(cpu_backend().quantization_methods()) == set(mem.QUANTIZATIONS)
+    assert set(cpu_backend().quantization_methods()) == set(memory_policy.QUANTIZATIONS)
     assert cpu_backend().supports_offload_streams is False
 
 
@@ -493,5 +494,5 @@ def test_presets_on_cuda_match_the_cpu(name, ckpt, ref):
     applied = cuda_backend().prepare(pipe, memory, SPEC)
     if memory.group_offload:
         assert "stream True" in applied["placement"]
-    out = generate(pipe, resolve_guidance(memory))
-    assert rel_err(out, ref[resolve_guidance(memory)]) < 1e-3
+    out = generate(pipe, guidance_mode(memory))
+    assert rel_err(out, ref[guidance_mode(memory)]) < 1e-3

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import backends
-from backends import memory as mem
 from backends.npu import NPUBackend
 from contentv.attention import sdpa
 from contentv.config import BackendConfig, MemoryConfig
@@ -345,9 +344,9 @@ def test_kernel_table_and_quantization(npu: StandIn):
     assert "bnb_int8" not in backend.quantization_methods()
     for method in ("bnb_int8", "bnb_nf4"):
         with pytest.raises(ConfigError, match="memory.quantization") as err:
-            mem.check(MemoryConfig(quantization=method), backend)
+            backend.check_memory(MemoryConfig(quantization=method))
         assert "fp8" in str(err.value) and "torchao_int8" in str(err.value)
-    mem.check(MemoryConfig(quantization="fp8"), backend)
+    backend.check_memory(MemoryConfig(quantization="fp8"))
 
 
 # ------------------------------------------------------------------------------------------ kernels

@@ -19,11 +19,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import backends
 from backends import distributed
+from backends.cpu import cpu_flash_forward_op
 from contentv import parallel
 from contentv.config import BackendConfig, MemoryConfig, SpeedupConfig
 from contentv.errors import ConfigError
 from contentv.parallel import Layout, ParallelConfig, World
+from contentv.parallel.context import apply
+from contentv.parallel.data import shard, split_evenly, work_items
+from contentv.registry import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "parallel_worker.py"
@@ -285,24 +290,24 @@ def test_split_evenly_is_accelerates_split_between_processes(n: int, count: int)
     for index in range(count):
         state = SimpleNamespace(num_processes=count, process_index=index)  # duck-typed PartialState
         with PartialState.split_between_processes(state, items) as theirs:
-            assert parallel.split_evenly(items, index, count) == list(theirs)
-        shards += parallel.split_evenly(items, index, count)
+            assert split_evenly(items, index, count) == list(theirs)
+        shards += split_evenly(items, index, count)
     assert shards == items  # contiguous, complete, no repeats
 
 
 def test_shard_gives_a_group_the_same_items_and_each_item_one_group():
-    items = parallel.work_items(["a", "b", "c"], [1, 2])
+    items = work_items(["a", "b", "c"], [1, 2])
     assert [(i.index, i.prompt, i.seed) for i in items[:3]] == [(0, "a", 1), (1, "a", 2), (2, "b", 1)]
     lay = Layout(dp=2, ulysses=2)
-    mine = [parallel.shard(items, World(rank=r, size=4), lay) for r in range(4)]
+    mine = [shard(items, World(rank=r, size=4), lay) for r in range(4)]
     assert mine[0] == mine[1] and mine[2] == mine[3]
     assert sorted(mine[0] + mine[2], key=lambda i: i.index) == items
-    assert parallel.shard(items, World(), Layout()) == items
+    assert shard(items, World(), Layout()) == items
 
 
 def test_single_process_apply_changes_nothing(tiny_pipe):
     processors = {k: type(v) for k, v in tiny_pipe.transformer.attn_processors.items()}
-    applied = parallel.apply(tiny_pipe, ParallelConfig(), "contentv", World())
+    applied = apply(tiny_pipe, ParallelConfig(), get_spec("contentv"), World())
     assert applied.kernel is None and applied.layout == Layout()
     assert applied.record["parallel"]["layout"] == {"dp": 1, "cfg": 1, "ring": 1, "ulysses": 1}
     assert not hasattr(tiny_pipe.transformer, "_diffusers_hook")
@@ -317,7 +322,7 @@ def test_plans_name_real_modules(tiny_pipe):
         num_attention_heads=2, attention_head_dim=16, time_embed_dim=8, text_embed_dim=8, num_layers=1
     )
     for family, model in (("contentv", tiny_pipe.transformer), ("cogvideox", cog)):
-        for module_id in parallel.PLANS[family]():
+        for module_id in get_spec(family).cp_plan():
             assert module_id == "" or model.get_submodule(module_id) is not None
 
 
@@ -394,11 +399,10 @@ def test_configure_points_the_device_at_local_rank(monkeypatch: pytest.MonkeyPat
 
 
 def test_process_group_backend_per_device():
-    assert distributed.process_group_backend("cpu") == "gloo"
-    assert "cuda:nccl" in distributed.process_group_backend("cuda")
-    assert distributed.process_group_backend("npu") == "hccl"
-    with pytest.raises(ConfigError, match="backend.name='tpu'"):
-        distributed.process_group_backend("tpu")
+    """Each backend names its own collective library; host tensors go through gloo beside it."""
+    assert backends.backend_class("cpu").process_group_backend == "gloo"
+    assert backends.backend_class("cuda").process_group_backend == "cpu:gloo,cuda:nccl"
+    assert "npu:hccl" in backends.backend_class("npu").process_group_backend
 
 
 def test_npu_backend_asks_for_hccl(monkeypatch: pytest.MonkeyPatch):
@@ -420,16 +424,22 @@ def test_npu_backend_asks_for_hccl(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
         assert distributed.init_process_group(backend) == (3, 8)
-        assert calls == [{"backend": "hccl"}] and backend.device == torch.device("npu", 3)
+        assert calls == [{"backend": "cpu:gloo,npu:hccl"}] and backend.device == torch.device("npu", 3)
     finally:
         uninstall()
+
+
+def chooser(backend: str, attention: str):
+    """The backend class's context-parallel attention choice, bound to a config (it needs no device)."""
+    cls = backends.backend_class(backend)
+    return cls.context_parallel_attention.__get__(SimpleNamespace(cfg=BackendConfig(name=backend, attention=attention)))
 
 
 @pytest.mark.parametrize(
     ("backend", "attention", "dtype", "ring", "expected"),
     [
         ("cpu", "auto", torch.float32, False, "native"),
-        ("cpu", "sdpa", torch.float32, True, distributed.cpu_flash_forward_op),
+        ("cpu", "sdpa", torch.float32, True, cpu_flash_forward_op),
         ("cuda", "auto", torch.bfloat16, False, "native"),
         ("cuda", "auto", torch.bfloat16, True, "_native_cudnn"),
         ("cuda", "flash", torch.float16, True, "flash"),
@@ -438,7 +448,7 @@ def test_npu_backend_asks_for_hccl(monkeypatch: pytest.MonkeyPatch):
     ],
 )
 def test_context_parallel_attention_per_device(backend, attention, dtype, ring, expected):
-    assert distributed.cp_attention(backend, attention, dtype, ring) == expected
+    assert chooser(backend, attention)(dtype, ring) == expected
 
 
 @pytest.mark.parametrize(
@@ -451,12 +461,12 @@ def test_context_parallel_attention_per_device(backend, attention, dtype, ring, 
 )
 def test_context_parallel_attention_gaps_are_config_errors(backend, attention, dtype, ring, match):
     with pytest.raises(ConfigError, match=match):
-        distributed.cp_attention(backend, attention, dtype, ring)
+        chooser(backend, attention)(dtype, ring)
 
 
 def test_cpu_forward_op_returns_attention_and_its_log_sum_exp():
     q, k, v = (torch.randn(2, 7, 3, 16) for _ in range(3))  # (B, S, H, D), diffusers' layout
-    out, lse = distributed.cpu_flash_forward_op(None, q, k, v, return_lse=True)
+    out, lse = cpu_flash_forward_op(None, q, k, v, return_lse=True)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2))
     scores = qt @ kt.transpose(-1, -2) / 16**0.5

@@ -15,12 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from contentv import planner
+import demo
+from backends.base import Capabilities
+from contentv import memory_policy, planner
 from contentv.config import MemoryConfig, ModelConfig, RunConfig
 from contentv.errors import ConfigError
 from contentv.models.contentv import architecture
+from contentv.planner.activations import LiveBytes, _vae_trace, activation_bytes, decode_bytes
+from contentv.planner.weights import _unique
 from contentv.registry import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,36 +32,35 @@ GiB = 2**30
 
 # A fixed preset set, so choices don't depend on which presets conf/memory holds today.
 PRESETS = {
-    "none": "name: none\n",
-    "low_vram_24g": "model_cpu_offload: true\n",
-    "low_vram_16g": "group_offload: true\ngroup_offload_stream: true\ntext_encoders: auto\n",
-    "low_vram_8g": "defaults:\n  - low_vram_16g\n  - _self_\ntext_encoders: offload\nvae_tiling: true\nguidance_mode: sequential\n",
-    "int8_offload": "model_cpu_offload: true\nquantization: torchao_int8\n",
-    "sequential": "sequential_cpu_offload: true\n",
+    "none": MemoryConfig(name="none"),
+    "low_vram_24g": MemoryConfig(name="low_vram_24g", model_cpu_offload=True),
+    "low_vram_16g": MemoryConfig(name="low_vram_16g", group_offload=True, group_offload_stream=True),
+    "low_vram_8g": MemoryConfig(
+        name="low_vram_8g",
+        group_offload=True,
+        group_offload_stream=True,
+        text_encoders="offload",
+        vae_tiling=True,
+        guidance_mode="sequential",
+    ),
+    "int8_offload": MemoryConfig(name="int8_offload", model_cpu_offload=True, quantization="torchao_int8"),
+    "sequential": MemoryConfig(name="sequential", sequential_cpu_offload=True),
 }
-
-
-@pytest.fixture(scope="module")
-def conf_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("conf")
-    (root / "memory").mkdir()
-    for name, text in PRESETS.items():
-        (root / "memory" / f"{name}.yaml").write_text(text)
-    return root
+# A GPU-like device: offload streams, every quantization, batched guidance.
+GPU = Capabilities("gpu", True, True, memory_policy.QUANTIZATIONS)
+MODELS = demo.load_presets(("model",)).models
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
     """conf/model/<name>.yaml as a ModelConfig (as Hydra composes it)."""
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / "model" / f"{name}.yaml"))
-    cfg = OmegaConf.to_object(node)
-    return dataclasses.replace(cfg, **overrides)
+    return dataclasses.replace(MODELS[name], **overrides)
 
 
 def loaded_bytes(module: torch.nn.Module) -> int:
     """Bytes a loaded (maybe quantized) component holds: parameters and buffers, with tensor subclasses'
     inner tensors and bitsandbytes' 4-bit quantization state, each tensor once."""
     total = 0
-    for t in planner._unique([*module.parameters(), *module.buffers()]):
+    for t in _unique([*module.parameters(), *module.buffers()]):
         inner = t.data if isinstance(t, torch.nn.Parameter) else t
         if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):  # torchao
             names, _ = inner.__tensor_flatten__()
@@ -97,12 +99,6 @@ TINY = [
 # ------------------------------------------------------------------------------------------ weights
 
 
-def test_quant_skip_list_is_backends_memory_s():
-    from backends import memory as mem
-
-    assert planner.QUANT_SKIP == mem.QUANT_SKIP
-
-
 def test_full_size_transformer_config_is_the_class_defaults():
     from contentv.models.contentv.transformer import SD3Transformer3DModel
 
@@ -126,8 +122,7 @@ def test_predicted_weight_bytes_equal_loaded_bytes(cache_dir, name, dtype):
     cfg = model_config(name, dtype=dtype)
     spec = get_spec(cfg.family)
     path = spec.resolve_path(cfg)
-    build, _ = planner.family_hooks(cfg.family)
-    components = build(cfg, path)
+    components = spec.components_on_meta(cfg, path)
     assert all(p.device.type == "meta" for m, _ in components.values() for p in m.parameters())
     pipe = spec.load(cfg, path)
     loaded = {n: loaded_bytes(getattr(pipe, n)) for n in components}
@@ -201,16 +196,16 @@ def test_full_size_contentv_weights_from_builtin_configs():
 
 def test_activation_estimate_is_linear_in_batch_and_tokens():
     kw = dict(video_tokens=20_000, text_tokens=333, dim=2432, ff_dim=4 * 2432, dtype=torch.bfloat16, heads=38)
-    one = planner.activation_bytes(batch=1, **kw)
-    assert planner.activation_bytes(batch=2, **kw) == pytest.approx(2 * one, rel=1e-6)
+    one = activation_bytes(batch=1, **kw)
+    assert activation_bytes(batch=2, **kw) == pytest.approx(2 * one, rel=1e-6)
     double = dict(kw, video_tokens=2 * 20_333 - 333)
-    assert planner.activation_bytes(batch=1, **double) == pytest.approx(2 * one, rel=1e-6)
-    assert planner.activation_bytes(batch=1, **dict(kw, dtype=torch.float32)) == pytest.approx(2 * one, rel=1e-6)
+    assert activation_bytes(batch=1, **double) == pytest.approx(2 * one, rel=1e-6)
+    assert activation_bytes(batch=1, **dict(kw, dtype=torch.float32)) == pytest.approx(2 * one, rel=1e-6)
     # 12 (B, N, d) tensors at the feed-forward peak with a 4x FF.
     assert one == pytest.approx(12 * 20_333 * 2432 * 2, rel=1e-6)
     # The math kernel's N^2 scores dominate; query slicing divides them.
-    math_full = planner.activation_bytes(batch=1, **kw, math_attention=True)
-    math_sliced = planner.activation_bytes(batch=1, **kw, math_attention=True, attention_chunk=1024)
+    math_full = activation_bytes(batch=1, **kw, math_attention=True)
+    math_sliced = activation_bytes(batch=1, **kw, math_attention=True, attention_chunk=1024)
     assert math_full > 10 * one and math_sliced < math_full / 10
 
 
@@ -237,9 +232,9 @@ def test_transformer_activation_model_matches_a_meta_trace_of_contentv(monkeypat
     text = torch.empty(batch, 333, 4096, device="meta", dtype=torch.bfloat16)
     pooled = torch.empty(batch, 2048, device="meta", dtype=torch.bfloat16)
     step = torch.empty(batch, device="meta", dtype=torch.bfloat16)
-    with planner.LiveBytes() as live, torch.no_grad():
+    with LiveBytes() as live, torch.no_grad():
         model(x, text, pooled, step, return_dict=False)
-    predicted = planner.activation_bytes(
+    predicted = activation_bytes(
         batch=batch,
         video_tokens=t * (h // 2) * (w // 2),
         text_tokens=333,
@@ -263,9 +258,9 @@ def test_transformer_activation_model_matches_a_meta_trace_of_cogvideox():
     model.set_attn_processor(CogVideoXKernelAttnProcessor(lambda q, k, v: torch.empty_like(q)))
     x = torch.empty(2, 13, 16, 60, 90, device="meta", dtype=torch.float16)
     text = torch.empty(2, 226, 4096, device="meta", dtype=torch.float16)
-    with planner.LiveBytes() as live, torch.no_grad():
+    with LiveBytes() as live, torch.no_grad():
         model(x, text, torch.empty(2, device="meta"), return_dict=False)
-    predicted = planner.activation_bytes(
+    predicted = activation_bytes(
         batch=2, video_tokens=13 * 30 * 45, text_tokens=226, dim=1920, ff_dim=4 * 1920, dtype=torch.float16, heads=30
     )
     assert predicted == pytest.approx(live.peak, rel=0.02)
@@ -273,7 +268,7 @@ def test_transformer_activation_model_matches_a_meta_trace_of_cogvideox():
 
 def test_live_bytes_counts_what_is_alive():
     x = torch.empty(1024, device="meta")
-    with planner.LiveBytes() as live:
+    with LiveBytes() as live:
         y = x * 2  # 4 KiB
         z = y + 1  # 8 KiB alive
         del y
@@ -291,9 +286,9 @@ def test_decode_estimate_matches_a_meta_trace_of_the_full_size_wan_vae():
     with torch.device("meta"):
         vae = AutoencoderKLWan(**architecture.WAN_VAE)
     latent = (16, 6, 18, 24)  # 21 frames at 144x192
-    traced = planner._vae_trace(vae, torch.float32, latent)
+    traced = _vae_trace(vae, torch.float32, latent)
     video = 3 * 21 * 144 * 192 * 4
-    estimate, tiled = planner.decode_bytes(vae, torch.float32, latent, architecture.DECODE_TRACE_FRAMES)
+    estimate, tiled = decode_bytes(vae, torch.float32, latent, architecture.DECODE_TRACE_FRAMES)
     assert estimate == pytest.approx(max(traced, 3 * video), rel=0.05)
     assert tiled == estimate  # 144x192 is smaller than one 256x256 tile
 
@@ -307,11 +302,11 @@ def full_size_run(**sampling) -> RunConfig:
     return cfg
 
 
-def test_full_size_plan_builds_on_the_cpu_without_loading_weights(conf_dir):
-    planner.plan(full_size_run(num_frames=9), conf_dir)  # imports and first meta kernels
+def test_full_size_plan_builds_on_the_cpu_without_loading_weights():
+    planner.plan(full_size_run(num_frames=9), PRESETS, GPU)  # imports and first meta kernels
     rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    p = planner.plan(full_size_run(), conf_dir)
+    p = planner.plan(full_size_run(), PRESETS, GPU)
     seconds = time.perf_counter() - start
     assert psutil.Process().memory_info().rss - rss < 1 * GiB  # 27 GB of weights were never materialized
     assert seconds < 30  # seconds in practice; generous: shared machines are noisy
@@ -328,43 +323,57 @@ def test_full_size_plan_builds_on_the_cpu_without_loading_weights(conf_dir):
     assert offload.device_bytes < none.device_bytes and offload.host_bytes > none.host_bytes
 
 
-@pytest.mark.parametrize(
-    "budget_gb,expected",
-    [(80, "none"), (24, "low_vram_24g"), (16, "low_vram_16g"), (8, "low_vram_8g"), (5, "low_vram_8g")],
-)
-def test_budget_picks_the_fastest_strategy_that_fits(conf_dir, budget_gb, expected):
-    p = planner.plan(full_size_run(), conf_dir, budget_gb * GiB)
-    assert p.chosen.name == expected
-    assert p.chosen.device_bytes <= 0.95 * budget_gb * GiB
-    faster = [s for s in p.strategies if s.time < p.chosen.time and not s.error]
-    assert all(s.device_bytes > 0.95 * budget_gb * GiB for s in faster)
+def test_budget_picks_the_fastest_strategy_that_fits():
+    """Whatever the time anchors: the choice fits, every faster strategy doesn't, and more memory never
+    buys a slower choice."""
+    chosen = []
+    for budget_gb in (5, 8, 16, 24, 80):
+        p = planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=budget_gb * GiB)
+        assert p.chosen.device_bytes <= 0.95 * budget_gb * GiB
+        faster = [s for s in p.strategies if s.time < p.chosen.time and not s.error]
+        assert all(s.device_bytes > 0.95 * budget_gb * GiB for s in faster)
+        chosen.append(p.chosen)
+    assert [c.time for c in chosen] == sorted((c.time for c in chosen), reverse=True)
+    assert chosen[-1].name == "none"  # 80 GiB holds everything (32 GiB predicted)
 
 
-def test_memory_budget_gb_wins_over_the_device_figure(conf_dir):
+def test_host_budget_rules_out_strategies_the_host_cannot_hold():
+    """memory=auto checks host RAM too: group offload pins a host copy of every block."""
+    roomy = planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=16 * GiB)
+    tight = planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=16 * GiB, host_budget_bytes=32 * GiB)
+    assert tight.chosen.host_peak_bytes <= 32 * GiB
+    assert all(s.host_peak_bytes > 32 * GiB or s.device_bytes > 0.95 * 16 * GiB for s in tight.strategies if not s.fits)
+    if roomy.chosen.host_peak_bytes > 32 * GiB:  # the device-only choice would not have fitted this host
+        assert tight.chosen.name != roomy.chosen.name
+    with pytest.raises(ConfigError, match=r"host RAM: 4\.0 GiB available, the least any strategy needs is"):
+        planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=16 * GiB, host_budget_bytes=4 * GiB)
+
+
+def test_memory_budget_gb_wins_over_the_device_figure():
     cfg = full_size_run()
     cfg.memory = MemoryConfig(name="auto", budget_gb=80)
-    assert planner.plan(cfg, conf_dir, 1 * GiB).chosen.name == "none"
+    assert planner.plan(cfg, PRESETS, GPU, budget_bytes=1 * GiB).chosen.name == "none"
 
 
-def test_nothing_fits_names_memory_budget_gb(conf_dir):
+def test_nothing_fits_names_memory_budget_gb():
     with pytest.raises(ConfigError, match=r"memory\.budget_gb=.*smallest predicted peak is [0-9.]+ GiB"):
-        planner.plan(full_size_run(), conf_dir, 2 * GiB)
+        planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=2 * GiB)
 
 
 def test_plan_with_this_repo_s_presets():
     """Whatever conf/memory holds: every preset gets a row, the choice is the fastest that fits, and the
     low-VRAM presets meet PERFORMANCE.md's peak targets for their cards (as predicted)."""
-    presets = planner.load_presets(CONF)
+    presets = demo.load_presets(("memory",)).memories
     for budget in (80, 24, 16, 8):
         try:
-            p = planner.plan(full_size_run(), CONF, budget * GiB)
+            p = planner.plan(full_size_run(), presets, GPU, budget_bytes=budget * GiB)
         except ConfigError as exc:
             assert exc.option == "memory.budget_gb"
             continue
-        assert {s.name for s in p.strategies} == set(presets)
+        assert {s.name for s in p.strategies} == set(presets) - {"auto"}
         assert p.chosen.device_bytes <= 0.95 * budget * GiB
         assert not [s for s in p.strategies if s.fits and s.time < p.chosen.time]
-    p = planner.plan(full_size_run(), CONF)
+    p = planner.plan(full_size_run(), presets, GPU)
     assert p.strategies[0].name == "none"
     targets = {"low_vram_24g": 22, "low_vram_16g": 15, "low_vram_8g": 7.5}  # GiB, PERFORMANCE.md
     for s in p.strategies:
@@ -372,46 +381,35 @@ def test_plan_with_this_repo_s_presets():
             assert s.device_bytes <= targets[s.name] * GiB, (s.name, s.device_bytes / GiB)
 
 
-def test_presets_merge_their_defaults_list(conf_dir):
-    presets = planner.load_presets(conf_dir)
-    small = presets["low_vram_8g"]
-    assert small.group_offload and small.group_offload_stream  # from low_vram_16g
-    assert small.vae_tiling and small.text_encoders == "offload" and small.guidance_mode == "sequential"
-    assert presets["low_vram_24g"].name == "low_vram_24g"  # named after the file
-
-
-def test_strategies_the_backend_cannot_run_are_shown_and_never_chosen(conf_dir):
-    def check(memory: MemoryConfig) -> None:
-        if memory.quantization != "none":
-            raise ConfigError("memory.quantization", memory.quantization, "not available on backend test")
-
-    p = planner.plan(full_size_run(), conf_dir, 80 * GiB, check=check)
+def test_strategies_the_backend_cannot_run_are_shown_and_never_chosen():
+    no_quantization = Capabilities("test", True, True, ("none",))
+    p = planner.plan(full_size_run(), PRESETS, no_quantization, budget_bytes=80 * GiB)
     int8 = next(s for s in p.strategies if s.name == "int8_offload")
     assert int8.error and not int8.fits
     assert "unavailable: memory.quantization" in planner.format_plan(p)
 
 
-def test_sequential_guidance_and_tiling_lower_the_peak(conf_dir):
-    p = planner.plan(full_size_run(), conf_dir)
+def test_sequential_guidance_and_tiling_lower_the_peak():
+    p = planner.plan(full_size_run(), PRESETS, GPU)
     assert p.activations["denoising_sequential"] < 0.55 * p.activations["denoising_batched"]
     assert p.activations["decoding_tiled"] < 0.5 * p.activations["decoding"]
     # Offloaded blocks are prefetched: streams make group offload faster, not larger than 2 blocks.
-    slow = planner.plan(full_size_run(), conf_dir, streams=False)
+    slow = planner.plan(full_size_run(), PRESETS, Capabilities("no-streams", False, True, memory_policy.QUANTIZATIONS))
     by_name = {s.name: s for s in slow.strategies}
     fast = {s.name: s for s in p.strategies}
     assert by_name["low_vram_16g"].time > fast["low_vram_16g"].time
     assert by_name["low_vram_16g"].stage_bytes["denoising"] < fast["low_vram_16g"].stage_bytes["denoising"]
 
 
-def test_configured_preset_with_overrides_gets_its_own_row(conf_dir):
+def test_configured_preset_with_overrides_gets_its_own_row():
     cfg = full_size_run()
     cfg.memory = MemoryConfig(name="low_vram_24g", model_cpu_offload=True, vae_tiling=True)
-    names = [s.name for s in planner.plan(cfg, conf_dir).strategies]
+    names = [s.name for s in planner.plan(cfg, PRESETS, GPU).strategies]
     assert "low_vram_24g (as configured)" in names and "low_vram_24g" in names
 
 
-def test_format_plan_is_a_readable_table(conf_dir):
-    p = planner.plan(full_size_run(), conf_dir, 24 * GiB)
+def test_format_plan_is_a_readable_table():
+    p = planner.plan(full_size_run(), PRESETS, GPU, budget_bytes=24 * GiB)
     text = planner.format_plan(p)
     assert "432x768, 125 frames" in text and "fits 24.0 GiB" in text
     for s in p.strategies:
@@ -419,12 +417,12 @@ def test_format_plan_is_a_readable_table(conf_dir):
     assert f"chosen: {p.chosen.name}" in text and "<- chosen" in text
 
 
-def test_tiny_plans_build(cache_dir, conf_dir):
+def test_tiny_plans_build(cache_dir):
     for name in ("tiny_contentv", "tiny_cogvideox"):
         if not has_tiny(name):
             continue
         cfg = RunConfig(model=model_config(name))
-        p = planner.plan(cfg, conf_dir, 1 * GiB)
+        p = planner.plan(cfg, PRESETS, GPU, budget_bytes=1 * GiB)
         assert p.chosen.name == "none", name
         assert sum(p.weights.values()) < 20 * 2**20
 
@@ -460,7 +458,7 @@ def test_predicted_denoising_peak_matches_the_gpu_within_10_percent():
         model(x, text, pooled, step, return_dict=False)
         torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
-    predicted = planner.activation_bytes(
+    predicted = activation_bytes(
         batch=batch,
         video_tokens=t * (h // 2) * (w // 2),
         text_tokens=333,

@@ -1,8 +1,9 @@
-"""The web page's logic (contentv/ui.py) without a browser: the handlers on the tiny model on the CPU."""
+"""The web page's logic (contentv/studio.py) and its serving (contentv/ui.py) on the tiny model on the CPU."""
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -11,18 +12,20 @@ import pytest
 
 import demo
 from backends import build_backend
+from contentv import studio as st
 from contentv import ui
-from contentv.config import BackendConfig, MemoryConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig
+from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
-from contentv.runtime import validate_run
+from contentv.validation import validate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny request: 32x48, 5 frames (2 latent frames), 2 steps.
 SMALL = {"width": 48, "height": 32, "num_frames": 5, "num_inference_steps": 2}
+PRESETS = demo.load_presets()
 
 
 def tiny_cfg(out: Path, **ui_fields) -> RunConfig:
-    model = ui.load_presets(demo.CONF_DIR, "model", ModelConfig)["tiny_contentv"]
+    model = copy.deepcopy(PRESETS.models["tiny_contentv"])
     cfg = RunConfig(model=model, backend=BackendConfig(name="cpu"), output=OutputConfig(dir=str(out)))
     cfg.sampling = SamplingConfig(prompt="a red fox walks in snow", **SMALL)
     cfg.ui = dataclasses.replace(cfg.ui, **ui_fields)
@@ -30,19 +33,28 @@ def tiny_cfg(out: Path, **ui_fields) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def studio(cache_dir, tmp_path_factory) -> ui.Studio:
-    return ui.Studio(tiny_cfg(tmp_path_factory.mktemp("ui-out")), build_backend, demo.CONF_DIR)
+def studio(cache_dir, tmp_path_factory) -> st.Studio:
+    return st.Studio(tiny_cfg(tmp_path_factory.mktemp("ui-out")), PRESETS, build_backend)
 
 
-def form(studio: ui.Studio, **changes) -> ui.Form:
-    return dataclasses.replace(studio.defaults(), **changes)
+def form(studio: st.Studio, **changes) -> st.Form:
+    """The page's form with some inputs changed: sampling and memory fields by their option names."""
+    f = studio.defaults()
+    for key, value in changes.items():
+        if key in st.SAMPLING_FIELDS:
+            f.sampling[key] = value
+        elif key in st.MEMORY_FIELDS:
+            f.memory_fields[key] = value
+        else:
+            setattr(f, key, value)
+    return f
 
 
 def videos(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
-def run(studio: ui.Studio, f: ui.Form, progress=None) -> ui.Outcome:
+def run(studio: st.Studio, f: st.Form, progress=None) -> st.Outcome:
     job, message = studio.prepare(f)
     assert job is not None, message
     return studio.generate(job, progress)
@@ -54,8 +66,9 @@ def run(studio: ui.Studio, f: ui.Form, progress=None) -> ui.Outcome:
 def test_page_opens_with_the_command_lines_config(studio):
     d = studio.defaults()
     assert (d.model, d.backend, d.memory, d.offload) == ("tiny_contentv", "cpu", "none", "none")
-    assert (d.width, d.height, d.num_frames, d.num_inference_steps) == (48, 32, 5, 2)
-    assert d.fps == 8 and d.negative_prompt.startswith("overexposed")  # the model's defaults fill the rest
+    s = d.sampling
+    assert (s["width"], s["height"], s["num_frames"], s["num_inference_steps"]) == (48, 32, 5, 2)
+    assert s["fps"] == 8 and s["negative_prompt"].startswith("overexposed")  # the model's defaults fill the rest
 
 
 def test_generate_returns_an_existing_video_with_metadata(studio):
@@ -69,7 +82,7 @@ def test_generate_returns_an_existing_video_with_metadata(studio):
     assert rec["seed"] == 7 and rec["config"]["sampling"]["num_frames"] == 5
     assert {"load", "text_encoding", "denoising", "decoding", "writing"} <= set(rec["timings_s"])
     assert rec["peak_memory"]["host_rss_bytes"] > 0
-    for text in ("time:", "peak memory:", "host RSS", "placement", str(outcome.video)):
+    for text in ("time:", "peak memory:", "host RSS", "placement", outcome.video.name):
         assert text in outcome.metadata
     # progress: a "preparing" note, then one report per step with the count and the time left
     assert [(i, n) for i, n, _ in steps] == [(0, 2), (1, 2), (2, 2)]
@@ -112,7 +125,11 @@ def test_bad_input_gives_the_command_lines_message_and_starts_nothing(studio, ch
     [
         ({"model": "no_such_model"}, "model='no_such_model' is not valid: one of: "),
         ({"backend": "tpu"}, "backend='tpu' is not valid: one of: auto, cpu, cuda, npu"),
-        ({"model_path": "/ckpt/ContentV-8B"}, "model.path='/ckpt/ContentV-8B' is not valid: empty for tiny_contentv"),
+        # the page never loads a server path it wasn't given at launch (and says nothing of what exists there)
+        (
+            {"model_path": "/ckpt/ContentV-8B"},
+            "model.path='/ckpt/ContentV-8B' is not valid: one of the folders in ui.allowed_paths",
+        ),
         ({"num_frames": 5.5}, "sampling.num_frames=5.5 is not valid: an integer"),
         ({"seed": None}, "sampling.seed=None is not valid: an integer"),
         # the backend's own memory checks run before any weights load
@@ -127,17 +144,19 @@ def test_other_bad_choices_are_one_line_before_loading(studio, changes, expected
     assert "\n" not in message and studio.runtime(BackendConfig(name="cpu")).loads == before_loads
 
 
-def test_a_real_model_path_is_checked_before_loading(studio, tmp_path):
-    job, message = studio.prepare(form(studio, model="contentv_8b", model_path=str(tmp_path / "missing")))
+def test_an_allowed_model_path_is_checked_before_loading(cache_dir, tmp_path):
+    missing = str(tmp_path / "missing")
+    studio = st.Studio(tiny_cfg(tmp_path, allowed_paths=[missing]), PRESETS, build_backend)
+    job, message = studio.prepare(form(studio, model="contentv_8b", model_path=missing))
     assert job is None
-    assert message.startswith(f"error: model.path='{tmp_path / 'missing'}' is not valid: an existing checkpoint")
+    assert message.startswith(f"error: model.path='{missing}' is not valid: an existing checkpoint")
 
 
 def test_an_unexpected_failure_is_one_line_too(cache_dir, tmp_path):
     def broken_factory(cfg):
         raise RuntimeError("no such device\nsecond line")
 
-    studio = ui.Studio(tiny_cfg(tmp_path), broken_factory, demo.CONF_DIR)
+    studio = st.Studio(tiny_cfg(tmp_path), PRESETS, broken_factory)
     job, message = studio.prepare(form(studio))
     assert job is None and message == "error: RuntimeError: no such device"
 
@@ -194,11 +213,11 @@ def test_same_model_backend_and_memory_reuse_the_loaded_pipeline(studio):
 
 
 def test_offload_is_one_choice_so_model_and_sequential_cannot_combine(studio):
-    for mode in ui.OFFLOAD_MODES:
+    for mode in st.OFFLOAD_MODES:
         m = studio.memory_config(form(studio, offload=mode))
         flags = [m.model_cpu_offload, m.sequential_cpu_offload, m.group_offload]
         assert sum(flags) == (mode != "none")
-        assert ui.offload_mode(m) == mode
+        assert st.offload_mode(m) == mode
     with pytest.raises(ConfigError, match="offload='model\\+sequential' is not valid: one of: none, model"):
         studio.memory_config(form(studio, offload="model+sequential"))
 
@@ -218,21 +237,6 @@ def test_presets_are_exactly_the_command_lines(studio):
     assert set(studio.memories) == set(demo.group_options("memory"))
     assert set(studio.backends) == set(demo.group_options("backend"))
     assert studio.sampling_defaults("cogvideox_2b")["num_frames"] == 49  # the model change refills the form
-
-
-def test_presets_load_with_defaults_lists(tmp_path):
-    (tmp_path / "memory").mkdir()
-    (tmp_path / "memory" / "base.yaml").write_text("name: base\nvae_tiling: true\nattention_slicing: 64\n")
-    (tmp_path / "memory" / "small.yaml").write_text(
-        "defaults:\n  - base\n  - _self_\nname: small\nmodel_cpu_offload: true\nattention_slicing: 32\n"
-    )
-    presets = ui.load_presets(tmp_path, "memory", MemoryConfig)
-    small = presets["small"]
-    assert isinstance(small, MemoryConfig)
-    assert (small.name, small.vae_tiling, small.model_cpu_offload, small.attention_slicing) == ("small", True, True, 32)
-    (tmp_path / "memory" / "bad.yaml").write_text("name: bad\nno_such_field: 1\n")
-    with pytest.raises(ConfigError, match="memory=bad"):
-        ui.load_presets(tmp_path, "memory", MemoryConfig)
 
 
 def test_every_memory_preset_goes_through_the_page_unchanged(studio):
@@ -294,14 +298,14 @@ def test_launch_warns_for_another_interface_and_checks_ui_settings(cache_dir, tm
     gr = pytest.importorskip("gradio")
     calls = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.update(kw))  # bind nothing
-    server = ui.launch(tiny_cfg(tmp_path, host="0.0.0.0", port=7861), build_backend, demo.CONF_DIR, block=False)
-    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] == 7861 and calls["share"] is False
+    server = ui.launch(tiny_cfg(tmp_path, host="0.0.0.0", port=0), PRESETS, build_backend, block=False)
+    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] == 0 and calls["share"] is False
     assert "warning: ui.host=0.0.0.0" in capsys.readouterr().err
     assert server.blocks._queue.max_size == 8  # ui.max_queue
-    ui.launch(tiny_cfg(tmp_path), build_backend, demo.CONF_DIR, block=False)
+    ui.launch(tiny_cfg(tmp_path, port=0), PRESETS, build_backend, block=False)
     assert calls["server_name"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ui.max_queue=0 is not valid"):
-        ui.launch(tiny_cfg(tmp_path, max_queue=0), build_backend, demo.CONF_DIR, block=False)
+        ui.launch(tiny_cfg(tmp_path, max_queue=0), PRESETS, build_backend, block=False)
 
 
 def test_gradio_is_optional(monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import demo
 from backends import build_backend
 from contentv import ui
-from contentv.config import BackendConfig, ModelConfig, OutputConfig, RunConfig, SamplingConfig, UIConfig
+from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig, UIConfig
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(cache_dir, tmp_path_factory):
-    model = ui.load_presets(demo.CONF_DIR, "model", ModelConfig)["tiny_contentv"]
+    presets = demo.load_presets()
+    model = presets.models["tiny_contentv"]
     cfg = RunConfig(
         model=model,
         backend=BackendConfig(name="cpu"),
@@ -63,7 +64,7 @@ def server(cache_dir, tmp_path_factory):
         sampling=SamplingConfig(prompt="a cat", width=48, height=32, num_frames=5, num_inference_steps=2),
         ui=UIConfig(host="127.0.0.1", port=free_port()),
     )
-    srv = ui.launch(cfg, build_backend, demo.CONF_DIR, block=False)
+    srv = ui.launch(cfg, presets, build_backend, block=False)
     yield srv
     srv.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
+from contentv.models.cogvideox import architecture
 from contentv.registry import ModelSpec
 from contentv.validation import check_common_sampling, check_local_checkpoint, check_size, diffusers_call_kwargs
 
@@ -122,12 +123,6 @@ def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
         )
 
 
-def _architecture():
-    from contentv.models.cogvideox import architecture
-
-    return architecture
-
-
 SPEC = ModelSpec(
     family="cogvideox",
     resolve_path=resolve_path,
@@ -136,8 +131,10 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=diffusers_call_kwargs,
-    components_on_meta=lambda cfg, path: _architecture().components_on_meta(cfg, path),
-    workload=lambda components, s: _architecture().workload(components, s),
+    components_on_meta=architecture.components_on_meta,
+    workload=architecture.workload,
+    cp_plan=architecture.cp_plan,
+    guidance_inputs=architecture.GUIDANCE_INPUTS,
     validate_for_model=validate_for_model,
     components=("transformer", "vae", "text_encoder"),
     quantize_default=("transformer", "text_encoder"),  # the model card quantizes text encoder and transformer

@@ -11,9 +11,8 @@ import json
 from typing import Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
-
-# The same T5-v1.1-XXL encoder as ContentV's text_encoder_3.
-from contentv.models.contentv.architecture import T5_XXL  # noqa: E402
+from contentv.errors import ConfigError
+from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder
 
 TRANSFORMER_2B: dict[str, Any] = dict(
     num_attention_heads=30,
@@ -69,9 +68,6 @@ DECODE_TRACE_FRAMES = 5
 
 def components_on_meta(cfg: ModelConfig, path: str | None) -> dict:
     """name -> (component on the meta device, dtype it is loaded in); a local folder's configs, else built-in."""
-    from contentv.errors import ConfigError
-    from contentv.planner import build_on_meta, local_config_folder
-
     folder = local_config_folder(path, "transformer/config.json", cfg.revision) if path else None
     if folder is not None:
         configs = {n: json.loads((folder / n / "config.json").read_text()) for n in CLASSES}
@@ -91,8 +87,6 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict:
 
 
 def workload(components: dict, s: SamplingConfig):
-    from contentv.planner import Workload
-
     c = components["transformer"][0].config
     t = (s.num_frames - 1) // 4 + 1
     h, w = s.height // 8, s.width // 8
@@ -104,3 +98,26 @@ def workload(components: dict, s: SamplingConfig):
         text_encoder_order=("text_encoder",),
         decode_trace_frames=DECODE_TRACE_FRAMES,
     )
+
+
+# ------------------------------------------------------------------------------------------ context parallelism
+
+# Transformer keyword arguments that carry the guidance batch (B = 2: uncond, cond).
+GUIDANCE_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond", "ofs")
+
+
+def cp_plan() -> dict:
+    """Context-parallel plan (diffusers' format): text and video are embedded together, then sliced apart inside
+    forward, so split at the first block's inputs; the 5B RoPE table (Sv, D) is split on its token dim exactly
+    like the video tokens."""
+    from contentv._diffusers import context_parallel_plan_types
+
+    Input, Output = context_parallel_plan_types()
+    return {
+        "": {"image_rotary_emb": (Input(split_dim=0, expected_dims=2), Input(split_dim=0, expected_dims=2))},
+        "transformer_blocks.0": {
+            "hidden_states": Input(split_dim=1, expected_dims=3),  # (B, Sv, D)
+            "encoder_hidden_states": Input(split_dim=1, expected_dims=3),  # (B, St, D)
+        },
+        "proj_out": Output(gather_dim=1, expected_dims=3),
+    }

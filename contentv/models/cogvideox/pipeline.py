@@ -12,7 +12,6 @@ the VAE's (no-ops when the dtypes agree, as in diffusers), and a prompt longer t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -33,23 +32,19 @@ from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from contentv.errors import GenerationCancelled
+from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
+from contentv.models.common import RuntimePlacement, StageContext, null_stage
 
 log = logging.getLogger(__name__)
 
-GUIDANCE_MODES = ("batched", "sequential")
 # Subfolders of a CogVideoX checkpoint, each loaded by its own class (model_index.json is not trusted).
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 # scheduler_config.json's _class_name -> class (2B ships DDIM; DPM is the one diffusers suggests for 5B).
 SCHEDULERS = {"CogVideoXDDIMScheduler": CogVideoXDDIMScheduler, "CogVideoXDPMScheduler": CogVideoXDPMScheduler}
 HUB_KWARGS = ("revision", "local_files_only", "cache_dir", "token")
-StageContext = Callable[[str], contextlib.AbstractContextManager]
 
 
-def _null_stage(_name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-class CogVideoXRuntimePipeline(CogVideoXPipeline):
+class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
     """Text-to-video with CogVideoX-2B/5B. Use like diffusers' `CogVideoXPipeline`:
 
     >>> pipe = CogVideoXRuntimePipeline.from_pretrained("THUDM/CogVideoX-2b", torch_dtype=torch.float16)
@@ -67,31 +62,6 @@ class CogVideoXRuntimePipeline(CogVideoXPipeline):
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
-        # Set by the backend (injected, never decided here):
-        # execution_device: where denoising runs (None = diffusers' inference from weights and hooks);
-        # text_encoder_placement: "resident" | "release" (onto the device for encoding, back to the CPU
-        # after) | "cpu" (encode on the CPU, move the embeddings).
-        self.execution_device: torch.device | None = None
-        self.text_encoder_placement = "resident"
-
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.execution_device or super()._execution_device
-
-    @contextlib.contextmanager
-    def _text_encoding_device(self, device: torch.device):
-        """Yield the device text encoding runs on, placing the encoder per `text_encoder_placement`."""
-        placement = self.text_encoder_placement
-        if placement == "cpu":
-            yield torch.device("cpu")
-            return
-        if placement == "release":
-            self.text_encoder.to(device)
-        try:
-            yield device
-        finally:
-            if placement == "release":
-                self.text_encoder.to("cpu")
 
     # ---------------------------------------------------------------- loading
 
@@ -149,8 +119,8 @@ class CogVideoXRuntimePipeline(CogVideoXPipeline):
 
     def check_runtime_inputs(self, guidance_mode: str, text_len: int) -> None:
         """Raise ValueError for the arguments diffusers' check_inputs does not cover."""
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode={guidance_mode!r}: must be one of {', '.join(GUIDANCE_MODES)}")
+        if guidance_mode not in PIPELINE_GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode={guidance_mode!r}: must be one of {', '.join(PIPELINE_GUIDANCE_MODES)}")
         cfg = self.transformer.config
         # 2B-style sin-cos: the patch embedding's joint position table has exactly max_text_seq_length
         # text slots before the video tokens, so any other text length fails to broadcast.
@@ -252,7 +222,7 @@ class CogVideoXRuntimePipeline(CogVideoXPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        stage = stage_context or _null_stage
+        stage = stage_context or null_stage
 
         height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
         width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial

@@ -6,6 +6,7 @@ import json
 
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
+from contentv.models.contentv import architecture
 from contentv.registry import ModelSpec
 from contentv.validation import (
     check_common_sampling,
@@ -73,12 +74,6 @@ def validate(s: SamplingConfig) -> None:
         raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, "an integer in 1..512")
 
 
-def _architecture():
-    from contentv.models.contentv import architecture
-
-    return architecture
-
-
 SPEC = ModelSpec(
     family="contentv",
     resolve_path=resolve_path,
@@ -87,8 +82,10 @@ SPEC = ModelSpec(
     install_attention=install_attention,
     validate=validate,
     call_kwargs=diffusers_call_kwargs,
-    components_on_meta=lambda cfg, path: _architecture().components_on_meta(cfg, path),
-    workload=lambda components, s: _architecture().workload(components, s),
+    components_on_meta=architecture.components_on_meta,
+    workload=architecture.workload,
+    cp_plan=architecture.cp_plan,
+    guidance_inputs=architecture.GUIDANCE_INPUTS,
     components=("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
     quantize_default=("transformer", "text_encoder_3"),  # the 8B transformer and the 4.8B T5
 )

@@ -1,7 +1,6 @@
 """ContentV-8B's component configs, and each component built on the meta device (no weights read).
 
-The memory planner (contentv/planner.py) sizes weights and activations from these. The full-size configs
-are the public checkpoint's (`ByteDance/ContentV-8B`): the transformer is our class's defaults; the text
+The memory planner (contentv/planner/) reads these through the registry. The full-size configs are the public checkpoint's (`ByteDance/ContentV-8B`): the transformer is our class's defaults; the text
 encoders are SD3.5-Large's (CLIP-L, OpenCLIP bigG, T5-v1.1-XXL encoder); the VAE is Wan2.1's, which is
 diffusers' `AutoencoderKLWan` defaults. Parameter counts: transformer 8.06e9, CLIP-L 0.124e9, CLIP-G
 0.695e9, T5 4.76e9, VAE 0.127e9 (tests check them).
@@ -13,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
+from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder
 
 if TYPE_CHECKING:
     import torch
@@ -66,28 +66,7 @@ CLIP_G: dict[str, Any] = dict(
     eos_token_id=2,
     pad_token_id=1,
 )
-# text_encoder_3: T5-v1.1-XXL, encoder only (SD3's text_encoder_3/config.json).
-T5_XXL: dict[str, Any] = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dense_act_fn="gelu_new",
-    is_gated_act=True,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-    is_encoder_decoder=False,
-    use_cache=False,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
+# text_encoder_3: T5-v1.1-XXL, encoder only (shared with CogVideoX): contentv.models.common.T5_XXL.
 # vae: Wan2.1 video VAE = AutoencoderKLWan's defaults (4x time, 8x space, 16 latent channels).
 WAN_VAE: dict[str, Any] = dict(
     base_dim=96,
@@ -126,8 +105,6 @@ BLOCK_LIVE = 4.0
 def component_configs(path: str | None, revision: str | None = None) -> tuple[dict[str, dict[str, Any]], str]:
     """Each component's config and where it came from: a local checkpoint folder, the local hub cache
     (never the network), or the built-in full-size ContentV-8B configs."""
-    from contentv.planner import local_config_folder
-
     folder = local_config_folder(path, "transformer/config.json", revision) if path else None
     if folder is None:
         return {name: dict(config) for name, config in FULL_SIZE.items()}, f"built-in {HUB_ID} configs"
@@ -148,8 +125,6 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, tuple[nn
     `path` is a local checkpoint folder (its config files are read) or a hub id (the local hub cache is
     looked at, else the built-in full-size configs are used).
     """
-    from contentv.planner import build_on_meta
-
     configs, _ = component_configs(path, cfg.revision)
     dtypes = component_dtypes(cfg)
     return {name: (build_on_meta(*CLASSES[name], configs[name], dtypes[name]), dtypes[name]) for name in CLASSES}
@@ -157,8 +132,6 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, tuple[nn
 
 def workload(components: dict[str, tuple[nn.Module, torch.dtype]], s: SamplingConfig):
     """Token counts and latent shape of one video at sampling settings `s` (resolved, no nulls)."""
-    from contentv.planner import Workload
-
     transformer = components["transformer"][0]
     p = transformer.config.patch_size
     t = (s.num_frames - 1) // TEMPORAL + 1
@@ -174,3 +147,24 @@ def workload(components: dict[str, tuple[nn.Module, torch.dtype]], s: SamplingCo
         decode_trace_frames=DECODE_TRACE_FRAMES,
         block_live=BLOCK_LIVE,
     )
+
+
+# ------------------------------------------------------------------------------------------ context parallelism
+
+# Transformer keyword arguments that carry the guidance batch (B = 2: uncond, cond).
+GUIDANCE_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+
+def cp_plan() -> dict:
+    """Context-parallel plan (diffusers' format): split the patch-embedded video tokens and the projected text
+    tokens right where they are made (after the 3-D sin-cos positions are added), gather the video tokens after
+    proj_out. Text tokens split like video tokens: attention has no position terms inside it, so key order
+    doesn't matter (see contentv/parallel/context.py)."""
+    from contentv._diffusers import context_parallel_plan_types
+
+    Input, Output = context_parallel_plan_types()
+    return {
+        "pos_embed": {0: Input(split_dim=1, expected_dims=3, split_output=True)},  # (B, T*h*w, D)
+        "context_embedder": {0: Input(split_dim=1, expected_dims=3, split_output=True)},  # (B, 333, D)
+        "proj_out": Output(gather_dim=1, expected_dims=3),  # (B, T*h*w, p*p*C)
+    }

@@ -8,7 +8,6 @@ forwards), invalid sizes are an error rather than silently rounded, and stages c
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from contentv.errors import GenerationCancelled
+from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
+from contentv.models.common import RuntimePlacement, StageContext, null_stage
 from contentv.models.contentv.transformer import SD3Transformer3DModel
 
-GUIDANCE_MODES = ("batched", "sequential")
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 # Subfolders of a ContentV checkpoint, each loaded by its own class (model_index.json is not trusted).
 COMPONENTS = (
@@ -40,7 +40,6 @@ COMPONENTS = (
     "tokenizer_3",
     "scheduler",
 )
-StageContext = Callable[[str], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -51,11 +50,7 @@ class ContentVPipelineOutput(BaseOutput):
     frames: Any
 
 
-def _null_stage(_name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-class ContentVPipeline(StableDiffusion3Pipeline):
+class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     """Text-to-video with ContentV-8B. Use like any diffusers pipeline:
 
     >>> pipe = ContentVPipeline.from_pretrained("ByteDance/ContentV-8B", torch_dtype=torch.bfloat16)
@@ -96,40 +91,10 @@ class ContentVPipeline(StableDiffusion3Pipeline):
         self.tokenizer_max_length = tokenizer.model_max_length
         self.patch_size = transformer.config.patch_size
         self.default_sample_size = None
-        # Set by the backend (injected, never decided here):
-        # execution_device: where denoising runs (None = diffusers' inference from weights and hooks);
-        # text_encoder_placement: "resident" | "release" (onto the device for encoding, back to the CPU
-        # after) | "cpu" (encode on the CPU, move the embeddings).
-        self.execution_device: torch.device | None = None
-        self.text_encoder_placement = "resident"
 
     def enable_sequential_cpu_offload(self, *args, **kwargs):
         # StableDiffusion3Pipeline's override reads `image_encoder`, which ContentV doesn't have.
         DiffusionPipeline.enable_sequential_cpu_offload(self, *args, **kwargs)
-
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.execution_device or super()._execution_device
-
-    def _text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
-
-    @contextlib.contextmanager
-    def _text_encoding_device(self, device: torch.device):
-        """Yield the device text encoding runs on, placing the encoders per `text_encoder_placement`."""
-        placement = self.text_encoder_placement
-        if placement == "cpu":
-            yield torch.device("cpu")
-            return
-        if placement == "release":
-            for module in self._text_encoders():
-                module.to(device)
-        try:
-            yield device
-        finally:
-            if placement == "release":
-                for module in self._text_encoders():
-                    module.to("cpu")
 
     # ---------------------------------------------------------------- loading
 
@@ -197,8 +162,8 @@ class ContentVPipeline(StableDiffusion3Pipeline):
             raise ValueError(f"num_frames={num_frames}: must be of the form {t}k+1 (e.g. 49, 121, 125)")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps={steps}: must be an integer >= 1")
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode={guidance_mode!r}: must be one of {', '.join(GUIDANCE_MODES)}")
+        if guidance_mode not in PIPELINE_GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode={guidance_mode!r}: must be one of {', '.join(PIPELINE_GUIDANCE_MODES)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: must be one of {', '.join(OUTPUT_TYPES)}")
 
@@ -315,7 +280,7 @@ class ContentVPipeline(StableDiffusion3Pipeline):
         timing and memory statistics). Setting `pipe._interrupt = True` from a step callback stops at
         the end of that step and raises `GenerationCancelled`.
         """
-        stage = stage_context or _null_stage
+        stage = stage_context or null_stage
         self.check_video_inputs(height, width, num_frames, num_inference_steps, guidance_mode, output_type)
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:

@@ -1,0 +1,157 @@
+"""Memory planner: predicted peak device memory, host RAM and relative time of every memory strategy.
+
+`memory=auto` runs the fastest strategy that fits both the device (its free memory, or `memory.budget_gb`)
+and the host (its available RAM); `dry_run=true` prints the table. Nothing here loads weights or touches a
+device:
+
+- weights (`weights.py`): every component built on the meta device by its family's description
+  (`contentv/models/<family>/architecture.py`, read through the registry) and counted tensor by tensor at
+  the dtype it is loaded in, after quantization. Exact: tests compare with loaded checkpoints.
+- activations (`activations.py`): the transformer's from a live-tensor model of one block, the text
+  encoders' from their widths, the VAE decode's from a meta-device trace of the real decoder.
+- strategies (`strategies.py`): what each placement keeps on the device in each stage.
+- report (`report.py`): the table.
+
+The presets and the device's capabilities and budgets are the caller's business (the entry point composes
+the presets; the backend knows the device): `plan()` takes them as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from contentv.config import MemoryConfig, RunConfig, resolve_sampling
+from contentv.errors import ConfigError
+from contentv.memory_policy import Capabilities, check, guidance_passes, with_defaults
+from contentv.models.common import generic_components_on_meta, generic_workload, local_config_folder
+from contentv.planner.report import format_plan
+from contentv.planner.strategies import MARGIN, STAGES, GiB, ModelCosts, Plan, Strategy, predict
+from contentv.planner.weights import tensor_bytes, weight_bytes
+
+__all__ = ["GiB", "MARGIN", "STAGES", "Plan", "Strategy", "format_plan", "plan", "tensor_bytes", "weight_bytes"]
+
+_COMPONENTS: dict[str, dict[str, tuple[nn.Module, torch.dtype]]] = {}
+
+
+def budget_from(memory: MemoryConfig, budget_bytes: int | None) -> int | None:
+    """memory.budget_gb (GiB, as cards are sold: a "16 GB" card has 16 GiB) wins over the caller's figure."""
+    return int(memory.budget_gb * GiB) if memory.budget_gb is not None else budget_bytes
+
+
+def plan(
+    cfg: RunConfig,
+    presets: Mapping[str, MemoryConfig],
+    caps: Capabilities | None = None,
+    *,
+    budget_bytes: int | None = None,
+    host_budget_bytes: int | None = None,
+    math_attention: bool = False,
+) -> Plan:
+    """Predict every preset (plus `none`, and cfg.memory if it differs from its preset) for this run, and choose
+    the fastest that fits.
+
+    Device budget: `memory.budget_gb` if set, else `budget_bytes` (the device's free memory); host budget:
+    `host_budget_bytes` (the RAM the process can use). Without a device budget no choice is made (table only).
+    `caps`: the backend's capabilities (offload streams, quantizations, guidance preference); presets it
+    can't run are shown with the reason and never chosen. Raises ConfigError naming memory.budget_gb when
+    nothing fits. No weights are loaded.
+    """
+    from contentv.registry import get_spec
+
+    spec = get_spec(cfg.model.family)
+    sampling = resolve_sampling(cfg.sampling, cfg.model)
+    # The prompt doesn't change memory: a dry run may have none.
+    spec.validate(dataclasses.replace(sampling, prompt=sampling.prompt or "dry run"))
+    path = spec.resolve_path(cfg.model)
+    m = cfg.model
+    key = json.dumps([m.family, path, m.dtype, m.vae_dtype, m.text_encoder_dtype, m.revision])
+    if key not in _COMPONENTS:
+        _COMPONENTS.clear()  # one model at a time: meta modules hold no storage, but many Python objects
+        _COMPONENTS[key] = (spec.components_on_meta or generic_components_on_meta)(cfg.model, path)
+    components = _COMPONENTS[key]
+    model = ModelCosts(components, (spec.workload or generic_workload)(components, sampling), sampling, math_attention)
+    budget = budget_from(cfg.memory, budget_bytes)
+    streams = caps.supports_offload_streams if caps is not None else True
+    batched = getattr(caps, "batched_guidance", True)
+
+    candidates = {n: p for n, p in presets.items() if n != "auto"}
+    candidates.setdefault("none", MemoryConfig(name="none"))
+    if cfg.memory.name != "auto" and (
+        cfg.memory.name not in candidates or _differs(cfg.memory, candidates[cfg.memory.name])
+    ):
+        candidates[f"{cfg.memory.name} (as configured)"] = cfg.memory
+    strategies = []
+    for name, memory in candidates.items():
+        guidance = guidance_passes(memory, sampling.guidance_scale, batched)
+        try:
+            check(memory, caps)
+            strategy = predict(model, with_defaults(memory, spec.quantize_default), guidance, streams)
+            strategy.memory = memory
+        except ConfigError as exc:
+            strategy = Strategy(name=name, memory=memory, error=str(exc), time=math.inf)
+        strategy.name = name
+        if budget is not None and not strategy.error:
+            strategy.fits = strategy.device_bytes <= (1 - MARGIN) * budget and (
+                host_budget_bytes is None or strategy.host_peak_bytes <= host_budget_bytes
+            )
+        strategies.append(strategy)
+    strategies.sort(key=lambda s: (s.time, s.device_bytes))
+
+    plain, tiled = model.decode()
+    result = Plan(
+        model=cfg.model.name,
+        sampling=sampling,
+        guidance=guidance_passes(cfg.memory if cfg.memory.name != "auto" else MemoryConfig(), sampling.guidance_scale),
+        weights={n: model.bytes(n) for n in components},
+        activations={
+            "text_encoding": model.text_bytes(),
+            "denoising_batched": model.denoise_bytes(2, 0),
+            "denoising_sequential": model.denoise_bytes(1, 0),
+            "decoding": plain,
+            "decoding_tiled": tiled,
+        },
+        strategies=strategies,
+        budget_bytes=budget,
+        host_budget_bytes=host_budget_bytes,
+        source=str(path)
+        if local_config_folder(path, "model_index.json", m.revision)
+        else f"the built-in configs ({path})",
+    )
+    if budget is not None:
+        fitting = [s for s in strategies if s.fits]
+        if not fitting:
+            raise ConfigError("memory.budget_gb", round(budget / GiB, 2), _nothing_fits(result))
+        result.chosen = fitting[0]
+    return result
+
+
+def _nothing_fits(p: Plan) -> str:
+    """What the budget would have to be, with the numbers."""
+    s = p.sampling
+    runnable = [x for x in p.strategies if not x.error]
+    if not runnable:
+        return "a budget some strategy can run in: none of the presets can run on this backend"
+    smallest = min(runnable, key=lambda x: x.device_bytes)
+    text = (
+        f"at least {smallest.device_bytes / (1 - MARGIN) / GiB:.1f} (GiB) for {p.model} at {s.height}x{s.width}, "
+        f"{s.num_frames} frames: the smallest predicted peak is {smallest.device_bytes / GiB:.2f} GiB "
+        f"({smallest.name})"
+    )
+    if p.host_budget_bytes is not None:
+        lightest = min(runnable, key=lambda x: x.host_peak_bytes)
+        text += (
+            f"; host RAM: {p.host_budget_bytes / GiB:.1f} GiB available, the least any strategy needs is "
+            f"{lightest.host_peak_bytes / GiB:.1f} GiB ({lightest.name})"
+        )
+    return text + "; fewer frames or a smaller size lower it"
+
+
+def _differs(a: MemoryConfig, b: MemoryConfig) -> bool:
+    skip = {"name", "budget_gb"}
+    return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(MemoryConfig) if f.name not in skip)

@@ -1,0 +1,238 @@
+"""Memory strategies: what each one keeps on the device in each stage, and what it costs in time.
+
+`predict` follows the mechanisms in backends/memory.py (placement, group offload groups, text-encoder modes,
+quantized bytes) stage by stage: text encoding, denoising, decoding. Relative times are published anchors
+(PERFORMANCE.md) until the GPU benchmark measures ContentV-8B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from contentv.config import MemoryConfig, SamplingConfig
+from contentv.errors import ConfigError
+from contentv.memory_policy import placement, text_encoder_mode
+from contentv.models.common import Workload, config_get
+from contentv.planner.activations import activation_bytes, decode_bytes, text_encoder_activation_bytes
+from contentv.planner.weights import block_groups, largest_direct, leaf_groups, sum_buffers, tensor_bytes
+
+GiB = 2**30
+# A strategy fits when its predicted peak is at most (1 - MARGIN) * budget (allocator fragmentation,
+# kernel workspaces and the estimate's own error).
+MARGIN = 0.05
+# Host RAM of the process itself (interpreter, torch, diffusers, CUDA/CANN host-side state); a placeholder
+# until measured on the target machines.
+BASE_HOST_BYTES = int(2.5 * GiB)
+STAGES = ("text_encoding", "denoising", "decoding")
+
+# Relative time (1.0 = everything resident, no quantization). These are the published anchors of
+# /work/shared/PERFORMANCE.md (diffusers' offloading run, Flux int8/fp8 on an H100, mmgp), to be replaced by
+# ratios measured on ContentV-8B with the benchmarks. Offload overheads are for one forward per step;
+# sequential guidance runs two, so the weight traffic (the overhead) doubles under block/layer offload.
+PLACEMENT_TIME = {
+    "device": 1.0,
+    "model_cpu_offload": 1.02,  # each component crosses once per video
+    "group_offload_stream": 1.05,  # block prefetch hides behind compute at long sequences
+    "group_offload": 1.5,  # synchronous block copies
+    "sequential_cpu_offload": 5.0,  # layer-by-layer synchronous copies
+}
+QUANT_TIME = {"none": 1.0, "bnb_int8": 2.25, "bnb_nf4": 1.5, "fp8": 1.08, "torchao_int8": 1.25}
+TEXT_ENCODER_TIME = {"device": 1.0, "offload": 1.0, "release": 1.01, "cpu": 1.03}
+VAE_TILING_TIME = 1.02
+ATTENTION_SLICING_TIME = 1.02
+
+
+@dataclass
+class Strategy:
+    """One memory strategy and what the planner predicts for it."""
+
+    name: str
+    memory: MemoryConfig
+    device_bytes: int = 0  # predicted peak device memory (max over stages)
+    stage_bytes: dict[str, int] = field(default_factory=dict)  # peak device memory per stage
+    host_bytes: int = 0  # host RAM while generating (weights kept on the CPU, pinned copies, process)
+    host_peak_bytes: int = 0  # including loading and pinning
+    time: float = 1.0  # relative time; 1.0 = everything resident, no quantization
+    fits: bool | None = None  # under the budget (with MARGIN); None without a budget
+    error: str = ""  # why this strategy can't run here (it is then never chosen)
+
+
+@dataclass
+class Plan:
+    model: str
+    sampling: SamplingConfig
+    guidance: str  # batched | sequential | none
+    weights: dict[str, int]  # component -> bytes as loaded (no quantization)
+    activations: dict[str, int]  # denoising (batched / sequential), text encoding, decoding (plain / tiled)
+    strategies: list[Strategy]
+    budget_bytes: int | None = None
+    host_budget_bytes: int | None = None  # RAM the process can use
+    chosen: Strategy | None = None
+    source: str = ""  # where the component configs came from
+
+
+def relative_time(memory: MemoryConfig, guidance: str, streams: bool = True) -> float:
+    """Relative time of a strategy from the anchors above (1.0 = everything resident)."""
+    where = placement(memory)
+    if where == "group_offload":
+        where = "group_offload_stream" if memory.group_offload_stream and streams else "group_offload"
+    t = PLACEMENT_TIME[where]
+    if guidance == "sequential" and where in ("group_offload_stream", "group_offload", "sequential_cpu_offload"):
+        t = 1 + 2 * (t - 1)  # two forwards per step: every block crosses twice
+    if "transformer" in (memory.quantize if memory.quantize is not None else ("transformer",)):  # null: default
+        t *= QUANT_TIME.get(memory.quantization, 1.0)
+    t *= TEXT_ENCODER_TIME.get(text_encoder_mode(memory), 1.0)
+    if memory.vae_tiling:
+        t *= VAE_TILING_TIME
+    if memory.attention_slicing:
+        t *= ATTENTION_SLICING_TIME
+    return round(t, 4)
+
+
+@dataclass
+class ModelCosts:
+    """Everything strategy-independent: the components on meta and the workload's activation sizes."""
+
+    components: dict[str, tuple[nn.Module, torch.dtype]]
+    workload: Workload
+    sampling: SamplingConfig
+    math_attention: bool
+    _sizes: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
+
+    def sizes(self, name: str, quantization: str) -> dict[int, int]:
+        key = (name, quantization)
+        if key not in self._sizes:
+            module, dtype = self.components[name]
+            self._sizes[key] = tensor_bytes(module, dtype, quantization)
+        return self._sizes[key]
+
+    def bytes(self, name: str, quantization: str = "none") -> int:
+        return sum(self.sizes(name, quantization).values())
+
+    def denoise_bytes(self, batch: int, attention_chunk: int) -> int:
+        module, dtype = self.components["transformer"]
+        c = module.config
+        dim = config_get(c, "num_attention_heads", default=1) * config_get(c, "attention_head_dim", default=64)
+        wl = self.workload
+        act = activation_bytes(
+            batch=batch,
+            video_tokens=wl.video_tokens,
+            text_tokens=wl.text_tokens,
+            dim=dim,
+            ff_dim=int(wl.ff_mult * dim),
+            dtype=dtype,
+            heads=config_get(c, "num_attention_heads", default=1),
+            live=wl.block_live,
+            math_attention=self.math_attention,
+            attention_chunk=attention_chunk,
+        )
+        return act + self.resident_tensors(batch)
+
+    def resident_tensors(self, batch: int) -> int:
+        """Latents, noise predictions, scheduler temporaries and prompt embeddings kept across steps."""
+        _, dtype = self.components["transformer"]
+        latent = math.prod(self.workload.latent) * dtype.itemsize
+        width = config_get(
+            self.components["transformer"][0].config, "joint_attention_dim", "text_embed_dim", default=4096
+        )
+        embeds = 2 * self.workload.text_tokens * width * dtype.itemsize
+        return 4 * batch * latent + embeds
+
+    def text_bytes(self) -> int:
+        out = 0
+        for name, tokens in self.workload.text_lengths.items():
+            if name in self.components:
+                module, dtype = self.components[name]
+                out = max(out, text_encoder_activation_bytes(module, tokens, dtype))
+        return out
+
+    def decode(self) -> tuple[int, int]:
+        if "vae" not in self.components:
+            return 0, 0
+        vae, dtype = self.components["vae"]
+        return decode_bytes(vae, dtype, self.workload.latent, self.workload.decode_trace_frames)
+
+
+def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: bool) -> Strategy:
+    names = list(model.components)
+    missing = [n for n in memory.quantize if n not in names] if memory.quantization != "none" else []
+    if missing:
+        raise ConfigError("memory.quantize", missing[0], names)
+    quant = {n: (memory.quantization if n in memory.quantize else "none") for n in names}
+    w = {n: model.bytes(n, quant[n]) for n in names}
+    total = sum(w.values())
+    te = [n for n in names if n.startswith("text_encoder")]
+    order = [n for n in model.workload.text_encoder_order if n in te] or te
+    mode = text_encoder_mode(memory)
+    batch = 2 if guidance == "batched" else 1
+    act = {
+        "text_encoding": model.text_bytes() if mode != "cpu" else 0,
+        "denoising": model.denoise_bytes(batch, memory.attention_slicing),
+        "decoding": model.decode()[1 if memory.vae_tiling else 0] + model.resident_tensors(1),
+    }
+    use_stream = memory.group_offload_stream and streams
+    pinned = 0  # pinned host copies made beside the loaded weights (freed, the loaded ones, after a first pass)
+
+    if memory.sequential_cpu_offload:
+        # accelerate moves each module's own weights to the device when it runs; buffers stay there.
+        def largest(group: list[str]) -> int:
+            return max((largest_direct(model.components[n][0], model.sizes(n, quant[n])) for n in group), default=0)
+
+        buffers = sum(sum_buffers(model.components[n][0], model.sizes(n, quant[n])) for n in names)
+        resident = {
+            "text_encoding": largest(te) + buffers,
+            "denoising": largest(["transformer"]) + buffers,
+            "decoding": largest(["vae"] if "vae" in names else []) + buffers,
+        }
+        host = total
+    elif memory.model_cpu_offload:
+        # accelerate's chain offloads a component when the next one in the chain runs; the negative prompt
+        # runs the first encoders again while the last one (T5) is still on the device.
+        text = max((w[n] for n in te), default=0)
+        if guidance != "none" and len(order) > 1:
+            text = w[order[-1]] + max(w[n] for n in order[:-1])
+        resident = {"text_encoding": text, "denoising": w.get("transformer", 0), "decoding": w.get("vae", 0)}
+        host = total - min(resident.values())
+    else:
+        always = sum(w[n] for n in names if n not in te and n != "transformer")  # moved to the device once
+        te_all = sum(w[n] for n in te)
+        if memory.group_offload:
+            sizes = model.sizes("transformer", quant["transformer"])
+            group, rest = block_groups(model.components["transformer"][0], sizes, memory.group_offload_blocks)
+            busy_transformer = rest + group * (2 if use_stream else 1)  # running block + the one prefetched
+            idle_transformer = 0
+            pinned += w["transformer"] if use_stream else 0
+        else:
+            busy_transformer = idle_transformer = w.get("transformer", 0)
+        if mode == "device":
+            te_idle = te_busy = te_all
+        elif mode == "offload":  # leaf-level group offload of each text encoder
+            leaves = [leaf_groups(model.components[n][0], model.sizes(n, quant[n])) for n in te]
+            te_idle = 0
+            te_busy = max((outside + leaf * (2 if use_stream else 1) for leaf, outside in leaves), default=0)
+            pinned += te_all if use_stream else 0
+        elif mode == "release":
+            te_idle, te_busy = 0, te_all
+        else:  # cpu: encoded on the CPU
+            te_idle = te_busy = 0
+        resident = {
+            "text_encoding": always + te_busy + idle_transformer,
+            "denoising": always + te_idle + busy_transformer,
+            "decoding": always + te_idle + idle_transformer,
+        }
+        host = total - always - (te_all if mode == "device" else 0) - (0 if memory.group_offload else idle_transformer)
+    stage_bytes = {s: int(resident[s] + act[s]) for s in STAGES}
+    full = sum(model.bytes(n) for n in names)  # loading reads every weight at full precision first
+    return Strategy(
+        name=memory.name,
+        memory=memory,
+        device_bytes=max(stage_bytes.values()),
+        stage_bytes=stage_bytes,
+        host_bytes=int(host + BASE_HOST_BYTES),
+        host_peak_bytes=int(max(host + pinned, full) + BASE_HOST_BYTES),
+        time=relative_time(memory, guidance, streams),
+    )

@@ -1,0 +1,528 @@
+"""The web page's logic without gradio: form <-> config, one validated job at a time, queue limits, cancel.
+
+`Studio` is what `contentv/ui.py` (the gradio page) calls, and what tests drive directly. The page's inputs
+are config fields: each `Form` field names the option it sets, and its conversion (integer, number, text,
+switch) comes from that option's type in contentv/config.py, so the page and the command line accept the
+same values and report bad ones with the same line. Presets (model, memory, backend) are the ones the entry
+point composed (Hydra); the backend factory is injected (contentv never imports `backends`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import typing
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contentv.config import (
+    BackendConfig,
+    MemoryConfig,
+    Presets,
+    RunConfig,
+    SamplingConfig,
+    resolve_sampling,
+)
+from contentv.errors import ConfigError, GenerationCancelled, first_line
+from contentv.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# The page's offload radio: one mechanism at a time (diffusers can't stack them).
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+OFFLOAD_FLAGS = {"model": "model_cpu_offload", "sequential": "sequential_cpu_offload", "group": "group_offload"}
+GALLERY_LIMIT = 24
+# The config fields the page edits directly, by group (their types decide widgets and conversions).
+SAMPLING_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "num_frames",
+    "fps",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+)
+MEMORY_FIELDS = ("vae_slicing", "vae_tiling", "attention_slicing", "quantization", "budget_gb")
+# Sampling fields the page refills from a model's defaults when the model preset changes.
+MODEL_DEFAULT_FIELDS = (
+    "negative_prompt",
+    "num_frames",
+    "fps",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+)
+
+
+@dataclass
+class Form:
+    """What the page sends: the presets chosen, the edited fields, and the page's own switches.
+
+    Sampling and memory fields carry the option's value (None = the preset's or the model's default).
+    """
+
+    model: str = "contentv_8b"
+    # A checkpoint folder replacing the preset's model.path: one of ui.allowed_paths, or "" for the preset's.
+    model_path: str = ""
+    backend: str = "auto"
+    memory: str = "none"
+    offload: str = "none"
+    random_seed: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)
+    memory_fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What the page shows after a generation (or a refusal)."""
+
+    ok: bool
+    status: str  # one line: "error: ...", "cancelled ...", or "done ..."
+    video: Path | None = None
+    sidecar: Path | None = None
+    metadata: str = ""  # markdown: timings, peak memory, placement
+    record: dict = field(default_factory=dict)
+    reused: bool = False  # the loaded pipeline was reused (no weights loaded)
+
+
+@dataclass(eq=False)
+class Job:
+    """A validated request: the exact config to run, whose page asked, and its cancel switch."""
+
+    cfg: RunConfig
+    session: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    plan: str | None = None  # the planner's table (memory=auto), shown before the run starts
+    finished: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+
+
+# ---------------------------------------------------------------------------------------- fields
+
+
+def field_kind(schema: type, name: str) -> type:
+    """The value type of a config field: int, float, bool or str (Optional unwrapped)."""
+    hint = typing.get_type_hints(schema)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+def convert(option: str, value: Any, kind: type) -> Any:
+    """A page value as the option's type. Empty -> None; gradio numbers arrive as float: a fractional value for
+    an integer option is an error, not rounded."""
+    if value is None or (value == "" and kind is not str):
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(option, value, "true or false")
+        return value
+    if kind is str:
+        return str(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, value, "a number" if kind is float else "an integer") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ConfigError(option, value, "an integer")
+        return int(number)
+    return number
+
+
+def offload_mode(memory: MemoryConfig) -> str:
+    """The radio value for a memory config (the first mechanism set wins)."""
+    for mode, flag in OFFLOAD_FLAGS.items():
+        if getattr(memory, flag):
+            return mode
+    return "none"
+
+
+def describe_result(record: dict, reused: bool, video: Path | None, sidecar: Path | None) -> str:
+    """Markdown for the page: what ran, per-stage time, peak memory, where the files are."""
+    cfg = record.get("config", {})
+    s, m = cfg.get("sampling", {}), cfg.get("model", {})
+    prepared = record.get("prepared", {})
+    peak = record.get("peak_memory", {})
+    device = record.get("device", {})
+    timings = record.get("timings_s", {})
+    stages = " · ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in timings.items())
+    lines = [
+        f"**{m.get('name')}** on **{device.get('backend')}** ({device.get('device')}) · seed **{record.get('seed')}**"
+        f" · {s.get('width')}×{s.get('height')}, {s.get('num_frames')} frames at {s.get('fps')} fps"
+        f" · {s.get('num_inference_steps')} steps, guidance {s.get('guidance_scale')}",
+        f"**time:** {sum(timings.values()):.2f} s ({stages}; {record.get('seconds_per_step', 0):.3f} s/step)",
+        f"**peak memory:** device {_gib(peak.get('device_bytes'))} · host RSS {_gib(peak.get('host_rss_bytes'))}",
+        f"**pipeline:** {'reused (no weights loaded)' if reused else 'loaded'} · memory preset"
+        f" {prepared.get('memory_preset')} · placement {prepared.get('placement')} · attention"
+        f" {prepared.get('attention_kernel')} · quantization {prepared.get('quantization')}",
+    ]
+    changes = prepared.get("output_changes") or []
+    if changes:
+        lines.append("**changes the output:** " + "; ".join(changes))
+    if video is not None:
+        lines.append(f"**video:** `{video.name}`" + (f" · **sidecar:** `{sidecar.name}`" if sidecar else ""))
+    return "\n\n".join(lines)
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------- studio
+
+
+class Studio:
+    """Presets, form -> validated config, generation one at a time, cancel, gallery.
+
+    One `Runtime` per backend config (each caches its pipeline by (model, memory)), so weights load once
+    while model, backend and memory settings stay the same; switching backend frees the others' pipelines.
+    """
+
+    def __init__(self, cfg: RunConfig, presets: Presets, build_backend: Callable[[BackendConfig], Any]):
+        self.base = copy.deepcopy(cfg)
+        self.build_backend = build_backend
+        self.models = dict(copy.deepcopy(presets.models))
+        self.memories = dict(copy.deepcopy(presets.memories))
+        self.backends = dict(copy.deepcopy(presets.backends))
+        # The command line's choices (with its overrides) stand in for the presets of the same name.
+        self.models[cfg.model.name] = copy.deepcopy(cfg.model)
+        self.memories[cfg.memory.name] = copy.deepcopy(cfg.memory)
+        self.backends[cfg.backend.name] = copy.deepcopy(cfg.backend)
+        # Only these folders may replace a preset's model.path from the page (never an arbitrary server path).
+        self.allowed_paths = tuple(str(Path(p).expanduser().absolute()) for p in cfg.ui.allowed_paths)
+        # Videos from the page go to output.dir, else outputs/ui; the gallery shows every video under
+        # output.dir, else outputs/ (so command-line runs in outputs/<date>/<time>/ appear too).
+        self.gallery_dir = Path(cfg.output.dir or "outputs").absolute()
+        self.output_dir = self.gallery_dir if cfg.output.dir else self.gallery_dir / "ui"
+        # The only folder the page serves files from: links to videos and sidecars (see serve()).
+        self.serve_dir = Path(tempfile.mkdtemp(prefix="contentv-page-"))
+        self.runtimes: dict[str, Runtime] = {}
+        self._runtimes_lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time, whoever calls
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # prepared, not yet finished
+        self._jobs_lock = threading.Lock()
+
+    # ------------------------------------------------------------ page defaults
+
+    def defaults(self) -> Form:
+        """The form as the page opens: the command line's composed config, model defaults filled in."""
+        cfg = self.base
+        s = resolve_sampling(cfg.sampling, cfg.model)
+        m = cfg.memory
+        return Form(
+            model=cfg.model.name,
+            backend=cfg.backend.name,
+            memory=m.name,
+            offload=offload_mode(m),
+            sampling={k: getattr(s, k) for k in SAMPLING_FIELDS},
+            memory_fields={k: getattr(m, k) for k in MEMORY_FIELDS},
+        )
+
+    def sampling_defaults(self, model: str) -> dict[str, Any]:
+        """The sampling fields the page refills when the model preset changes."""
+        if model not in self.models:
+            return {}
+        d = self.models[model].sampling_defaults
+        return {k: d[k] for k in MODEL_DEFAULT_FIELDS if k in d}
+
+    def memory_fields(self, memory: str) -> dict[str, Any]:
+        """The memory widgets' values for a preset (the offload radio included)."""
+        if memory not in self.memories:
+            return {}
+        m = self.memories[memory]
+        return {"offload": offload_mode(m), **{k: getattr(m, k) for k in MEMORY_FIELDS}}
+
+    # ------------------------------------------------------------ form -> config
+
+    def config(self, form: Form) -> RunConfig:
+        """The RunConfig the form asks for (ConfigError for a value the form itself can't express)."""
+        base = self.base
+        if form.model not in self.models:
+            raise ConfigError("model", form.model, sorted(self.models))
+        model = copy.deepcopy(self.models[form.model])
+        path = (form.model_path or "").strip()
+        if path:
+            # Refused before the file system is touched: the answer must not reveal what exists on the server.
+            if str(Path(path).expanduser().absolute()) not in self.allowed_paths:
+                allowed = ", ".join(self.allowed_paths) or "none were allowed at launch"
+                raise ConfigError("model.path", path, f"one of the folders in ui.allowed_paths ({allowed})")
+            if model.tiny:
+                raise ConfigError("model.path", path, f"empty for {form.model} (a tiny model is built in code)")
+            model.path = path
+        if form.backend not in self.backends:
+            raise ConfigError("backend", form.backend, sorted(self.backends))
+        backend = copy.deepcopy(self.backends[form.backend])
+        memory = self.memory_config(form)
+        values = {
+            k: convert(f"sampling.{k}", form.sampling.get(k), field_kind(SamplingConfig, k)) for k in form.sampling
+        }
+        unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"sampling.{unknown[0]}", values[unknown[0]], f"one of the page's fields: {SAMPLING_FIELDS}"
+            )
+        if form.random_seed:
+            values["seed"] = random.randrange(2**31)
+        elif values.get("seed") is None:
+            raise ConfigError("sampling.seed", form.sampling.get("seed"), "an integer (or tick Random seed)")
+        values["prompt"] = values.get("prompt") or ""
+        # A command-line token limit applies to the model it was given for.
+        values["max_sequence_length"] = base.sampling.max_sequence_length if model.name == base.model.name else None
+        output = dataclasses.replace(base.output, dir=str(self.output_dir), name=None)
+        return RunConfig(
+            backend=backend,
+            model=model,
+            memory=memory,
+            sampling=SamplingConfig(**values),
+            output=output,
+            speedup=copy.deepcopy(base.speedup),
+            ui=copy.deepcopy(base.ui),
+            mode="generate",
+            dry_run=False,
+            debug=base.debug,
+        )
+
+    def memory_config(self, form: Form) -> MemoryConfig:
+        """The chosen memory preset with the page's widgets applied on top."""
+        if form.memory not in self.memories:
+            raise ConfigError("memory", form.memory, sorted(self.memories))
+        memory = copy.deepcopy(self.memories[form.memory])
+        if form.offload not in OFFLOAD_MODES:
+            raise ConfigError("offload", form.offload, OFFLOAD_MODES)
+        if form.offload != offload_mode(memory):
+            # The preset's text-encoder placement was chosen for its own offload mode; let the backend
+            # pick the one that goes with the page's (auto: offload / release / device).
+            memory.text_encoders = "auto"
+        for mode, flag in OFFLOAD_FLAGS.items():
+            setattr(memory, flag, form.offload == mode)
+        for name, value in form.memory_fields.items():
+            if name not in MEMORY_FIELDS:
+                raise ConfigError(f"memory.{name}", value, f"one of the page's fields: {MEMORY_FIELDS}")
+            converted = convert(f"memory.{name}", value, field_kind(MemoryConfig, name))
+            if converted is not None or name == "budget_gb":
+                setattr(memory, name, converted)
+        return memory
+
+    # ------------------------------------------------------------ backends and runtimes
+
+    def runtime(self, backend_cfg: BackendConfig) -> Runtime:
+        """The Runtime for this backend config, built (and its backend set up) on first use."""
+        key = repr(backend_cfg)
+        with self._runtimes_lock:  # checks run unqueued, side by side with a generation
+            if key not in self.runtimes:
+                self.runtimes[key] = Runtime(self.build_backend(backend_cfg), presets=self.memories)
+            return self.runtimes[key]
+
+    def preflight(self, cfg: RunConfig) -> Runtime:
+        """The command line's pre-flight check (contentv.validation.validate_run) on this form's backend."""
+        runtime = self.runtime(cfg.backend)
+        runtime.validate(cfg)
+        return runtime
+
+    def plan(self, form: Form) -> str:
+        """The planner's table for the form's settings (ConfigError for a bad form or nothing fitting).
+
+        Needs no prompt and no local checkpoint (the planner sizes the model from its configs).
+        """
+        from contentv.planner import format_plan
+
+        cfg = self.config(form)
+        return format_plan(self.runtime(cfg.backend).plan(cfg))
+
+    # ------------------------------------------------------------ generation
+
+    def resolve(self, form: Form) -> tuple[RunConfig, str | None]:
+        """The checked config to run and, for memory=auto, the planner's table (ConfigError on a bad form).
+
+        memory=auto runs the preset the planner chooses (shown before the run); where no budget is
+        known the runtime decides, as for the command line.
+        """
+        from contentv.planner import format_plan
+
+        cfg = self.config(form)
+        runtime = self.preflight(cfg)
+        if cfg.memory.name != "auto":
+            return cfg, None
+        plan = runtime.plan(cfg)
+        if plan.chosen is not None:
+            cfg.memory = copy.deepcopy(plan.chosen.memory)
+            runtime.validate(cfg)
+        return cfg, format_plan(plan)
+
+    def pending(self, session: str | None) -> int:
+        """Jobs of this page waiting or running."""
+        with self._jobs_lock:
+            return sum(1 for j in self._jobs if j.session == session)
+
+    def prepare(self, form: Form, session: str | None = None) -> tuple[Job | None, str]:
+        """Validate the form without loading anything: (job, "") or (None, the command line's error line)."""
+        limit = self.base.ui.max_queue_per_client
+        if session is not None and self.pending(session) >= limit:
+            return (
+                None,
+                f"error: this page already has {limit} generations waiting or running (ui.max_queue_per_client)",
+            )
+        try:
+            cfg, plan = self.resolve(form)
+        except ConfigError as exc:
+            return None, f"error: {exc}"
+        except Exception as exc:  # noqa: BLE001 - e.g. a planner bug: one line in the page, traceback in the log
+            log.exception("checking the form failed")
+            return None, f"error: {first_line(exc, with_type=True)}"
+        job = Job(cfg=cfg, session=session, plan=plan)
+        with self._jobs_lock:
+            self._jobs.add(job)
+        return job, ""
+
+    def busy(self) -> bool:
+        """A generation is running."""
+        return self._lock.locked()
+
+    def cancel_jobs(self, session: str | None = None) -> list[Job]:
+        """Cancel this page's prepared jobs (every job when session is None) and return them.
+
+        A running job stops after its current denoising step and writes nothing; `job.finished` is set
+        once it has stopped, with the line to show in `job.outcome.status`.
+        """
+        with self._jobs_lock:
+            jobs = [j for j in self._jobs if session is None or j.session == session]
+        for job in jobs:
+            job.cancelled.set()
+        return jobs
+
+    def cancel(self, session: str | None = None) -> int:
+        """Cancel this page's prepared jobs (all when session is None); returns how many."""
+        return len(self.cancel_jobs(session))
+
+    def generate(self, job: Job, progress: Callable[[int, int, str], None] | None = None) -> Outcome:
+        """Run a prepared job (waiting for any running one); progress(step, total, text) after each step."""
+        try:
+            with self._lock:
+                if job.cancelled.is_set():
+                    job.outcome = Outcome(False, "cancelled before it started: no video written")
+                else:
+                    job.outcome = self._run(job, progress)
+                return job.outcome
+        finally:
+            with self._jobs_lock:
+                self._jobs.discard(job)
+            job.finished.set()
+
+    def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
+        cfg = job.cfg
+        try:
+            runtime = self.runtime(cfg.backend)
+            sampling = runtime.validate(cfg).sampling  # again: the device or files may have changed while queued
+        except ConfigError as exc:
+            return Outcome(False, f"error: {exc}")
+        with self._runtimes_lock:
+            others = [r for r in self.runtimes.values() if r is not runtime]
+        for other in others:
+            other.release()  # one loaded pipeline at a time
+        total = sampling.num_inference_steps
+        loads = runtime.loads
+        start = time.perf_counter()
+        marks: list[float] = []
+
+        def on_step_end(pipe, i, t, tensors):
+            marks.append(time.perf_counter())
+            done = i + 1
+            if len(marks) > 1:  # per-step time from step ends (the first includes loading and encoding)
+                per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
+                text = f"step {done}/{total} · {per_step:.2f} s/step · ~{per_step * (total - done):.0f} s left"
+            else:
+                text = f"step {done}/{total} · estimating time left"
+            if progress is not None:
+                progress(done, total, text)
+            if job.cancelled.is_set():
+                pipe._interrupt = True  # the pipeline raises GenerationCancelled after this step
+            return {}
+
+        if progress is not None:
+            progress(0, total, "preparing: loading weights if model, backend or memory changed; encoding prompt")
+        try:
+            result = runtime.run(cfg, callback_on_step_end=on_step_end)
+        except GenerationCancelled as exc:
+            return Outcome(False, f"{exc}: no video written")
+        except ConfigError as exc:
+            return Outcome(False, f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the page shows one line and keeps serving
+            log.exception("generation failed")
+            return Outcome(False, f"error: {first_line(exc, with_type=True)}")
+        reused = runtime.loads == loads
+        seconds = time.perf_counter() - start
+        return Outcome(
+            ok=True,
+            status=f"done in {seconds:.1f} s: {result.video.name}",
+            video=result.video,
+            sidecar=result.sidecar,
+            metadata=describe_result(result.record, reused, result.video, result.sidecar),
+            record=result.record,
+            reused=reused,
+        )
+
+    # ------------------------------------------------------------ files the page serves
+
+    def serve(self, path: Path) -> str:
+        """A link to a video or sidecar under the output folder, in the folder the page serves (serve_dir).
+
+        Anything else (logs, Hydra configs, other files) is refused: the page can't be made to serve it.
+        """
+        path = Path(path).absolute()
+        if path.suffix not in (".mp4", ".json") or not path.is_relative_to(self.gallery_dir) or not path.is_file():
+            raise ValueError(f"not a video or sidecar under {self.gallery_dir}: {path.name}")
+        # One subfolder per source folder keeps same-named files from different runs apart.
+        key = hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]
+        target = self.serve_dir / key / path.name
+        if not target.exists():
+            target.parent.mkdir(exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # another file system: a copy
+                shutil.copy2(path, target)
+        return str(target)
+
+    def served_gallery(self) -> list[tuple[str, str]]:
+        """gallery(), with every video linked into the served folder."""
+        return [(self.serve(Path(video)), caption) for video, caption in self.gallery()]
+
+    def close(self) -> None:
+        """Remove the served links (the videos themselves stay)."""
+        shutil.rmtree(self.serve_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ gallery
+
+    def gallery(self, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
+        """(video path, caption) of the newest videos under the output folder, newest first."""
+        root = self.gallery_dir
+        if not root.is_dir():
+            return []
+        videos = [p for p in root.rglob("*.mp4") if not p.name.startswith(".")]
+        videos.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        out = []
+        for video in videos[:limit]:
+            caption = video.stem
+            sidecar = video.with_suffix(".json")
+            if sidecar.is_file():
+                try:
+                    record = json.loads(sidecar.read_text())
+                    caption = f"{str(record.get('prompt', ''))[:80]} (seed {record.get('seed')})"
+                except (OSError, ValueError):
+                    pass
+            out.append((str(video), caption))
+        return out
