@@ -56,15 +56,15 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def conf_files():
-    """The YAML configs, shipped as package data of `conf` (works from a checkout and from an installed wheel)."""
-    import importlib.resources
+def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The options of a config group: conf/<group>/*.yaml (shipped as package data of `conf`), plus any folder
+    added with `hydra.searchpath=[file://...]` in `overrides`."""
+    from hydra.core.global_hydra import GlobalHydra
 
-    return importlib.resources.files("conf")
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in (conf_files() / group).iterdir() if p.name.endswith(".yaml"))
+    searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    with hydra_context():
+        loader = GlobalHydra.instance().config_loader()
+        return sorted(loader.get_group_options(group, config_name="config", overrides=searchpath))
 
 
 def quote_text(text: str) -> str:
@@ -162,7 +162,7 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
         else:
             values = [o.get_value_element_as_str()]
         if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
-            allowed = group_options(o.key_or_group)
+            allowed = group_options(o.key_or_group, overrides)
             for v in values:
                 if v not in allowed:
                     raise UsageError(f"{o.key_or_group}={v!r} is not valid: one of: {', '.join(allowed)}")
@@ -210,9 +210,10 @@ def load_config(overrides: Sequence[str] = ()) -> RunConfig:  # noqa: F821 - Run
             raise UsageError(compose_error(exc, job)) from exc
 
 
-def load_presets(groups: Sequence[str] = PRESET_GROUPS):
+def load_presets(groups: Sequence[str] = PRESET_GROUPS, overrides: Sequence[str] = ()):
     """Every option of the preset groups (model, memory, backend), composed by Hydra in one pass and typed:
-    what the web page offers and what memory=auto chooses from (`contentv.config.Presets`)."""
+    what the web page offers and what memory=auto chooses from (`contentv.config.Presets`). `overrides` may add
+    config folders (hydra.searchpath=[...])."""
     from hydra import compose
     from omegaconf import OmegaConf
 
@@ -220,9 +221,10 @@ def load_presets(groups: Sequence[str] = PRESET_GROUPS):
 
     schemas = {"model": ModelConfig, "memory": MemoryConfig, "backend": BackendConfig}
     # One composition places each option under its own package (+memory@_memory.int8=int8 ...).
-    overrides = [f"+{g}@_{g}.{name}={name}" for g in groups for name in group_options(g)]
+    searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    placed = [f"+{g}@_{g}.{name}={name}" for g in groups for name in group_options(g, searchpath)]
     with hydra_context():
-        tree = compose(config_name=None, overrides=overrides)
+        tree = compose(config_name=None, overrides=[*searchpath, *placed])
     found = {
         g: {
             n: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[g]), v))
@@ -281,7 +283,7 @@ def preflight(argv: list[str]) -> bool:
                 from contentv.planner import format_plan, plan
 
                 validate_run(cfg, world_size=world_size)
-                presets = presets or load_presets(("memory",))
+                presets = presets or load_presets(("memory",), args.overrides)
                 caps = backends.backend_class(cfg.backend.name).capabilities()
                 print(format_plan(plan(cfg, presets.memories, caps)))
                 dry = True
@@ -301,6 +303,13 @@ def preflight(argv: list[str]) -> bool:
 _STATE: dict = {"key": None, "runtime": None}
 
 
+def searchpath_overrides() -> list[str]:
+    """The running job's `hydra.searchpath=...` override, if any (extra config folders)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]
+
+
 def get_runtime(backend_cfg, memory_name: str):
     import backends
     from backends import distributed
@@ -316,7 +325,7 @@ def get_runtime(backend_cfg, memory_name: str):
         _STATE.update(key=key, runtime=Runtime(backend, world=distributed.init_world(backend)))
     runtime = _STATE["runtime"]
     if memory_name == "auto" and not runtime.presets:
-        runtime.presets = load_presets(("memory",)).memories
+        runtime.presets = load_presets(("memory",), searchpath_overrides()).memories
     return runtime
 
 
@@ -357,7 +366,7 @@ def task(dcfg) -> None:
         from contentv import ui
 
         try:
-            ui.launch(cfg, load_presets(), backends.build_backend)  # blocks until Ctrl-C
+            ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
         except ConfigError as exc:
             if cfg.debug:
                 raise

@@ -1,60 +1,71 @@
 """Device backends, looked up by name: `backend=npu` <-> conf/backend/npu.yaml <-> BACKENDS["npu"].
 
-Each backend lives in its own module and is imported only when selected, so a CUDA machine never imports
-torch_npu. Adding a device: its file here, a conf/backend/<name>.yaml, and one line in BACKENDS (or, from
-outside this package, one `register()` call).
+Each backend lives in its own module and is imported only when selected (or asked whether its device is
+present), so a CUDA machine never imports torch_npu. Adding a device: its file here, a conf/backend/<name>.yaml,
+and one line in BACKENDS. Out-of-tree backends register the same line as an entry point of the group
+`contentv.backends` (`name = "package.module:Class"`) and ship their YAML in a config folder added with
+`hydra.searchpath=[file://...]` (README "Extending").
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-import os
+from importlib.metadata import entry_points
 
 from contentv.config import BackendConfig
 from contentv.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# name -> "module:Class", in the order backend=auto asks them whether their device is present.
 BACKENDS = {
-    "cpu": "backends.cpu:CPUBackend",
-    "cuda": "backends.cuda:CUDABackend",
     "npu": "backends.npu:NPUBackend",
+    "cuda": "backends.cuda:CUDABackend",
+    "cpu": "backends.cpu:CPUBackend",
 }
+ENTRY_POINT_GROUP = "contentv.backends"
+
+
+@functools.cache
+def _plugins() -> dict[str, str]:
+    """Backends other packages register as entry points (after the built-in ones, so auto prefers those)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BACKENDS}
+
+
+def registry() -> dict[str, str]:
+    return {**BACKENDS, **_plugins()}
 
 
 def names() -> tuple[str, ...]:
-    """Every valid backend.name: auto and the registered backends."""
-    return ("auto", *BACKENDS)
+    """Every valid backend.name: auto and the registered backends (alphabetical)."""
+    return ("auto", *sorted(registry()))
 
 
 def register(name: str, target: str) -> None:
-    """Register a backend class by "module:Class" under `name` (plugins and test-only backends)."""
+    """Register a backend class by "module:Class" under `name` (from Python; entry points do it for packages)."""
     BACKENDS[name] = target
 
 
 def resolve_name(name: str) -> str:
-    """auto -> npu if USE_ASCEND_NPU=1 (the reference's switch), else cuda if visible, else cpu."""
+    """auto -> the first registered backend whose device is present (NPU if USE_ASCEND_NPU=1, the reference's
+    switch; else CUDA if a GPU is visible; else the CPU); the choice is logged."""
     if name not in names():
         raise ConfigError("backend.name", name, names())
     if name != "auto":
         return name
-    if os.environ.get("USE_ASCEND_NPU", "0") not in ("", "0"):
-        chosen, why = "npu", "USE_ASCEND_NPU is set"
-    else:
-        import torch
-
-        if torch.cuda.is_available():
-            chosen, why = "cuda", "a CUDA GPU is visible"
-        else:
-            chosen, why = "cpu", "no CUDA GPU is visible"
-    log.info("backend=auto chose %s (%s)", chosen, why)
-    return chosen
+    for candidate in registry():
+        why = backend_class(candidate).detect()
+        if why:
+            log.info("backend=auto chose %s (%s)", candidate, why)
+            return candidate
+    raise ConfigError("backend.name", "auto", "a backend whose device is present: none was found")
 
 
 def backend_class(name: str) -> type:
     """The Backend class registered under `name` (after resolving auto); imports only its module."""
-    module, _, cls = BACKENDS[resolve_name(name)].partition(":")
+    module, _, cls = registry()[resolve_name(name)].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 

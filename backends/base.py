@@ -63,6 +63,12 @@ class Backend(ABC):
 
     # ---------------------------------------------------------------- device
 
+    @classmethod
+    def detect(cls) -> str | None:
+        """backend=auto: why this device should be used here (it is present or asked for), else None.
+        Must be cheap and import nothing device-specific it doesn't need."""
+        return None
+
     @abstractmethod
     def _device(self) -> torch.device:
         """The device, after checking it is visible (ConfigError otherwise)."""

@@ -50,6 +50,10 @@ class CUDABackend(Backend):
     supports_offload_streams = True
     process_group_backend = "cpu:gloo,cuda:nccl"
 
+    @classmethod
+    def detect(cls) -> str | None:
+        return "a CUDA GPU is visible" if torch.cuda.is_available() else None
+
     def _device(self) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("backend.name", "cuda", "a backend whose device is visible: no CUDA GPU here (try cpu)")

@@ -8,6 +8,7 @@ for the whole process; the `npu` device is passed explicitly instead.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -112,6 +113,11 @@ class NPUBackend(Backend):
     def __init__(self, cfg: BackendConfig):
         check_layout(cfg.npu_layout)  # a config error before importing torch_npu
         super().__init__(cfg)
+
+    @classmethod
+    def detect(cls) -> str | None:
+        # The reference's switch; torch_npu is not imported to ask (it needs CANN).
+        return "USE_ASCEND_NPU is set" if os.environ.get("USE_ASCEND_NPU", "0") not in ("", "0") else None
 
     def _device(self) -> torch.device:
         _import_torch_npu()  # registers torch.npu and the "npu" device type

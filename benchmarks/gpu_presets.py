@@ -122,10 +122,12 @@ def main() -> int:
     from contentv.runtime import library_versions
     from contentv.stats import StageRecorder
 
-    defaults = load_model(args.model).sampling_defaults
-    args.height = args.height or defaults["height"]
-    args.width = args.width or defaults["width"]
-    args.frames = args.frames or defaults["num_frames"]
+    from contentv.config import SamplingConfig, resolve_sampling
+
+    defaults = resolve_sampling(SamplingConfig(), load_model(args.model))
+    args.height = args.height or defaults.height
+    args.width = args.width or defaults.width
+    args.frames = args.frames or defaults.num_frames
     names = (
         [n for n in demo.group_options("memory") if n != "auto"] if args.presets == "all" else args.presets.split(",")
     )

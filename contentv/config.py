@@ -13,18 +13,6 @@ import torch
 
 from contentv.errors import ConfigError
 
-# The reference demo's sampling settings for ContentV-8B (the default model).
-CONTENTV_8B_SAMPLING: dict[str, Any] = {
-    "negative_prompt": "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
-    "bad eyes, bad limbs, distortion",
-    "height": 432,
-    "width": 768,
-    "num_frames": 125,
-    "num_inference_steps": 50,
-    "guidance_scale": 6.0,
-    "fps": 24,
-    "max_sequence_length": 256,
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("generate", "ui")
 # Layouts the NPU fused-attention call is given (backends/npu.py).
@@ -73,8 +61,9 @@ class ModelConfig:
     local_files_only: bool = False
     # Hub revision (branch, tag or commit) when `path` is a hub id.
     revision: str | None = None
-    # Sampling defaults of this model, used where sampling.<field> is null.
-    sampling_defaults: dict[str, Any] = field(default_factory=lambda: dict(CONTENTV_8B_SAMPLING))
+    # This preset's sampling defaults (e.g. a tiny model's small sizes), over the family's published ones
+    # (ContentV: the reference demo's; CogVideoX: the model card's); used where sampling.<field> is null.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,12 +218,18 @@ def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def resolve_sampling(sampling: SamplingConfig, model: ModelConfig) -> SamplingConfig:
-    """Fill null sampling fields from the model's defaults; unknown default keys are an error."""
+    """Fill null sampling fields from model.sampling_defaults, then the model family's published defaults;
+    unknown default keys are an error."""
+    from contentv.registry import get_spec
+
     names = {f.name for f in fields(SamplingConfig)}
+    if not isinstance(model.sampling_defaults, dict):
+        raise ConfigError("model.sampling_defaults", model.sampling_defaults, "a mapping of sampling fields")
     for key in model.sampling_defaults:
         if key not in names:
             raise ConfigError(f"model.sampling_defaults.{key}", model.sampling_defaults[key], sorted(names))
-    filled = {k: v for k, v in model.sampling_defaults.items() if getattr(sampling, k) is None}
+    defaults = {**get_spec(model.family).sampling_defaults, **model.sampling_defaults}
+    filled = {k: v for k, v in defaults.items() if getattr(sampling, k) is None}
     return replace(sampling, **filled)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from contentv.attention import AttentionKernel
@@ -43,6 +43,8 @@ class ModelSpec:
     workload: Callable[[dict, SamplingConfig], Any] | None = None
     # Optional: checks that need the model config too (e.g. a length fixed by the architecture).
     validate_for_model: Callable[[ModelConfig, SamplingConfig], None] | None = None
+    # The model's published sampling settings (sampling fields); a preset's model.sampling_defaults override them.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder")
     quantize_default: tuple[str, ...] = ("transformer",)

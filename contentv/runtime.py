@@ -80,7 +80,8 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("contentv", "torch", "diffusers", "transformers", "accelerate", "hydra-core", "imageio-ffmpeg"):
+    this = __name__.split(".")[0]  # this distribution
+    for name in (this, "torch", "diffusers", "transformers", "accelerate", "hydra-core", "imageio-ffmpeg"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

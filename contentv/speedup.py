@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from contentv import _diffusers
 from contentv.config import SpeedupConfig
 from contentv.errors import ConfigError
 
@@ -28,13 +29,9 @@ def first_block_cache(denoiser, threshold: float) -> None:
     text stream (None), which its tail hook subtracts from. So the cache here spans blocks 0..L-2 (via
     diffusers' hooks) and the final block always runs (1/38 of ContentV's compute).
     """
-    from diffusers.hooks import FirstBlockCacheConfig
-    from diffusers.hooks.first_block_cache import (
-        FBCSharedBlockState,
-        _apply_fbc_block_hook,
-        _apply_fbc_head_block_hook,
-    )
-    from diffusers.hooks.hooks import HookRegistry, StateManager
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+
+    StateManager, FBCSharedBlockState, apply_head_hook, apply_block_hook = _diffusers.first_block_cache_parts()
 
     blocks = list(denoiser.transformer_blocks)
     if not getattr(blocks[-1], "context_pre_only", False):
@@ -44,10 +41,10 @@ def first_block_cache(denoiser, threshold: float) -> None:
     if len(cached) < 2:
         raise ConfigError("speedup.cache", "first_block", "a model with at least 3 transformer blocks")
     state = StateManager(FBCSharedBlockState, (), {})
-    _apply_fbc_head_block_hook(cached[0], state, threshold)
+    apply_head_hook(cached[0], state, threshold)
     for block in cached[1:-1]:
-        _apply_fbc_block_hook(block, state)
-    _apply_fbc_block_hook(cached[-1], state, is_tail=True)
+        apply_block_hook(block, state)
+    apply_block_hook(cached[-1], state, is_tail=True)
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
 
 

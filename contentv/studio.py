@@ -237,8 +237,8 @@ class Studio:
         """The sampling fields the page refills when the model preset changes."""
         if model not in self.models:
             return {}
-        d = self.models[model].sampling_defaults
-        return {k: d[k] for k in MODEL_DEFAULT_FIELDS if k in d}
+        d = resolve_sampling(SamplingConfig(), self.models[model])
+        return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
 
     def memory_fields(self, memory: str) -> dict[str, Any]:
         """The memory widgets' values for a preset (the offload radio included)."""

@@ -104,7 +104,7 @@ def cache_root() -> Path:
     if os.environ.get("CONTENTV_CACHE"):
         return Path(os.environ["CONTENTV_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "contentv"
+    return Path(base) / __name__.split(".")[0]  # the package's name
 
 
 def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Path | None = None) -> Path:

@@ -76,8 +76,9 @@ def test_every_field_can_be_overridden(group, f):
     base = getattr(composed([]), group)
     current = getattr(base, f.name)
     text, value = sample_value(f, current)
-    if text is None:  # a dict field is overridden per key
-        cfg = composed([f"{group}.{f.name}.height=80"])
+    if text is None:  # a dict field is overridden per key (added with + where the preset doesn't set it)
+        prefix = "" if "height" in current else "+"
+        cfg = composed([f"{prefix}{group}.{f.name}.height=80"])
         assert getattr(getattr(cfg, group), f.name)["height"] == 80
         return
     cfg = composed([f"{group}.{f.name}={text}"])
@@ -110,3 +111,12 @@ def test_python_users_need_no_hydra(tmp_path):
     cfg.output.dir = str(tmp_path)
     checked = validate_run(cfg)
     assert checked.spec.family == "contentv" and checked.sampling.num_frames == 5 and checked.prompts == ["a cat"]
+
+
+def test_each_family_brings_its_own_published_defaults():
+    """A ModelConfig built in Python gets its family's defaults, not ContentV-8B's (CogVideoX: the model card)."""
+    cog = resolve_sampling(SamplingConfig(), ModelConfig(name="cogvideox_5b", family="cogvideox", path="x/y"))
+    assert (cog.height, cog.width, cog.num_frames, cog.fps, cog.max_sequence_length) == (480, 720, 49, 8, 226)
+    # a preset overrides only what it sets; sampling.<field> overrides both
+    tiny = resolve_sampling(SamplingConfig(num_frames=17), ModelConfig(sampling_defaults={"height": 64}))
+    assert (tiny.height, tiny.width, tiny.num_frames) == (64, 768, 17)

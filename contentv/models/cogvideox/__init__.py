@@ -32,6 +32,17 @@ EXPECTED_CLASSES = {
 TEMPORAL, SPATIAL = 4, 16
 # T5 tokens the transformers were trained with (transformer.config.max_text_seq_length).
 MAX_TEXT_TOKENS = 226
+# The model card's sampling settings (THUDM/CogVideoX-2b and -5b; the same for both).
+SAMPLING_DEFAULTS = {
+    "negative_prompt": "",  # no recommended negative prompt: diffusers' default
+    "height": 480,  # 720x480 (width x height) is the only resolution the models were trained at
+    "width": 720,
+    "num_frames": 49,  # 6 s at 8 fps plus the first frame = 13 latent frames (8k+1: an odd latent count)
+    "num_inference_steps": 50,
+    "guidance_scale": 6.0,
+    "fps": 8,
+    "max_sequence_length": MAX_TEXT_TOKENS,  # longer prompts are truncated, with a warning
+}
 
 
 def resolve_path(cfg: ModelConfig) -> str:
@@ -125,6 +136,7 @@ def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
 
 SPEC = ModelSpec(
     family="cogvideox",
+    sampling_defaults=SAMPLING_DEFAULTS,
     resolve_path=resolve_path,
     check_checkpoint=check_checkpoint,
     load=load,

@@ -28,6 +28,18 @@ REQUIRED_FILES = {
 }
 EXPECTED_CLASSES = {"transformer": "SD3Transformer3DModel", "vae": "AutoencoderKLWan"}
 TEMPORAL, SPATIAL = 4, 16  # frames of the form 4k+1; sizes multiples of VAE x8 * patch x2
+# The reference demo's sampling settings (bytedance/ContentV demo.py).
+SAMPLING_DEFAULTS = {
+    "negative_prompt": "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
+    "bad eyes, bad limbs, distortion",
+    "height": 432,
+    "width": 768,
+    "num_frames": 125,
+    "num_inference_steps": 50,
+    "guidance_scale": 6.0,
+    "fps": 24,
+    "max_sequence_length": 256,
+}
 
 
 def resolve_path(cfg: ModelConfig) -> str:
@@ -76,6 +88,7 @@ def validate(s: SamplingConfig) -> None:
 
 SPEC = ModelSpec(
     family="contentv",
+    sampling_defaults=SAMPLING_DEFAULTS,
     resolve_path=resolve_path,
     check_checkpoint=check_checkpoint,
     load=load,
