@@ -82,6 +82,9 @@ def signature_of(schema: str) -> inspect.Signature:
     )
 
 
+# Where the wheel's docs disagree, the schema wins for the signature: the docs list npu_fusion_attention without
+# sink, dropout_mask, seed, offset, and the fused-infer keywords in another order (block_table before the
+# key/value_antiquant_* ones, softmax_lse_flag before key_antiquant_mode). The docs win for value rules.
 SCHEMAS = load_schemas()
 SIGNATURES = {name: signature_of(schema) for name, schema in SCHEMAS.items()}
 
