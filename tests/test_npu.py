@@ -410,7 +410,7 @@ def test_standin_every_layout_equals_sdpa(npu_cpu: StandIn, layout: str):
         _bf16_close(_from_layout(out, layout, 3), _sdpa(*(_from_layout(t, layout, 3) for t in half)))
 
 
-# ------------------------------------------------------------------------------------------ npu_fused_infer_attention_score
+# ---------------------------------------------------------------------------------- npu_fused_infer_attention_score
 
 
 def _infer_case(change: dict) -> tuple[list, dict]:
