@@ -102,8 +102,9 @@ def check_layout(layout: str) -> str:
 
 class NPUBackend(Backend):
     name = "npu"
-    # diffusers' group-offload streams support only CUDA and XPU: on NPU, group-offload without streams.
-    supports_offload_streams = False
+    # diffusers 0.42.1's group offload prefetches on a side stream on any device whose torch module has Stream
+    # (torch.npu.Stream); memory.group_offload_stream=false turns it off.
+    supports_offload_streams = True
     # gloo beside HCCL: diffusers' uneven Ulysses exchanges split sizes as host tensors, so they don't sync the
     # device (with HCCL alone: four host syncs per attention call).
     process_group_backend = "cpu:gloo,npu:hccl"
@@ -139,6 +140,10 @@ class NPUBackend(Backend):
         # precompiled operator binaries rather than online JIT compilation.
         torch.npu.config.allow_internal_format = False
         torch.npu.set_compile_mode(jit_compile=False)
+        # backend.allow_tf32 ("faster fp32 math") is HF32 here; torch_npu turns it on for convolutions by default,
+        # so without this the fp32 VAE would run in HF32 whatever the config says.
+        torch.npu.matmul.allow_hf32 = self.cfg.allow_tf32
+        torch.npu.conv.allow_hf32 = self.cfg.allow_tf32
 
     def describe(self) -> dict:
         torch_npu = _import_torch_npu()

@@ -116,13 +116,11 @@ def main() -> int:
 
     import backends
     import demo
-    from contentv.config import BackendConfig
+    from contentv.config import BackendConfig, SamplingConfig, resolve_sampling
     from contentv.memory_policy import guidance_mode
     from contentv.registry import get_spec
     from contentv.runtime import library_versions
     from contentv.stats import StageRecorder
-
-    from contentv.config import SamplingConfig, resolve_sampling
 
     defaults = resolve_sampling(SamplingConfig(), load_model(args.model))
     args.height = args.height or defaults.height

@@ -222,6 +222,7 @@ def run_npu_standin(mode: str, world: parallel.World) -> dict:
     # after which gloo's barrier asks for that accelerator. diffusers imports npu_fusion_attention only when
     # torch_npu is installed; the stand-in's takes its place.
     standin = StandIn()
+    standin.is_on_device = lambda tensor: tensor.device.type == "cpu"  # no npu device here: CPU tensors stand in
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(attention_dispatch, "npu_fusion_attention", standin.npu_fusion_attention, raising=False)
     # The NPU backend's own choice of attention for context parallelism (it needs no device to choose).

@@ -2,7 +2,6 @@
 
 The stand-in's ops reject tensors that are not on the NPU, as the real ones do. Until a virtual "npu" device exists
 (tests/virtual_device.py), tests that need numbers use `npu_cpu`, which lets CPU tensors play the NPU's.
-Tests marked xfail(strict=True) state what the real API asks of backends/npu.py and it does not do yet.
 What waits for hardware is marked `npu` and skips without torch_npu: the real kernels at ContentV's shape.
 """
 
@@ -725,7 +724,6 @@ def test_build_setup_stats_and_describe(npu: StandIn, monkeypatch: pytest.Monkey
     assert info["name"] == "Ascend910B3 (stand-in)" and "torch_npu" in info
 
 
-@pytest.mark.xfail(strict=True, reason="backend fix pending: NPUBackend.setup() never maps backend.allow_tf32 to HF32")
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_setup_sets_hf32_from_allow_tf32(npu: StandIn, allow_tf32: bool):
     """backend.allow_tf32 is "faster fp32 matmuls"; on the NPU that is torch.npu.matmul/conv.allow_hf32."""
@@ -734,11 +732,6 @@ def test_setup_sets_hf32_from_allow_tf32(npu: StandIn, allow_tf32: bool):
     assert torch.npu.matmul.allow_hf32 is allow_tf32 and torch.npu.conv.allow_hf32 is allow_tf32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend fix pending: NPUBackend.supports_offload_streams is False, but diffusers 0.42.1 group offload "
-    "streams on any device whose torch module has Stream (torch.npu.Stream)",
-)
 def test_npu_backend_supports_offload_streams(npu: StandIn):
     assert hasattr(torch.npu, "Stream")
     assert NPUBackend(BackendConfig(name="npu")).supports_offload_streams is True
@@ -854,10 +847,7 @@ MEMORY = {
     "group_offload": MemoryConfig(name="group", group_offload=True, group_offload_stream=True),
     "group_offload_all": MemoryConfig(name="group", group_offload=True, text_encoders="offload"),
 }
-STREAMS_PENDING = pytest.mark.xfail(
-    strict=True, reason="backend fix pending: group offload on the NPU without streams (supports_offload_streams)"
-)
-PRESETS = [pytest.param(p, marks=STREAMS_PENDING) if p.startswith("group") else p for p in MEMORY]
+PRESETS = list(MEMORY)
 
 
 @pytest.fixture
