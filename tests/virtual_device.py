@@ -1,41 +1,42 @@
-"""A virtual accelerator for CPU-only tests: tensors that live on a device that is not the CPU.
+"""A virtual accelerator for CPU-only tests: a device that is not the CPU, computed on the CPU.
 
-`VirtualDevice()` is a context manager (also a pytest fixture body). While it is entered:
+`with VirtualDevice() as vd:` (also a pytest fixture body) installs it; leaving restores all global state.
 
-- Tensors on the device are `VirtualTensor`s: wrapper tensors (`_make_wrapper_subclass`) that report
-  `device == torch.device("lazy", 0)` and hold their data in a plain CPU tensor (`_elem`). Every aten op on
-  them runs the same CPU kernel on the unwrapped data, so results equal a CPU run bit for bit.
-- A `TorchDispatchMode` sees every aten op. It turns `.to(<device>)`, `copy_` and factory calls with
-  `device=<device>` into virtual tensors, records host<->device copies (shape, bytes, where from), and raises
-  CUDA's error when an op mixes a virtual tensor with a CPU one. As on CUDA, 0-dim CPU tensors pass as
-  scalars into pointwise ops, and CPU index tensors are accepted (and counted as copies) by indexing.
-- A `TorchFunctionMode` handles what never reaches aten: `param.data = <tensor on another device>` (done
-  as `torch.utils.swap_tensors`, so the Parameter keeps its identity, `requires_grad` and attributes, which
-  is what `set_data` does for CUDA<->CPU), `torch._has_compatible_shallow_copy_type` (answers as for
-  CUDA<->CPU, so `nn.Module._apply` takes that same path), `data_ptr()`, and scaled-dot-product attention
-  (a composite op whose decomposition depends on the device type: run whole on the CPU data, so it picks
-  the CPU kernel exactly as a CPU run does).
-- `torch.lazy` is a device module (`torch._register_device_module`) with the `torch.cuda`-style calls
-  diffusers, accelerate and the runtime make, whose memory figures come from live virtual storages.
+- Device tensors report `torch.device("lazy", 0)` and keep their data in a plain CPU tensor (`_elem`). Ops
+  make `VirtualTensor`s (`_make_wrapper_subclass`); a tensor that already exists as a Python object (a
+  Parameter, a buffer, bnb's Int8Params) keeps its class and identity when it moves by `.data =`: only its
+  TensorImpl is swapped for a wrapper's, as CUDA's `set_data` keeps the object. Every aten op runs the same
+  CPU kernel on the unwrapped data, so results equal a CPU run on the same memory.
+- A `TorchDispatchMode` sees every aten op (custom ones such as bitsandbytes' included). It turns `.to()`,
+  `copy_` and factories with `device=<virtual>` into device tensors, records each host<->device copy (shape,
+  bytes, origin), counts live device storages once each (memory and peak), and raises CUDA's error when an
+  op mixes devices. As on CUDA, 0-dim CPU tensors pass as scalars into pointwise ops, CPU index tensors are
+  accepted by indexing (and counted as copies), and a CPU generator cannot feed a device random op.
+- A `TorchFunctionMode` handles what never reaches aten: `.data =` across devices,
+  `torch._has_compatible_shallow_copy_type` (answered as for CUDA<->CPU, so `nn.Module._apply` keeps
+  parameter identity), `data_ptr`, `tolist`/`numpy`/`__format__`/deepcopy/pickling, and scaled-dot-product
+  attention, a composite whose decomposition depends on the device type, run whole on the CPU data so it
+  picks the CPU kernel exactly as a CPU run does.
+- `torch.lazy` is a device module (`torch._register_device_module`) with the torch.cuda calls diffusers,
+  accelerate and the runtime make; its memory figures come from the live device storages.
 
-Why "lazy": it is the only non-CPU, non-meta device type of a CPU build that has a device guard, without
-which autograd aborts the process (`InputMetadata` asks the guard for a stream); no library we use
-special-cases it, and unlike PrivateUse1 it needs no process-wide, irreversible rename (the NPU stand-in
-already names PrivateUse1 "npu" in this test session) and no `_has_compatible_shallow_copy_type` support.
+Why this approach: wrapper tensors plus modes need no C++ and are fully undone on exit, whereas a
+PrivateUse1 backend is a once-per-process rename that the NPU stand-in in this test session already uses.
+Why "lazy": of a CPU build's device types only lazy and meta have a device guard (without one autograd
+aborts the process), meta means "no data" to accelerate and diffusers, and none of the libraries we use
+special-cases lazy; `torch.lazy` is free to register.
 
-Why this approach: a wrapper subclass + modes is fully undone on exit and needs no C++, whereas a
-PrivateUse1 backend is a permanent, once-per-process registration that conflicts with the NPU stand-in.
-
-Limits: one virtual device, `lazy:0`; modes are thread-local, so work in other threads is not seen
-(`apply_group_offloading(use_stream=True)` needs pinned memory, which a CPU build refuses); random ops
-with no generator draw from a private device generator (seeded by `torch.lazy.manual_seed`) where the op
-has a generator overload, else from the CPU default generator; there is no caching allocator
-(`memory_reserved == memory_allocated`); storages resized in place are not re-measured.
+Limits: one device, lazy:0. Modes are per thread: ops in other threads are not seen (after exit, device
+tensors raise). Pinned memory (group offloading with use_stream=True) is refused by a CPU build. Random
+ops without a generator draw from the device's own generator (`torch.lazy.manual_seed`) where the op has
+a generator overload, else from the CPU's. No caching allocator: reserved == allocated. Storages resized
+in place are not re-measured. Device tensors cannot be pickled (torch.save).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import types
@@ -62,6 +63,9 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 _HAS_COMPAT = torch._has_compatible_shallow_copy_type
 _DATA = torch._C.TensorBase.data
 _DATA_PTR = torch.Tensor.data_ptr
+_TOLIST, _FORMAT = torch.Tensor.tolist, torch.Tensor.__format__
+_NUMPY = (torch.Tensor.numpy, torch.Tensor.__array__)
+_DEEPCOPY, _REDUCE = torch.Tensor.__deepcopy__, torch.Tensor.__reduce_ex__
 # Ops that CUDA lets take a 0-dim CPU tensor as a scalar although they are not tagged pointwise.
 _SCALAR_OK = {_aten.fill_.Tensor, _aten.fill.Tensor, _aten.masked_fill_.Tensor, _aten.masked_fill.Tensor}
 # Advanced indexing accepts CPU index tensors on CUDA (copying them to the device first).
@@ -148,6 +152,13 @@ class CopyLog:
         if len(self.records) > limit:
             lines.append(f"... and {len(self.records) - limit} more")
         return "\n".join(lines) or "(no copies)"
+
+
+def _clear_device_module_cache() -> None:
+    # torch.get_device_module is an lru_cache: it would keep handing out a previous install's module.
+    clear = getattr(torch.get_device_module, "cache_clear", None)
+    if clear is not None:
+        clear()
 
 
 def _short(path: str) -> str:
@@ -409,6 +420,23 @@ class _FunctionMode(TorchFunctionMode):
                 return not _owns_dispatch(type(other)) and other.device.type == "cpu"
         elif func is _DATA_PTR and is_virtual(args[0]):
             return _elem(args[0]).data_ptr()
+        elif func is _TOLIST and is_virtual(args[0]):  # torch refuses subclasses; CUDA copies to the host
+            self.vd._record("d2h", "Tensor.tolist", args[0])
+            return _elem(args[0]).tolist()
+        elif func in _NUMPY and is_virtual(args[0]):
+            raise TypeError(
+                f"can't convert {args[0].device} device type tensor to numpy. "
+                "Use Tensor.cpu() to copy the tensor to host memory first."
+            )
+        elif func is _DEEPCOPY and is_virtual(args[0]):
+            return self.vd._deepcopy(*args)
+        elif func is _REDUCE and is_virtual(args[0]):
+            raise NotImplementedError(
+                f"pickling a {args[0].device} tensor (torch.save) is not supported by the virtual device; "
+                "move it to the CPU first"
+            )
+        elif func is _FORMAT and type(args[0]) is VirtualTensor and args[0].dim() == 0:
+            return args[0].item().__format__(*args[1:])  # as for a 0-dim torch.Tensor on CUDA
         elif getattr(func, "__self__", None) is _DATA and func.__name__ == "__set__":
             target, value = args
             if is_virtual(target) or is_virtual(value):
@@ -444,10 +472,14 @@ def _op_info(func) -> _OpInfo:
 
 
 class VirtualDevice:
-    """The virtual accelerator. `with VirtualDevice() as vd:` installs it; leaving restores global state.
+    """The virtual accelerator. `with VirtualDevice(capacity=...) as vd:` installs it (one at a time; safe to
+    repeat); leaving restores global state.
 
-    `vd.device` is where tensors go (`torch.device("lazy", 0)`); `vd.log` records every copy since entry or
-    `reset_copies()`; `with vd.copies() as c:` records a region; `vd.module` is `torch.lazy`.
+    - `vd.device`: where tensors go, `torch.device("lazy", 0)`; `vd.module` is `torch.lazy`.
+    - Copies: `vd.log` holds every copy since entry or `vd.reset_copies()`; `with vd.copies() as c:` records
+      a region (`c.h2d_count`, `c.h2d_bytes`, `c.d2h_count`, `c.d2h_bytes`, `c.records`, `c.summary()`).
+    - Memory: `vd.memory_allocated()`, `vd.max_memory_allocated()`, `vd.reset_peak_memory_stats()` (also as
+      `torch.lazy.*`); allocating past `capacity` bytes raises `torch.OutOfMemoryError`.
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY):
@@ -473,6 +505,7 @@ class VirtualDevice:
         if hasattr(torch, DEVICE_TYPE):
             raise RuntimeError(f"torch.{DEVICE_TYPE} already exists; cannot register the virtual device module")
         torch._register_device_module(DEVICE_TYPE, self.module)
+        _clear_device_module_cache()
         # torch.tensor(data, device=...) then builds on the CPU and calls .to(), which the mode sees.
         self._saved_lift = torch._C._only_lift_cpu_tensors()
         torch._C._set_only_lift_cpu_tensors(True)
@@ -505,6 +538,7 @@ class VirtualDevice:
         torch._C._set_only_lift_cpu_tensors(bool(self._saved_lift))
         delattr(torch, DEVICE_TYPE)
         sys.modules.pop(f"torch.{DEVICE_TYPE}", None)
+        _clear_device_module_cache()
 
     # ---------------------------------------------------------------- copies and memory
 
@@ -612,7 +646,8 @@ class VirtualDevice:
             self._record("d2h", func, args[0])  # .item(): a sync and a copy on a real device
             return func(_elem(args[0]))
 
-        self._check_devices(func, info, args, kwargs)
+        if has_virtual:  # (with only CPU inputs and device=<virtual>, they are templates: zeros_like, new_ones)
+            self._check_devices(func, info, args, kwargs)
         if to_virtual:
             kwargs = {**kwargs, "device": CPU}
         out_virtual = to_virtual or (has_virtual and device is None)
@@ -755,6 +790,17 @@ class VirtualDevice:
             same = grad.device == target.device and grad.dtype == target.dtype
             target.grad = grad if same else grad.to(device=target.device, dtype=target.dtype)
         return None
+
+    def _deepcopy(self, t: torch.Tensor, memo: dict) -> torch.Tensor:
+        """copy.deepcopy: a new device tensor with copied data and attributes, not copied bookkeeping."""
+        if id(t) in memo:
+            return memo[id(t)]
+        new = self._wrap(_elem(t).clone())
+        new.requires_grad_(t.requires_grad)
+        extra = {k: v for k, v in t.__dict__.items() if k not in _STATE}
+        new.__dict__.update(copy.deepcopy(extra, memo))
+        memo[id(t)] = new
+        return new
 
     def _attach(self, t: torch.Tensor, elem: torch.Tensor) -> None:
         """Make t's __dict__ say it holds elem (t already has the matching wrapper impl)."""
