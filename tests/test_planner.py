@@ -232,6 +232,7 @@ def test_transformer_activation_model_matches_a_meta_trace_of_contentv(monkeypat
     text = torch.empty(batch, 333, 4096, device="meta", dtype=torch.bfloat16)
     pooled = torch.empty(batch, 2048, device="meta", dtype=torch.bfloat16)
     step = torch.empty(batch, device="meta", dtype=torch.bfloat16)
+    model.prepare_positions(x.shape, torch.device("meta"), torch.bfloat16)  # made before the loop, as the pipeline does
     with LiveBytes() as live, torch.no_grad():
         model(x, text, pooled, step, return_dict=False)
     predicted = activation_bytes(

@@ -620,22 +620,12 @@ def test_contentv_pipeline_on_the_device_equals_cpu(device_run, cpu_frames):
     assert device_run["log"].h2d_bytes < 200_000, device_run["log"].summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="project bug: _sincos_3d caches the (1, T*h*w, D) float64 table on the CPU, so every transformer "
-    "forward copies it to the device (contentv/models/contentv/transformer.py:55)",
-)
 def test_contentv_transformer_forward_makes_no_host_to_device_copy(device_run):
     calls = device_run["calls"]
     assert len(calls) == CALL["num_inference_steps"]
     assert all(c.h2d_count == 0 for c in calls), "\n".join(c.summary() for c in calls)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="project bug: decode_latents builds latents_mean/std with torch.tensor on the CPU and copies them "
-    "to the device on every call (contentv/models/contentv/pipeline.py:272-273)",
-)
 def test_contentv_decoding_makes_no_host_to_device_copy(device_run):
     assert device_run["stages"]["decoding"].h2d_count == 0, device_run["stages"]["decoding"].summary()
 

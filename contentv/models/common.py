@@ -64,6 +64,9 @@ class Workload:
     ff_mult: float = 4.0  # feed-forward width / model width
     # (B, N, dim) tensors alive at a block's feed-forward peak besides the FF's own (planner.activations).
     block_live: float = 4.0
+    # Elements of per-shape tables the model keeps on the device while denoising (ContentV: its 3-D sin-cos
+    # position table, video_tokens x dim), in the transformer's dtype.
+    table_elements: int = 0
 
 
 def local_config_folder(path: str | None, probe: str, revision: str | None = None) -> Path | None:

@@ -133,14 +133,15 @@ class ModelCosts:
         return act + self.resident_tensors(batch)
 
     def resident_tensors(self, batch: int) -> int:
-        """Latents, noise predictions, scheduler temporaries and prompt embeddings kept across steps."""
+        """Latents, noise predictions, scheduler temporaries, prompt embeddings and the model's per-shape tables
+        kept across steps."""
         _, dtype = self.components["transformer"]
         latent = math.prod(self.workload.latent) * dtype.itemsize
         width = config_get(
             self.components["transformer"][0].config, "joint_attention_dim", "text_embed_dim", default=4096
         )
         embeds = 2 * self.workload.text_tokens * width * dtype.itemsize
-        return 4 * batch * latent + embeds
+        return 4 * batch * latent + embeds + self.workload.table_elements * dtype.itemsize
 
     def text_bytes(self) -> int:
         out = 0

@@ -146,6 +146,12 @@ def workload(components: dict[str, tuple[nn.Module, torch.dtype]], s: SamplingCo
         text_encoder_order=("text_encoder", "text_encoder_2", "text_encoder_3"),
         decode_trace_frames=DECODE_TRACE_FRAMES,
         block_live=BLOCK_LIVE,
+        # the 3-D sin-cos table kept on the device for the whole video (transformer.VideoPatchEmbed)
+        table_elements=t
+        * (h // p)
+        * (w // p)
+        * transformer.config.num_attention_heads
+        * transformer.config.attention_head_dim,
     )
 
 

@@ -230,12 +230,23 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
             noise_uncond = forward(latents, *uncond, "uncond")
         return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
 
+    def latent_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latent (mean, std), each (1, C, 1, 1, 1) on `device` in `dtype`; made once per
+        (device, dtype) and kept, so decoding copies nothing from the host."""
+        key = (torch.device(device), dtype)
+        cached = getattr(self, "_latent_stats", None)
+        if cached is None or cached[0] != key:
+            cfg = self.vae.config
+            shape = (1, cfg.z_dim, 1, 1, 1)
+            mean = torch.tensor(cfg.latents_mean).view(shape).to(device, dtype)
+            std = torch.tensor(cfg.latents_std).view(shape).to(device, dtype)
+            self._latent_stats = cached = (key, (mean, std))
+        return cached[1]
+
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         """Un-normalise per channel (latents * std + mean), decode in the VAE's dtype, post-process."""
-        cfg = self.vae.config
         latents = latents.to(self.vae.dtype)
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        mean, std = self.latent_stats(latents.device, latents.dtype)
         video = self.vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
@@ -316,7 +327,9 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
                 num_images_per_prompt=num_videos_per_prompt,
                 max_sequence_length=max_sequence_length,
             )
-            embeds = [e.to(device) if e is not None else None for e in embeds]
+            # To the denoising device and the transformer's compute dtype (the text encoders may run in another).
+            dtype = self.transformer.dtype
+            embeds = [e.to(device=device, dtype=dtype) if e is not None else None for e in embeds]
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = embeds
 
         with stage("denoising"):
@@ -325,11 +338,15 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
                 height,
                 width,
                 num_frames,
-                prompt_embeds.dtype,
+                dtype,
                 device,
                 generator,
                 latents,
             )
+            # Tables the loop and the decoder need, made once here: the steps then copy nothing from the host.
+            self.transformer.prepare_positions(latents.shape, device, dtype)
+            if output_type != "latent":
+                self.latent_stats(device, self.vae.dtype)
             sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
             self.scheduler.set_timesteps(sigmas=sigmas, device=device)
             timesteps = self.scheduler.timesteps

@@ -7,7 +7,6 @@ embedding and the un-patchify differ.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -23,9 +22,8 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 
-@lru_cache(maxsize=8)
 def _sincos_3d(embed_dim: int, t: int, h: int, w: int) -> torch.Tensor:
-    # (1, t*h*w, D) in fp32 on CPU; cached because every denoising step asks for the same grid.
+    # (1, t*h*w, D) float64 on the host: the reference's numbers (it builds the table with numpy in float64).
     pos = get_3d_sincos_pos_embed(
         embed_dim=embed_dim,
         spatial_size=(w, h),
@@ -45,6 +43,20 @@ class VideoPatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self._table: tuple[tuple, torch.Tensor] | None = None  # ((t, h, w, device, dtype), table)
+
+    def position_table(self, t: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, t*h*w, D) 3-D sin-cos table in `dtype` on `device`, built once per (shape, device, dtype).
+
+        Computed in float64 on the host like the reference, rounded to `dtype` there (same rounding as on the
+        device; accelerators lack fast float64), then copied once: every later forward of the same shape copies
+        nothing. Not a buffer: offload hooks and state dicts never see it (at 432x768x125, 200 MB in bf16).
+        """
+        key = (t, h, w, torch.device(device), dtype)
+        if self._table is None or self._table[0] != key:
+            self._table = None  # free the previous shape's table before building the next
+            self._table = (key, _sincos_3d(self.embed_dim, t, h, w).to(dtype).to(device))
+        return self._table[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape  # (B, C, T, H, W)
@@ -52,8 +64,7 @@ class VideoPatchEmbed(nn.Module):
         x = self.proj(x)  # (B*T, D, h, w)
         _, d, hp, wp = x.shape
         x = x.reshape(b, t, d, hp * wp).permute(0, 1, 3, 2).reshape(b, t * hp * wp, d)  # (B, T*h*w, D)
-        pos = _sincos_3d(self.embed_dim, t, hp, wp).to(device=x.device, dtype=x.dtype)
-        return x + pos
+        return x + self.position_table(t, hp, wp, x.device, x.dtype)
 
 
 class SD3Transformer3DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin, PeftAdapterMixin):
@@ -112,6 +123,13 @@ class SD3Transformer3DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin,
         self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels, bias=True)
         self.gradient_checkpointing = False
+
+    def prepare_positions(self, latent_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        """Build the position table for latents of `latent_shape` (B, C, T, H, W) before the denoising loop, so the
+        loop's forwards copy nothing from the host."""
+        _, _, t, h, w = latent_shape
+        p = self.config.patch_size
+        self.pos_embed.position_table(t, h // p, w // p, device, dtype)
 
     def unpatchify(self, x: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
         """(B, T*h*w, p*p*C) -> (B, C, T, h*p, w*p); channel last inside each patch."""
