@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 
 from backends.base import HALF, Backend
+from contentv import _diffusers
 from contentv.attention import sdpa
 from contentv.errors import ConfigError
 
-# Kernels reached through diffusers' attention dispatch: our name -> (dispatch backend, install hint).
+# Kernels reached through diffusers' attention dispatch: our name -> (dispatch backend, where to get it).
 DISPATCH = {
-    "flash": ("flash", "pip install flash-attn"),
-    "flash3": ("_flash_3", "build flash-attention 3 (hopper/) from source"),
-    "sage": ("sage", "pip install sageattention"),
+    "flash": ("flash", "pip install 'flash-attn>=2.6.3'"),
+    "flash3": ("_flash_3", "build flash-attention 3 from source (github.com/Dao-AILab/flash-attention, hopper/)"),
+    # PyPI's sageattention stops at 1.x; diffusers needs >= 2.1.1.
+    "sage": ("sage", "build SageAttention >= 2.1.1 from source (github.com/thu-ml/SageAttention)"),
 }
 
 
@@ -28,15 +30,21 @@ def _dispatched(backend_name: str):
     return run
 
 
-def _installed(name: str) -> bool:
-    from diffusers.utils import import_utils as iu
+def _kernel(name: str):
+    """A factory for a dispatched kernel: its check runs when it is chosen (ConfigError if diffusers can't use it)."""
+    dispatch_name, hint = DISPATCH[name]
 
-    check = {
-        "flash": "is_flash_attn_available",
-        "flash3": "is_flash_attn_3_available",
-        "sage": "is_sageattention_available",
-    }[name]
-    return bool(getattr(iu, check, lambda: False)())
+    def make():
+        problem = _diffusers.attention_backend_problem(dispatch_name)
+        if problem:
+            raise ConfigError("backend.attention", name, f"a usable kernel: {first_line_of(problem)} ({hint})")
+        return _dispatched(dispatch_name)
+
+    return make
+
+
+def first_line_of(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 # Context parallelism: which diffusers attention backend computes the local attention, per backend.attention.
@@ -79,16 +87,15 @@ class CUDABackend(Backend):
         }
 
     def kernels(self):
-        table = {"sdpa": lambda: sdpa}
-        for name, (dispatch_name, hint) in DISPATCH.items():
-            table[name] = (lambda d=dispatch_name: _dispatched(d)) if _installed(name) else _missing(name, hint)
-        return table
+        return {"sdpa": lambda: sdpa, **{name: _kernel(name) for name in DISPATCH}}
 
     def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
         table = RING_ATTENTION if ring else ULYSSES_ATTENTION
         option = "parallel.ring_degree" if ring else "parallel.ulysses_degree"
         if self.cfg.attention not in table:
             raise ConfigError("backend.attention", self.cfg.attention, f"with {option}: one of {', '.join(table)}")
+        if self.cfg.attention in DISPATCH:
+            self.kernels()[self.cfg.attention]()  # the kernel must be usable here (ConfigError with the fix)
         if ring and dtype not in HALF:
             raise ConfigError(
                 "model.dtype",
@@ -114,10 +121,3 @@ class CUDABackend(Backend):
         # free + what our own caching allocator holds: a sweep's later jobs plan like the first
         free, _ = torch.cuda.mem_get_info(self.device)
         return free + torch.cuda.memory_reserved(self.device)
-
-
-def _missing(name: str, hint: str):
-    def fail():
-        raise ConfigError("backend.attention", name, f"an installed kernel ({name} is not installed: {hint})")
-
-    return fail

@@ -108,8 +108,10 @@ class NPUBackend(Backend):
     # gloo beside HCCL: diffusers' uneven Ulysses exchanges split sizes as host tensors, so they don't sync the
     # device (with HCCL alone: four host syncs per attention call).
     process_group_backend = "cpu:gloo,npu:hccl"
-    # bitsandbytes has no Ascend build.
-    quantizations = ("none", "fp8", "torchao_int8")
+    # bitsandbytes has no Ascend build; float8_e4m3fn storage (fp8) exists on Ascend 950 only (torch_npu's docs),
+    # so fp8 is offered per device (quantization_methods), never for an unknown one.
+    quantizations = ("none", "torchao_int8")
+    FP8_DEVICES = ("950",)
 
     def __init__(self, cfg: BackendConfig):
         check_layout(cfg.npu_layout)  # a config error before importing torch_npu
@@ -150,7 +152,7 @@ class NPUBackend(Backend):
         return {
             "backend": self.name,
             "device": str(self.device),
-            "name": torch.npu.get_device_name(self.device.index),
+            "name": self.device_name(),
             "torch_npu": getattr(torch_npu, "__version__", "unknown"),
         }
 
@@ -180,6 +182,23 @@ class NPUBackend(Backend):
                 "with parallel.ulysses_degree: one of auto, npu_fusion, npu_fused_infer, sdpa",
             )
         return "_native_npu"
+
+    def device_name(self) -> str:
+        return torch.npu.get_device_name(self.device.index)
+
+    def quantization_methods(self) -> tuple[str, ...]:
+        if any(tag in self.device_name() for tag in self.FP8_DEVICES):
+            return (*self.quantizations, "fp8")
+        return self.quantizations
+
+    def check_memory(self, memory) -> None:
+        if memory.quantization == "fp8" and "fp8" not in self.quantization_methods():
+            raise ConfigError(
+                "memory.quantization",
+                "fp8",
+                f"not available on {self.device_name()} (float8 storage needs an Ascend 950); use torchao_int8 or none",
+            )
+        super().check_memory(memory)
 
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)

@@ -108,3 +108,18 @@ def first_block_cache_parts() -> tuple[Any, Any, Any, Any]:
     from diffusers.hooks.hooks import StateManager
 
     return StateManager, FBCSharedBlockState, _apply_fbc_head_block_hook, _apply_fbc_block_hook
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def attention_backend_problem(name: str) -> str | None:
+    """Why diffusers' attention dispatch can't run backend `name` here (package missing, too old, or failing to
+    import: diffusers then leaves the kernel unset and the first call fails), or None if it can."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as exc:
+        return str(exc).strip()
+    return None

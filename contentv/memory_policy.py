@@ -31,8 +31,14 @@ TEXT_ENCODER_MODES = ("auto", "device", "release", "cpu", "offload")
 PIPELINE_GUIDANCE_MODES = ("batched", "sequential")
 GUIDANCE_MODES = ("auto", *PIPELINE_GUIDANCE_MODES)
 QUANTIZATIONS = ("none", "bnb_int8", "bnb_nf4", "fp8", "torchao_int8")
-# The Python package each quantization needs (imported only when that quantization is selected).
-QUANTIZATION_PACKAGES = {"bnb_int8": "bitsandbytes", "bnb_nf4": "bitsandbytes", "torchao_int8": "torchao"}
+# The Python package each quantization needs (imported only when that quantization is selected) and its lowest
+# working version: bitsandbytes before 0.48 keeps each layer's int8 copy on the GPU after quantizing (~12.8 GB for
+# ContentV-8B) and re-quantizes on every onload; torchao 0.10 is the first with Int8WeightOnlyConfig.
+QUANTIZATION_PACKAGES = {
+    "bnb_int8": ("bitsandbytes", "0.48"),
+    "bnb_nf4": ("bitsandbytes", "0.48"),
+    "torchao_int8": ("torchao", "0.10"),
+}
 
 # Layers kept in full precision when quantizing: tiny, precision-critical, or input/output projections.
 # bnb/torchao skip a Linear when any dotted part of its name is listed (as transformers'
@@ -195,9 +201,17 @@ def _check_capabilities(memory: MemoryConfig, caps: Capabilities) -> None:
             memory.quantization,
             f"not available on backend {caps.name}; use one of: {', '.join(others) or 'none'}",
         )
-    package = QUANTIZATION_PACKAGES.get(memory.quantization)
-    if package and importlib.util.find_spec(package) is None:
-        raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: pip install '.[quant]'")
+    if memory.quantization in QUANTIZATION_PACKAGES:
+        package, lowest = QUANTIZATION_PACKAGES[memory.quantization]
+        installed = _installed_version(package)
+        if installed is None:
+            raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: pip install '.[quant]'")
+        if _version_tuple(installed) < _version_tuple(lowest):
+            raise ConfigError(
+                "memory.quantization",
+                memory.quantization,
+                f"{package} >= {lowest} ({installed} is installed): pip install -U '{package}>={lowest}'",
+            )
 
 
 def check_components(memory: MemoryConfig, components: Iterable[str]) -> None:
@@ -206,6 +220,27 @@ def check_components(memory: MemoryConfig, components: Iterable[str]) -> None:
     for name in memory.quantize or ():
         if name not in names:
             raise ConfigError("memory.quantize", name, names)
+
+
+def _installed_version(package: str) -> str | None:
+    """The installed distribution's version, without importing it (None if absent)."""
+    import importlib.metadata
+
+    if importlib.util.find_spec(package) is None:
+        return None
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 48, 1) from "0.48.1.dev0"; enough for minimum-version checks."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def _is_int(value: object) -> bool:

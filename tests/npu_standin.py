@@ -220,6 +220,7 @@ class FakeNPUModule:
         self.allocated = 1000  # bytes: memory_allocated
         self.reserved = 2 << 30  # bytes: memory_reserved (held by the caching allocator, reusable)
         self.free, self.total = 60 << 30, 64 << 30  # bytes: mem_get_info
+        self.name = "Ascend910B3 (stand-in)"  # get_device_name: an Atlas A2 unless a test says otherwise
         self.config = _npuConfig(self)
         self.matmul = _HF32Switch(self, "ALLOW_MATMUL_HF32", default=False)
         self.conv = _HF32Switch(self, "ALLOW_CONV_HF32", default=True)
@@ -274,7 +275,7 @@ class FakeNPUModule:
         self._record("get_device_name", device_name)
         if not 0 <= self._index(device_name) < self.count:
             raise AssertionError("Invalid device id")
-        return "Ascend910B3 (stand-in)"
+        return self.name
 
     def synchronize(self, device=None) -> None:
         self._record("synchronize", device)

@@ -49,13 +49,27 @@ def test_cuda_backend_refuses_without_a_gpu(monkeypatch):
         backends.build_backend(BackendConfig(name="cuda"))
 
 
-def test_cuda_kernel_table_names_missing_kernels(monkeypatch):
+def test_cuda_kernels_installed_but_unusable_are_refused_with_the_version_needed(monkeypatch):
+    """PyPI's sageattention is 1.0.6: installed, but diffusers needs >= 2.1.1 and leaves its kernel unset, so the
+    first attention call would fail with 'NoneType' object is not callable. It is refused when chosen instead."""
+    from diffusers.models import attention_dispatch
+    from diffusers.utils import import_utils
+
     from backends import cuda
 
     b = object.__new__(cuda.CUDABackend)
     b.cfg = BackendConfig(name="cuda", attention="sage")
-    monkeypatch.setattr(cuda, "_installed", lambda name: False)
-    with pytest.raises(ConfigError, match="sage is not installed"):
+    monkeypatch.setattr(import_utils, "is_sageattention_available", lambda: True)  # installed ...
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_SAGE_ATTN", False)  # ... but too old for diffusers
+    with pytest.raises(
+        ConfigError, match=r"backend.attention='sage' is not valid: a usable kernel: .*sageattention>=2\.1\.1"
+    ):
+        b.attention_kernel()
+    b.cfg.attention = "flash"
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", True)  # a usable flash-attn: accepted
+    assert b.attention_kernel().__name__ == "flash" and b.kernel_name == "flash"
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", False)
+    with pytest.raises(ConfigError, match=r"flash-attn>=2\.6\.3"):
         b.attention_kernel()
     b.cfg.attention = "auto"
     assert b.attention_kernel() is not None and b.kernel_name == "sdpa"

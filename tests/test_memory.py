@@ -496,3 +496,15 @@ def test_presets_on_cuda_match_the_cpu(name, ckpt, ref):
         assert "stream True" in applied["placement"]
     out = generate(pipe, guidance_mode(memory))
     assert rel_err(out, ref[guidance_mode(memory)]) < 1e-3
+
+
+def test_bitsandbytes_before_0_48_is_refused_with_the_fix(monkeypatch):
+    """bitsandbytes 0.45-0.47 keep every layer's int8 copy on the GPU after quantizing (~12.8 GB for ContentV)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.47.0" if p == "bitsandbytes" else real(p))
+    with pytest.raises(ConfigError, match=r"bitsandbytes >= 0\.48 \(0\.47\.0 is installed\)"):
+        memory_policy.check(MemoryConfig(quantization="bnb_int8", model_cpu_offload=True), cpu_backend())
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.48.0" if p == "bitsandbytes" else real(p))
+    memory_policy.check(MemoryConfig(quantization="bnb_nf4", model_cpu_offload=True), cpu_backend())

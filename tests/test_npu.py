@@ -749,8 +749,22 @@ def test_kernel_table_and_quantization(npu: StandIn):
     for method in ("bnb_int8", "bnb_nf4"):
         with pytest.raises(ConfigError, match="memory.quantization") as err:
             backend.check_memory(MemoryConfig(quantization=method))
-        assert "fp8" in str(err.value) and "torchao_int8" in str(err.value)
+        assert "torchao_int8" in str(err.value)
+    backend.check_memory(MemoryConfig(quantization="torchao_int8"))
+
+
+def test_fp8_only_on_an_ascend_950(npu: StandIn):
+    """float8_e4m3fn storage is documented as unsupported on Atlas A2/A3 (Ascend 950 only)."""
+    backend = NPUBackend(BackendConfig(name="npu"))
+    assert "fp8" not in backend.quantization_methods()
+    with pytest.raises(ConfigError) as err:
+        backend.check_memory(MemoryConfig(quantization="fp8"))
+    assert str(err.value).startswith("memory.quantization='fp8' is not valid: not available on Ascend910B3")
+    assert "torchao_int8" in str(err.value) and "Ascend 950" in str(err.value)
+    torch.npu.name = "Ascend950PR (stand-in)"
+    assert "fp8" in backend.quantization_methods()
     backend.check_memory(MemoryConfig(quantization="fp8"))
+    assert "fp8" not in NPUBackend.capabilities().quantization_methods()  # a dry run for an unknown Ascend
 
 
 # ------------------------------------------------------------------------------------------ kernels

@@ -33,6 +33,7 @@ def activation_bytes(
     live: float = 4.0,
     math_attention: bool = False,
     attention_chunk: int = 0,
+    quantization: str = "none",
 ) -> int:
     """Peak transient bytes of one DiT forward over `batch` sequences of video + text tokens, width `dim`.
 
@@ -43,11 +44,22 @@ def activation_bytes(
     - attention peak: input, norm output, q, k, v, kernel output and its (B, S, H*D) copy: 7 units, plus the
       kernel's workspace: O(N) for flash / memory-efficient SDPA (an fp32 logsumexp per query and head),
       O(N^2) for the math kernel (scores and softmax, per query chunk under attention slicing).
-    Checked against a meta-device trace of the real blocks (tests/test_planner.py).
+    - quantized linears add their own temporaries at the largest one, the FF up-projection (dim -> ff_dim):
+      bnb_int8 (bitsandbytes' CUDA path, MatMul8bitLt.forward / int8_mixed_scaled_mm): per token, the int8
+      input (dim bytes) while the int32 accumulator (4 ff_dim) and its fp16 dequantized output (2 ff_dim)
+      exist, before the cast to the compute dtype: the peak is live units + dim + 6 ff_dim bytes per token
+      (its fp16 input copy, 2 dim, is freed once quantized); bnb_nf4 dequantizes the layer's weight
+      (ff_dim x dim in the compute dtype) for the matmul.
+    Checked against a meta-device trace of the real blocks (tests/test_planner.py); the quantized terms follow
+    bitsandbytes' code (its CPU kernels allocate differently, so a CPU trace can't check them).
     """
     n = video_tokens + text_tokens
     unit = batch * n * dim * dtype.itemsize
     ff_peak = unit * (live + 2 * ff_dim / dim)
+    if quantization == "bnb_int8":
+        ff_peak = max(ff_peak, unit * live + batch * n * (dim + 6 * ff_dim))
+    elif quantization == "bnb_nf4":
+        ff_peak += ff_dim * dim * dtype.itemsize
     if math_attention:
         q = min(attention_chunk or n, n)
         workspace = 2 * batch * heads * q * n * dtype.itemsize

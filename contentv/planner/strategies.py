@@ -113,7 +113,7 @@ class ModelCosts:
     def bytes(self, name: str, quantization: str = "none") -> int:
         return sum(self.sizes(name, quantization).values())
 
-    def denoise_bytes(self, batch: int, attention_chunk: int) -> int:
+    def denoise_bytes(self, batch: int, attention_chunk: int, quantization: str = "none") -> int:
         module, dtype = self.components["transformer"]
         c = module.config
         dim = config_get(c, "num_attention_heads", default=1) * config_get(c, "attention_head_dim", default=64)
@@ -129,6 +129,7 @@ class ModelCosts:
             live=wl.block_live,
             math_attention=self.math_attention,
             attention_chunk=attention_chunk,
+            quantization=quantization,
         )
         return act + self.resident_tensors(batch)
 
@@ -172,7 +173,7 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
     batch = 2 if guidance == "batched" else 1
     act = {
         "text_encoding": model.text_bytes() if mode != "cpu" else 0,
-        "denoising": model.denoise_bytes(batch, memory.attention_slicing),
+        "denoising": model.denoise_bytes(batch, memory.attention_slicing, quant.get("transformer", "none")),
         "decoding": model.decode()[1 if memory.vae_tiling else 0] + model.resident_tensors(1),
     }
     use_stream = memory.group_offload_stream and streams
