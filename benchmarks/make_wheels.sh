@@ -26,7 +26,7 @@ PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 man
 log() { printf '[make_wheels] %s\n' "$*"; }
 
 # Keep the folder out of git (the device tool carries it only when named in `carry`).
-if [[ $DEST == .whl && -d .git || -f .git ]] && ! git check-ignore -q "$DEST/x.whl" 2>/dev/null; then
+if [[ $DEST == .whl ]] && git rev-parse --git-dir >/dev/null 2>&1 && ! git check-ignore -q "$DEST/x.whl"; then
     echo "/$DEST/" >>"$(git rev-parse --git-path info/exclude)"
     log "added /$DEST/ to $(git rev-parse --git-path info/exclude)"
 fi
