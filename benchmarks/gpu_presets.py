@@ -166,7 +166,7 @@ class Stages:
 
 
 class Rows:
-    """Appends rows to gpu_<device>.jsonl in each folder, flushed and synced at once."""
+    """Appends rows to gpu_<device>.jsonl in each folder, synced at once."""
 
     def __init__(self, folders: list[Path], device_name: str):
         self.paths = [Path(f) / f"gpu_{device_slug(device_name)}.jsonl" for f in folders]
@@ -174,12 +174,14 @@ class Rows:
             p.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict) -> None:
-        line = json.dumps(row, default=str) + "\n"
-        for p in self.paths:
-            with p.open("a") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+        data = (json.dumps(row, default=str) + "\n").encode()
+        for p in self.paths:  # one append of the whole line: a process killed here leaves no half row
+            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def find(self, **match) -> dict | None:
         """The last row written with these fields (e.g. this run's `none`)."""
