@@ -21,7 +21,7 @@
 # Settings (environment, all optional):
 #   GPU_CHECK_BUDGET_S  the whole run's budget in seconds (480; --smoke 600): later steps are cut to fit
 #   GPU_CHECK_WHEELS    wheels to install first (.whl; --smoke: none); GPU_CHECK_SITE where (/tmp/site)
-#   GPU_CHECK_TESTS_S   time box of the cuda tests (90)
+#   GPU_CHECK_TESTS_S   time box of the cuda tests (90; 0 skips them, e.g. to rerun one preset)
 #   GPU_CHECK_RUNS      benchmark runs, ';'-separated "MODELS PRESETS BOX_S DECODE", one process each (MODELS and
 #                       PRESETS comma-separated; DECODE: decode | from:PRESET)
 #   GPU_CHECK_STEPS / GPU_CHECK_WARMUP   timed / warm-up denoising steps per preset (2 / 1; --smoke 1 / 0)
@@ -100,6 +100,11 @@ run_step() { # run_step NAME BOX_S MIN_S FUNCTION ARGS...: the box cut to the bu
     local name=$1 box=$2 min=$3 left rc=0 t0 status note=""
     shift 3
     left=$((BUDGET_S - (SECONDS - START)))
+    if ((box <= 0)); then # `timeout 0` would mean no limit: a 0 s box switches the step off
+        log "$name: skipped (time box 0)"
+        record "$name" skipped 0 "switched off: time box 0"
+        return 0
+    fi
     if ((left < min)); then
         log "$name: out of time (${left} s of ${BUDGET_S} s left, needs ${min} s)"
         record "$name" out_of_time 0 "${left} s of the ${BUDGET_S} s budget left, needs ${min} s"

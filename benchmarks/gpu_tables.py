@@ -63,13 +63,15 @@ def read_rows(paths: list[Path]) -> list[dict]:
 
 
 def latest(rows: list[dict]) -> list[dict]:
-    """The latest run per device, one row per (model, size, preset): its last (most complete) one."""
-    runs: dict[str, str] = {}
+    """Per device, model and size, the latest run (ratios never mix runs); one row per preset: its last, most
+    complete one."""
+    runs: dict[tuple, str] = {}
     for r in rows:
-        runs[r["device"]] = max(runs.get(r["device"], ""), r["run_id"])
+        key = (r["device"], r["model"], r["size"])
+        runs[key] = max(runs.get(key, ""), r["run_id"])
     last: dict[tuple, dict] = {}
     for r in rows:
-        if r["run_id"] == runs[r["device"]]:
+        if r["run_id"] == runs[(r["device"], r["model"], r["size"])]:
             last[(r["device"], r["model"], r["size"], r["preset"])] = r
     return derive(list(last.values()))
 

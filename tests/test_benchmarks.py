@@ -229,9 +229,12 @@ def test_tables_reuse_a_shared_decode_and_compare_with_none():
     assert "low_vram_8g" in gpu_tables.format_terminal(rows)
 
 
-def test_tables_take_the_latest_run_and_say_when_a_preset_did_not_finish():
-    rows = gpu_tables.latest([row("none", run_id="A"), row("none", run_id="B", status="started")])
-    assert [r["run_id"] for r in rows] == ["B"]
+def test_tables_take_the_latest_run_per_model_and_say_when_a_preset_did_not_finish():
+    cog = {"model": "cogvideox_5b", "size": "720x480x49"}
+    rows = gpu_tables.latest(
+        [row("none", run_id="A"), row("none", run_id="A", **cog), row("none", run_id="B", status="started")]
+    )
+    assert sorted((r["model"], r["run_id"]) for r in rows) == [("cogvideox_5b", "A"), ("contentv_8b", "B")]
     assert "did not finish" in gpu_tables.markdown(rows)
 
 
