@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_tables import device_slug, format_terminal, spec_tflops  # noqa: E402
+from benchmarks.gpu_tables import device_slug, format_terminal, spec_tflops, video_seconds  # noqa: E402
 from benchmarks.random_weights import decode, random_pipeline  # noqa: E402
 
 PROMPT, NEGATIVE = "a red fox walks in snow", "low quality"
@@ -245,9 +245,7 @@ def summarize(row: dict, stages_: Stages, warmup: int, flops: float, rows: Rows)
     row["load_s"] = round(stages["load"]["seconds"], 3)
     row["text_encoding_s"] = round(stages["text_encoding"]["seconds"], 3)
     row["decoding_s"] = round(stages["decoding"]["seconds"], 3) if "decoding" in stages else None
-    row["projected_50_steps_s"] = (
-        round(row["text_encoding_s"] + 50 * per_step + row["decoding_s"], 2) if row["decoding_s"] is not None else None
-    )
+    row["projected_50_steps_s"] = video_seconds(row, row["decoding_s"])
     row["peak_device_bytes"] = _max(stages[s]["peak_device_bytes"] for s in ran)
     row["peak_device_reserved_bytes"] = _max(stages[s]["peak_device_reserved_bytes"] for s in ran)
     row["peak_host_rss_bytes"] = _max(stages[s]["peak_host_rss_bytes"] for s in ran)
