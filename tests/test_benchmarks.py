@@ -1,13 +1,69 @@
-"""The benchmark scripts run (tiny sizes on the CPU) and print their tables: they are not dead code."""
+"""The benchmark scripts run (tiny sizes on the CPU) and print their tables: they are not dead code. The GPU check
+runs its whole sequence on the CPU (`--smoke`), and the README's GPU tables are the ones its results generate."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import gpu_tables
+from benchmarks.random_weights import materialize
+
 ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+# What every measured row carries (PERFORMANCE.md "How to record", plus the planner beside each measurement).
+ROW_FIELDS = (
+    "run_id",
+    "date",
+    "device",
+    "backend",
+    "versions",
+    "model",
+    "size",
+    "height",
+    "width",
+    "num_frames",
+    "preset",
+    "status",
+    "guidance",
+    "warmup_steps",
+    "timed_steps",
+    "step_seconds",
+    "seconds_per_step",
+    "text_encoding_s",
+    "decoding_s",
+    "load_s",
+    "total_s",
+    "projected_50_steps_s",
+    "peak_device_bytes",
+    "peak_device_reserved_bytes",
+    "peak_host_rss_bytes",
+    "load_peak_host_rss_bytes",
+    "predicted",
+    "predicted_peak_device_bytes",
+    "device_ratio",
+    "predicted_host_bytes",
+    "host_ratio",
+    "predicted_host_peak_bytes",
+    "host_peak_ratio",
+    "predicted_rel_time",
+    "flops_per_step",
+    "tflops",
+    "spec_tflops",
+    "fraction_of_spec",
+    "ratio_vs_none",
+    "ratio_50_steps_vs_none",
+    "decode",
+    "stages",
+)
 
 
 def run(script: str, *args: str, cache_dir: Path) -> str:
@@ -24,13 +80,212 @@ def run(script: str, *args: str, cache_dir: Path) -> str:
     return proc.stdout
 
 
-def test_gpu_presets_smoke_on_cpu(cache_dir):
-    for model in ("tiny_contentv", "tiny_cogvideox_5b"):
-        args = ["--model", model, "--backend", "cpu", "--steps", "1", "--no-record", "--presets", "none,low_vram_8g"]
-        out = run("gpu_presets.py", *args, "--height", "32", "--width", "48", "--frames", "9", cache_dir=cache_dir)
-        lines = [ln for ln in out.splitlines() if ln.startswith(("none", "low_vram_8g"))]
-        assert len(lines) == 2 and not any("failed" in ln for ln in lines), out
-        assert lines[0].split()[2] == "1.00"  # the baseline's ratio to itself
+def gpu_check(out: Path, cache_dir: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env}
+    if cache_dir is not None:
+        full["CONTENTV_CACHE"] = str(cache_dir)
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=ROOT,
+        timeout=900,
+    )
+
+
+def steps(out: Path) -> dict[str, dict]:
+    return {s["step"]: s for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+
+
+# ------------------------------------------------------------------------------------------ the GPU check
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_on_cpu_records_every_field_and_reports_failures(tmp_path, cache_dir):
+    """The whole GPU check on the CPU with the tiny models; a 1 s box times the tests out and an unknown preset
+    fails, and both are reported while everything else still runs."""
+    out = tmp_path / "out"
+    runs = "tiny_contentv,tiny_cogvideox_5b none,low_vram_8g,no_such_preset 400 decode"
+    proc = gpu_check(out, cache_dir, GPU_CHECK_TESTS_S="1", GPU_CHECK_RUNS=runs)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: some step failed, and it said so
+
+    done = steps(out)
+    assert done["wheels"]["status"] == "skipped"  # --smoke uses the installed packages
+    assert done["env"]["status"] == "ok"
+    assert done["cuda_tests"]["status"] == "timeout" and "1 s time box" in done["cuda_tests"]["note"]
+    assert done["plan"]["status"] == "ok"
+    assert done["bench tiny_contentv,tiny_cogvideox_5b none,low_vram_8g,no_such_preset"]["status"] == "failed"
+
+    (results,) = out.glob("gpu_*.jsonl")
+    rows = gpu_tables.latest(gpu_tables.read_rows([results]))
+    by = {(r["model"], r["preset"]): r for r in rows}
+    models, presets = ("tiny_contentv", "tiny_cogvideox_5b"), ("none", "low_vram_8g", "no_such_preset")
+    assert set(by) == {(m, p) for m in models for p in presets}
+    for model in models:
+        bad = by[model, "no_such_preset"]
+        assert bad["status"] == "failed" and "low_vram_8g" in bad["error"]  # names the valid presets
+    for key in [(m, p) for m in models for p in presets[:2]]:
+        row = by[key]
+        assert row["status"] == "ok" and row["decode"] == "measured", row
+        assert [f for f in ROW_FIELDS if f not in row] == [], key
+        assert row["size"] == "32x48x9" and row["timed_steps"] == 1 and len(row["step_seconds"]) == 1
+        assert not row["predicted"]["error"], row["predicted"]  # the planner's numbers are beside the measured
+        assert row["predicted_host_bytes"] > 0 and row["host_ratio"] > 0
+        assert row["predicted_peak_device_bytes"] > 0 and row["peak_device_bytes"] is None  # no counter on a CPU
+        assert row["versions"]["torch"] == torch.__version__
+        assert row["flops_per_step"] > 0 and row["projected_50_steps_s"] > 0
+    assert by["tiny_contentv", "none"]["ratio_vs_none"] == 1.0
+    assert by["tiny_cogvideox_5b", "low_vram_8g"]["ratio_vs_none"] > 0
+    assert by["tiny_contentv", "low_vram_8g"]["guidance"] == "sequential"
+
+    summary = (out / "summary.md").read_text()
+    assert "| cuda_tests | timeout |" in summary and "failed: KeyError" in summary
+    assert "| low_vram_8g |" in summary
+    assert {p.name for p in out.iterdir()} <= {
+        "gpu_check.log",
+        "steps.jsonl",
+        "env.txt",
+        "cuda_tests.xml",
+        "predictions.json",
+        results.name,
+        "summary.md",
+    }  # at most 8 files come back from the device machine
+    assert not (ROOT / "benchmarks" / "results" / results.name).exists()  # a smoke run records nothing in the repo
+
+
+def test_gpu_check_reports_steps_out_of_time(tmp_path):
+    out = tmp_path / "out"
+    proc = gpu_check(out, GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 1, proc.stderr
+    done = steps(out)
+    assert done["wheels"]["status"] == "skipped"
+    for name, step in done.items():
+        if name != "wheels":
+            assert step["status"] == "out_of_time", step
+    assert "out_of_time" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_rejects_unknown_arguments(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ tables and README
+
+
+def row(preset: str, **kw) -> dict:
+    base = {
+        "device": "NVIDIA H200",
+        "run_id": "20260101T000000Z",
+        "model": "contentv_8b",
+        "size": "432x768x125",
+        "preset": preset,
+        "status": "ok",
+        "text_encoding_s": 1.0,
+        "decoding_s": None,
+        "decode_from": None,
+        "seconds_per_step": 3.0,
+        "tflops": 580.0,
+        "fraction_of_spec": 0.59,
+        "peak_device_bytes": 30 * GiB,
+        "peak_device_reserved_bytes": 31 * GiB,
+        "device_ratio": 1.02,
+        "versions": {"torch": "2.11.0+cu130", "diffusers": "0.42.1"},
+        "dtype": "bfloat16",
+        "warmup_steps": 1,
+        "timed_steps": 2,
+    }
+    return {**base, **kw}
+
+
+def test_tables_reuse_a_shared_decode_and_compare_with_none():
+    rows = gpu_tables.latest(
+        [
+            row("none", decoding_s=20.0, step_seconds=[4.0, 3.0, 3.0]),
+            row("low_vram_24g", seconds_per_step=3.2, decoding_s=30.0, peak_device_reserved_bytes=21 * GiB),
+            row("low_vram_16g", status="started"),
+            row("low_vram_16g", seconds_per_step=3.6, decode_from="low_vram_24g", peak_device_reserved_bytes=16 * GiB),
+            row("low_vram_8g", status="failed", error="OutOfMemoryError: CUDA out of memory"),
+        ]
+    )
+    by = {r["preset"]: r for r in rows}
+    assert by["none"]["projected_50_steps_s"] == 1 + 4 + 49 * 3 + 20 and by["none"]["ratio_vs_none"] == 1.0
+    assert by["low_vram_16g"]["projected_50_steps_s"] == 1 + 180 + 30  # the tiled decode of low_vram_24g
+    assert by["low_vram_16g"]["decode"] == "from low_vram_24g"
+    assert by["low_vram_16g"]["ratio_vs_none"] == 1.2
+    assert by["low_vram_16g"]["ratio_50_steps_vs_none"] == round(211 / 172, 4)
+    assert gpu_tables.target_text(by["none"]).startswith("met: planner 1.02x; 59% of spec")
+    assert gpu_tables.target_text(by["low_vram_24g"]).startswith("MISSED: time 1.111x <= 1.10x")
+    assert "MISSED: peak 16.0 <= 15.0 GiB" in gpu_tables.target_text(by["low_vram_16g"])
+    table = gpu_tables.markdown(rows)
+    assert "| low_vram_8g | failed: OutOfMemoryError" in table and "NVIDIA H200" in table
+    assert "| none | 3.00 | 1.00 | 172 (1.00) | 580 (59%) | 30.00 / 31.00 |" in table
+    assert "low_vram_8g" in gpu_tables.format_terminal(rows)
+
+
+def test_tables_take_the_latest_run_per_model_and_say_when_a_preset_did_not_finish():
+    cog = {"model": "cogvideox_5b", "size": "720x480x49"}
+    rows = gpu_tables.latest(
+        [row("none", run_id="A"), row("none", run_id="A", **cog), row("none", run_id="B", status="started")]
+    )
+    assert sorted((r["model"], r["run_id"]) for r in rows) == [("cogvideox_5b", "A"), ("contentv_8b", "B")]
+    assert "did not finish" in gpu_tables.markdown(rows)
+
+
+def test_device_names_and_specs():
+    assert gpu_tables.device_slug("NVIDIA H200") == "nvidia_h200"
+    assert gpu_tables.spec_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_tables.spec_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_tables.spec_tflops("cpu x86_64", "cpu") is None
+
+
+def test_junit_summary(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_memory" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_memory" name="test_b"/>'
+        '<testcase classname="tests.test_memory" name="test_c"><skipped/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert gpu_tables.junit_summary(path) == "1 passed, 1 failed, 0 errors, 1 skipped (failing: test_memory::test_a)"
+    assert gpu_tables.junit_summary(tmp_path / "none.xml") == "no junit file"
+
+
+def test_readme_gpu_tables_are_generated_from_the_results():
+    """The README's GPU block is exactly what benchmarks/gpu_tables.py makes of benchmarks/results/gpu_*.jsonl
+    ('not measured yet' while there are none): regenerate with `python benchmarks/gpu_tables.py --write-readme`."""
+    assert gpu_tables.current_readme_block() == gpu_tables.readme_block()
+    if not list(gpu_tables.RESULTS.glob("gpu_*.jsonl")):
+        assert "not measured yet" in gpu_tables.current_readme_block()
+
+
+# ------------------------------------------------------------------------------------------ random weights
+
+
+def test_materialize_fills_in_the_load_dtype_and_counts_like_the_planner():
+    from contentv.planner import weight_bytes
+
+    def build() -> nn.Module:
+        with torch.device("meta"):
+            return nn.Sequential(nn.Linear(700, 3000), nn.LayerNorm(3000), nn.Linear(3000, 5))
+
+    module = build()
+    total = materialize(module, torch.bfloat16, "cpu")
+    assert total == weight_bytes(build(), torch.bfloat16)
+    big = module[0].weight
+    assert big.dtype == torch.bfloat16 and big.device.type == "cpu"
+    assert torch.isfinite(big).all() and big.float().std() > 0.01  # random, not zeros
+    assert module[2].weight.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ CPU benchmarks
 
 
 def test_cpu_reference_smoke(cache_dir):
