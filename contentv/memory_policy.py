@@ -12,7 +12,6 @@ and its bytes in `contentv/planner/` (three files).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -225,6 +224,7 @@ def check_components(memory: MemoryConfig, components: Iterable[str]) -> None:
 def _installed_version(package: str) -> str | None:
     """The installed distribution's version, without importing it (None if absent)."""
     import importlib.metadata
+    import importlib.util
 
     if importlib.util.find_spec(package) is None:
         return None
