@@ -110,7 +110,9 @@ def validate_run(
     memory_policy.check_components(cfg.memory, spec.components)
     speedup.check(cfg.speedup)
     parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
-    parallel.layout(cfg.parallel, world_size)
+    lay = parallel.layout(cfg.parallel, world_size)
+    if lay.context_parallel:
+        check_parallel_split(cfg, lay, sampling)
     if world_size > 1 and cfg.mode != "generate":
         raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
     check_output(cfg.output)
@@ -126,6 +128,21 @@ def validate_run(
         path = spec.resolve_path(cfg.model)
         spec.check_checkpoint(path)
     return CheckedRun(spec=spec, sampling=sampling, prompts=prompts, path=path)
+
+
+def check_parallel_split(cfg: RunConfig, lay: Any, sampling: SamplingConfig) -> None:
+    """Head and token counts of this model at this size against the context-parallel degrees, from the family's
+    meta-device description (no weights read)."""
+    from contentv import parallel
+    from contentv.models.common import generic_components_on_meta, generic_workload
+    from contentv.registry import get_spec
+
+    spec = get_spec(cfg.model.family)
+    path = spec.resolve_path(cfg.model)
+    components = (spec.components_on_meta or generic_components_on_meta)(cfg.model, path)
+    work = (spec.workload or generic_workload)(components, sampling)
+    heads = int(components["transformer"][0].config.num_attention_heads)
+    parallel.check_split(cfg.parallel, lay, heads, work.video_tokens, work.text_tokens)
 
 
 # ------------------------------------------------------------------------------------------ types

@@ -97,3 +97,24 @@ def test_tiny_model_on_cuda_matches_cpu(tiny_ckpt):
         outs.append(latents.float().cpu())
     cos = torch.nn.functional.cosine_similarity(outs[0].flatten(), outs[1].flatten(), dim=0)
     assert cos > 0.999
+
+
+def test_runtime_sets_the_backend_up_once_on_every_path():
+    """The Python API path (Runtime) applies the backend's process-wide switches (TF32/HF32, current device)
+    itself; setup() is idempotent, so entry points that also call it don't apply them twice."""
+    from backends.cpu import CPUBackend
+    from contentv.runtime import Runtime
+
+    calls = []
+
+    class Recording(CPUBackend):
+        def _setup(self) -> None:
+            calls.append("setup")
+
+    backend = Recording(BackendConfig(name="cpu"))
+    assert calls == []
+    Runtime(backend)
+    assert calls == ["setup"]
+    backend.setup()
+    Runtime(backend)
+    assert calls == ["setup"]

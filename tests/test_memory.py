@@ -508,3 +508,20 @@ def test_bitsandbytes_before_0_48_is_refused_with_the_fix(monkeypatch):
         memory_policy.check(MemoryConfig(quantization="bnb_int8", model_cpu_offload=True), cpu_backend())
     monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.48.0" if p == "bitsandbytes" else real(p))
     memory_policy.check(MemoryConfig(quantization="bnb_nf4", model_cpu_offload=True), cpu_backend())
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_group_offload_with_streams_records_them(ckpt, monkeypatch, streams):
+    """With a side stream, diffusers must be told to record it (else it synchronizes the host at every block
+    offload). Contract on the CPU: the arguments handed to diffusers (a CPU build can't pin memory for streams)."""
+    from diffusers import ModelMixin
+
+    seen = []
+    monkeypatch.setattr(ModelMixin, "enable_group_offload", lambda self, **kw: seen.append(kw))
+    monkeypatch.setattr("diffusers.hooks.apply_group_offloading", lambda module, **kw: seen.append(kw))
+    pipe = load(*ckpt)
+    memory = MemoryConfig(group_offload=True, group_offload_stream=True, text_encoders="offload")
+    mem.place(pipe, memory, torch.device("cpu"), streams=streams)
+    assert len(seen) == 4  # the transformer (block level) and three text encoders (leaf level)
+    assert all(kw["use_stream"] is streams and kw["record_stream"] is streams for kw in seen)
+    assert all(kw["non_blocking"] is streams and kw["onload_device"] == torch.device("cpu") for kw in seen)

@@ -481,3 +481,21 @@ def test_single_process_world_without_a_launcher(monkeypatch: pytest.MonkeyPatch
     assert (world.rank, world.size) == (0, 1) and world.gather("x") == ["x"] and world.broadcast("y") == "y"
     assert distributed.is_main_process()
     world.barrier(), distributed.barrier()
+
+
+def test_even_splits_are_checked_against_the_model_before_loading():
+    """parallel.uneven=false with ContentV: 333 text tokens (and 38 heads) divide by no degree > 1; diffusers would
+    assert at the first forward. It is a one-line error before any weights load, naming the counts."""
+    from contentv.config import RunConfig
+    from contentv.validation import validate_run
+
+    cfg = RunConfig()  # ContentV-8B, sized from its built-in configs (nothing is downloaded or loaded)
+    cfg.sampling.prompt = "a cat"
+    cfg.parallel = ParallelConfig(ulysses_degree=2, uneven=False)
+    with pytest.raises(ConfigError, match=r"parallel.uneven=False .* 333 text tokens don't divide by the ulysses"):
+        validate_run(cfg, world_size=2)
+    cfg.parallel = ParallelConfig(ulysses_degree=4, uneven=False)
+    with pytest.raises(ConfigError, match="38 attention heads, 333 text tokens"):
+        validate_run(cfg, world_size=4)
+    cfg.parallel = ParallelConfig(ulysses_degree=2, uneven=True)  # the default: uneven splits work
+    validate_run(cfg, world_size=2)

@@ -170,3 +170,37 @@ class World:
         out: list[Any] = [None] * self.size
         torch.distributed.all_gather_object(out, obj)
         return out
+
+
+def check_split(cfg: ParallelConfig, lay: Layout, heads: int, video_tokens: int, text_tokens: int) -> None:
+    """The model's head and token counts against the context-parallel degrees (ConfigError before any weights load).
+
+    Even splits (parallel.uneven=false, diffusers' plain Ulysses/ring) need heads % ulysses == 0 and both token
+    streams divisible by ulysses x ring; uneven Ulysses pads heads, which diffusers allows only up to a limit.
+    """
+    if not lay.context_parallel:
+        return
+    degree = lay.ulysses * lay.ring
+    if not cfg.uneven:
+        uneven = [
+            f"{n} {what}"
+            for n, what, d in (
+                (heads, "attention heads", lay.ulysses),
+                (video_tokens, "video tokens", degree),
+                (text_tokens, "text tokens", degree),
+            )
+            if n % d
+        ]
+        if uneven:
+            raise ConfigError(
+                "parallel.uneven",
+                False,
+                f"true for this model and size: {', '.join(uneven)} don't divide by the "
+                f"{'ulysses' if lay.ulysses > 1 else 'ring'} degree ({degree})",
+            )
+    elif lay.ulysses > 1:
+        pad = -heads % lay.ulysses
+        if pad and pad >= (heads + pad) // lay.ulysses:  # diffusers pads heads only up to this
+            raise ConfigError(
+                "parallel.ulysses_degree", lay.ulysses, f"a degree whose head padding works for {heads} heads"
+            )

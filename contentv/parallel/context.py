@@ -182,15 +182,7 @@ def apply(pipe, cfg: ParallelConfig, spec: ModelSpec, world: World) -> Applied:
     transformer = pipe.transformer
     if lay.context_parallel:
         ContextParallelConfig, DiffusersParallelConfig = _diffusers.context_parallel_configs()
-        heads = int(transformer.config.num_attention_heads)
-        if not cfg.uneven and lay.ulysses > 1 and heads % lay.ulysses:
-            raise ConfigError("parallel.uneven", False, f"true: {heads} heads don't divide by ulysses_degree")
-        if cfg.uneven and lay.ulysses > 1:
-            pad = -heads % lay.ulysses
-            if pad and pad >= (heads + pad) // lay.ulysses:  # diffusers pads heads only up to this
-                raise ConfigError(
-                    "parallel.ulysses_degree", lay.ulysses, f"a degree whose head padding works for {heads} heads"
-                )
+        # (validate_run checked the token and head counts against the degrees before loading: check_split)
         cp = ContextParallelConfig(
             ring_degree=lay.ring,
             ulysses_degree=lay.ulysses,
