@@ -99,8 +99,12 @@ class MemoryConfig:
     # Classifier-free guidance: auto (batched on GPU/NPU, sequential on the CPU) | batched (one batch-2
     # forward per step) | sequential (two forwards, less activation memory).
     guidance_mode: str = "auto"
-    # memory=auto only: the device budget in GB to plan for; null = the device's free memory.
+    # The device budget in GB to plan for (memory=auto chooses within it; a dry run plans for it); null = the
+    # device's free memory.
     budget_gb: float | None = None
+    # Refuse, before loading, a run the planner predicts won't fit this machine's device or host memory (the line
+    # gives the predicted need and what the machine has); false = try anyway.
+    check_fit: bool = True
 
 
 @dataclass

@@ -90,17 +90,12 @@ def library_versions() -> dict[str, str]:
 
 
 def _key(cfg: RunConfig) -> str:
-    # guidance_mode is chosen per call, so it doesn't invalidate the prepared pipeline
-    memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k != "guidance_mode"}
+    # guidance_mode is chosen per call, budget_gb and check_fit only plan: none invalidates the prepared pipeline
+    memory = {
+        k: v for k, v in dataclasses.asdict(cfg.memory).items() if k not in ("guidance_mode", "budget_gb", "check_fit")
+    }
     parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup), dataclasses.asdict(cfg.parallel)]
     return json.dumps(parts, sort_keys=True)
-
-
-def host_available() -> int:
-    """RAM this process can still use: what the system has available plus what the process already holds."""
-    import psutil
-
-    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
 
 
 class Runtime:
@@ -132,7 +127,7 @@ class Runtime:
 
     def plan(self, cfg: RunConfig):
         """The memory plan for cfg on this backend (contentv.planner.Plan); loads no weights."""
-        from contentv.planner import plan
+        from contentv.planner import host_available, plan
 
         return plan(
             cfg,

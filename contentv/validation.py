@@ -56,8 +56,11 @@ MAX_STEM_BYTES = 200
 class DeviceBackend(memory_policy.Capabilities, Protocol):
     """What validation asks of a backend (backends.Backend has these)."""
 
+    device: Any
+
     def attention_kernel(self) -> Any: ...
     def check_memory(self, memory: Any) -> None: ...
+    def free_memory(self) -> int | None: ...
 
 
 @dataclass
@@ -127,6 +130,10 @@ def validate_run(
     if not cfg.model.tiny:
         path = spec.resolve_path(cfg.model)
         spec.check_checkpoint(path)
+    if backend is not None and cfg.memory.name != "auto" and cfg.memory.check_fit and not cfg.dry_run:
+        from contentv.planner import check_fits, host_available
+
+        check_fits(cfg, backend, backend.free_memory(), host_available(), device=str(backend.device))
     return CheckedRun(spec=spec, sampling=sampling, prompts=prompts, path=path)
 
 

@@ -494,3 +494,35 @@ def test_bnb_int8_matmul_temporaries_are_counted(batch):
     module, dtype = architecture.components_on_meta(cfg.model, None)["transformer"]
     shrunk = planner.weight_bytes(module, dtype) - planner.weight_bytes(module, dtype, "bnb_int8")
     assert saved == shrunk - (int8 - plain) * (41_805 * 2) // tokens  # batch 2 (batched guidance on a GPU)
+
+
+def test_a_run_this_machine_cannot_hold_is_refused_before_loading(cache_dir):
+    """2001 frames at 2048x2048 of the tiny model on the CPU (the decoded video alone is ~100 GB): the planner's
+    host-RAM need against what this machine has, one line naming the numbers and the override;
+    memory.check_fit=false lets those who know better try."""
+    from backends import build_backend
+    from contentv.config import BackendConfig
+    from contentv.validation import validate_run
+
+    cfg = RunConfig(model=model_config("tiny_contentv"), backend=BackendConfig(name="cpu"))
+    cfg.sampling.prompt, cfg.sampling.num_frames = "a cat", 2001
+    cfg.sampling.height = cfg.sampling.width = 2048
+    backend = build_backend(cfg.backend)
+    with pytest.raises(ConfigError) as err:
+        validate_run(cfg, backend)
+    text = str(err.value)
+    assert text.startswith("memory='none' is not valid: a strategy that fits: tiny_contentv at 2048x2048, 2001 frames")
+    assert "GiB of host RAM, this machine has" in text and "memory.check_fit=false" in text and "\n" not in text
+    cfg.memory.check_fit = False
+    validate_run(cfg, backend)  # checked no further: the user asked to try
+    cfg.memory.check_fit, cfg.sampling.num_frames, cfg.sampling.height, cfg.sampling.width = True, 13, 64, 96
+    validate_run(cfg, backend)  # an ordinary run fits
+
+
+def test_a_device_budget_the_run_exceeds_is_refused_with_the_numbers():
+    cfg = full_size_run()
+    cfg.memory = dataclasses.replace(PRESETS["none"], budget_gb=24)
+    with pytest.raises(ConfigError, match=r"predicted to need 3\d\.\d GiB on cuda:0, which has 24\.0 GiB free"):
+        planner.check_fits(cfg, GPU, None, 512 * GiB, device="cuda:0")
+    cfg.memory = dataclasses.replace(PRESETS["low_vram_16g"], budget_gb=24)
+    planner.check_fits(cfg, GPU, None, 512 * GiB, device="cuda:0")

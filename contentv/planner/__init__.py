@@ -34,7 +34,19 @@ from contentv.planner.report import format_plan
 from contentv.planner.strategies import MARGIN, STAGES, GiB, ModelCosts, Plan, Strategy, predict
 from contentv.planner.weights import tensor_bytes, weight_bytes
 
-__all__ = ["GiB", "MARGIN", "STAGES", "Plan", "Strategy", "format_plan", "plan", "tensor_bytes", "weight_bytes"]
+__all__ = [
+    "GiB",
+    "MARGIN",
+    "STAGES",
+    "Plan",
+    "Strategy",
+    "check_fits",
+    "format_plan",
+    "host_available",
+    "plan",
+    "tensor_bytes",
+    "weight_bytes",
+]
 
 _COMPONENTS: dict[str, dict[str, tuple[nn.Module, torch.dtype]]] = {}
 
@@ -152,6 +164,52 @@ def _nothing_fits(p: Plan) -> str:
     return text + "; fewer frames or a smaller size lower it"
 
 
+def check_fits(
+    cfg: RunConfig,
+    caps: Capabilities,
+    budget_bytes: int | None,
+    host_budget_bytes: int,
+    device: str = "the device",
+) -> None:
+    """ConfigError (naming memory, the predicted need and what the machine has) if this run's memory strategy is
+    predicted not to fit: the device (its free memory, or memory.budget_gb) or the host RAM. Where the device has
+    no memory of its own (the CPU), weights, activations and the process all count against the host."""
+    memory = dataclasses.replace(cfg.memory, budget_gb=None)  # the budget is compared here, with the numbers
+    p = plan(dataclasses.replace(cfg, memory=memory), {memory.name: memory}, caps)
+    strategy = next(x for x in p.strategies if x.memory is memory)
+    if strategy.error:
+        return  # the policy check reports it
+    s = p.sampling
+    what = f"{p.model} at {s.height}x{s.width}, {s.num_frames} frames (memory={cfg.memory.name})"
+    fix = "fewer frames, a smaller size or a lighter memory preset (python demo.py dry_run=true lists them), or "
+    fix += "memory.check_fit=false to try anyway"
+    budget = budget_from(cfg.memory, budget_bytes)
+    if budget is not None and strategy.device_bytes > budget:
+        raise ConfigError(
+            "memory",
+            cfg.memory.name,
+            f"a strategy that fits: {what} is predicted to need {strategy.device_bytes / GiB:.1f} GiB on "
+            f"{device}, which has {budget / GiB:.1f} GiB free; {fix}",
+        )
+    host_need = strategy.host_peak_bytes
+    if budget_bytes is None:  # one memory: resident weights and activations live in host RAM too
+        host_need = max(host_need, strategy.device_bytes + strategy.host_bytes)
+    if host_need > host_budget_bytes:
+        raise ConfigError(
+            "memory",
+            cfg.memory.name,
+            f"a strategy that fits: {what} is predicted to need {host_need / GiB:.1f} GiB of host RAM, this "
+            f"machine has {host_budget_bytes / GiB:.1f} GiB available; {fix}",
+        )
+
+
+def host_available() -> int:
+    """RAM this process can still use: what the system has available plus what the process already holds."""
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+
+
 def _differs(a: MemoryConfig, b: MemoryConfig) -> bool:
-    skip = {"name", "budget_gb"}
+    skip = {"name", "budget_gb", "check_fit"}
     return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(MemoryConfig) if f.name not in skip)
