@@ -357,7 +357,7 @@ def task(dcfg) -> None:
 
     from backends import distributed
     from contentv import sweep
-    from contentv.errors import ConfigError, first_line
+    from contentv.errors import ConfigError, OutOfMemory, first_line
 
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
@@ -387,14 +387,15 @@ def task(dcfg) -> None:
     except Exception as exc:  # noqa: BLE001 - one line unless debug; a sweep records it and goes on
         if cfg.debug:
             raise
-        message = str(exc) if isinstance(exc, ConfigError) else first_line(exc, with_type=True)
+        message = str(exc) if isinstance(exc, (ConfigError, OutOfMemory)) else first_line(exc, with_type=True)
         if multirun:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
             rows = sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), [], error=message)
             sweep.write_job_rows(job_dir, rows)
             return
         print(
-            f"error: {message}" + ("" if isinstance(exc, ConfigError) else " (debug=true for a traceback)"),
+            f"error: {message}"
+            + ("" if isinstance(exc, (ConfigError, OutOfMemory)) else " (debug=true for a traceback)"),
             file=sys.stderr,
         )
         sys.exit(2 if isinstance(exc, ConfigError) else 1)

@@ -200,6 +200,10 @@ class NPUBackend(Backend):
             )
         super().check_memory(memory)
 
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        # torch_npu's allocator raises torch.OutOfMemoryError; older releases a RuntimeError with this text.
+        return super().is_out_of_memory(exc) or (isinstance(exc, RuntimeError) and "NPU out of memory" in str(exc))
+
     def synchronize(self) -> None:
         torch.npu.synchronize(self.device)
 

@@ -19,6 +19,10 @@ class GenerationCancelled(RuntimeError):
     """Raised when a generation is interrupted between denoising steps."""
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during a run; the message is one line saying what to do."""
+
+
 def _shown(value: object, limit: int = 200) -> str:
     """repr() of a bad value, cut short: a 10 MB prompt must not become a 10 MB error line."""
     text = repr(value)

@@ -33,7 +33,7 @@ import torch
 from contentv import memory_policy, speedup
 from contentv.attention import AttentionKernel
 from contentv.config import MemoryConfig, RunConfig, SamplingConfig
-from contentv.errors import ConfigError, first_line
+from contentv.errors import ConfigError, OutOfMemory, first_line
 from contentv.parallel import World
 from contentv.parallel.context import apply as apply_parallel
 from contentv.registry import ModelSpec, get_spec
@@ -74,6 +74,7 @@ class RunResult:
     video: Path | None = None
     sidecar: Path | None = None
     record: dict = field(default_factory=dict)
+    memory: MemoryConfig | None = None  # the strategy that ran (memory=auto's choice, or a fallback's)
 
 
 def library_versions() -> dict[str, str]:
@@ -199,8 +200,75 @@ class Runtime:
     # ------------------------------------------------------------ generation
 
     def generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
-        """Validate, load (cached), generate. Returns frames and statistics; writes nothing."""
+        """Validate, load (cached), generate. Returns frames and statistics; writes nothing.
+
+        If the device runs out of memory: under memory=auto the runtime frees it and retries once with the next
+        lower-memory strategy the planner recommends (logged, and recorded as prepared["memory_fallback"]); with a
+        strategy set explicitly it stops with OutOfMemory, one line naming the planner's suggestion.
+        """
+        chosen_by_planner = cfg.memory.name == "auto"
         cfg = self.resolve_memory(cfg)
+        error = None
+        try:
+            return self._generate(cfg, callback_on_step_end)
+        except Exception as exc:
+            if not self.backend.is_out_of_memory(exc):
+                raise
+            error = first_line(exc)
+        # Out of the except block: the exception's frames (and the tensors they held) are gone, so this frees them.
+        self.release()
+        where, failed = self.backend.device, cfg.memory.name
+        lighter = self.lighter_strategy(cfg)
+        if lighter is None:
+            raise OutOfMemory(
+                f"out of memory on {where} with memory={failed} ({error}); no strategy the planner knows needs less: "
+                "fewer frames or a smaller size"
+            )
+        if not chosen_by_planner:
+            raise OutOfMemory(
+                f"out of memory on {where} with memory={failed}; the planner suggests memory={lighter.name} "
+                f"(predicted peak {lighter.device_bytes / 2**30:.1f} GiB): run again with memory={lighter.name}, "
+                "or memory=auto to let the runtime switch"
+            )
+        log.warning(
+            "out of memory on %s with memory=%s (%s): retrying once with memory=%s", where, failed, error, lighter.name
+        )
+        retry = dataclasses.replace(cfg, memory=lighter.memory)
+        try:
+            result = self._generate(retry, callback_on_step_end)
+        except Exception as exc:
+            if not self.backend.is_out_of_memory(exc):
+                raise
+            error = first_line(exc)
+        else:
+            result.prepared["memory_fallback"] = {"from": failed, "to": lighter.name, "error": error}
+            return result
+        self.release()
+        raise OutOfMemory(
+            f"out of memory on {where} with memory={failed} and again with memory={lighter.name} ({error}): "
+            "fewer frames or a smaller size"
+        )
+
+    def lighter_strategy(self, cfg: RunConfig):
+        """The fastest strategy predicted to need less device memory than cfg's (and to fit the host), or None."""
+        from contentv.planner import host_available, plan
+
+        memory = dataclasses.replace(cfg.memory, budget_gb=None)
+        candidates = {**self.presets, memory.name: memory}
+        p = plan(dataclasses.replace(cfg, memory=memory), candidates, self.backend)
+        current = next(s for s in p.strategies if s.memory is memory)
+        host = host_available()
+        lighter = [
+            s
+            for s in p.strategies
+            if not s.error
+            and s.memory is not memory
+            and s.device_bytes < current.device_bytes
+            and s.host_peak_bytes <= host
+        ]
+        return min(lighter, key=lambda s: (s.time, s.device_bytes), default=None)
+
+    def _generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         checked = self.validate(cfg)
         spec, sampling = checked.spec, checked.sampling
         recorder = StageRecorder(self.backend)
@@ -222,6 +290,7 @@ class Runtime:
             sampling=sampling,
             stages=recorder.as_dict(),
             prepared={**self._prepared, "pipeline_reused": reused, "pipeline_loads": self.loads},
+            memory=cfg.memory,
         )
 
     def run_all(self, cfg: RunConfig, callback_on_step_end=None) -> list[RunResult]:
@@ -249,8 +318,8 @@ class Runtime:
 
     def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
-        cfg = self.resolve_memory(cfg)
         result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
+        cfg = dataclasses.replace(cfg, memory=result.memory)  # what ran, in the sidecar
         s = result.sampling
         folder = self.output_dir(cfg)
         stem = cfg.output.name or f"{slugify(s.prompt)}_seed{s.seed}"
