@@ -274,7 +274,7 @@ def preflight(argv: list[str]) -> bool:
                 if args.multirun:
                     raise UsageError("mode=ui serves one page: drop -m")
                 ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
-            world_size = distributed.launch_env().world_size
+            world_size = distributed.check_launch().world_size
             launcher = hydra_cfg.get("launcher") or {}
             if args.multirun and "tasks_per_node" in launcher:  # submitit: a job is nodes x tasks_per_node ranks
                 world_size = int(launcher.tasks_per_node) * int(launcher.get("nodes") or 1)

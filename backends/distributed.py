@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 
 from contentv.config import BackendConfig
+from contentv.errors import ConfigError
 from contentv.parallel import World
 
 log = logging.getLogger(__name__)
@@ -110,16 +113,62 @@ def configure(backend_cfg: BackendConfig) -> LaunchEnv:
 # ------------------------------------------------------------------------------------------ process group
 
 
+def check_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """The launch this process belongs to; ConfigError if RANK/WORLD_SIZE say "one of several ranks" but the
+    rendezvous address is missing (e.g. variables left over from another launch), instead of torch's bare error."""
+    env = os.environ if environ is None else environ
+    launch = launch_env(env)
+    if launch.world_size > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise ConfigError(
+                "WORLD_SIZE",
+                launch.world_size,
+                f"1 without a launcher: this process is rank {launch.rank} of {launch.world_size} (RANK and WORLD_SIZE "
+                f"are set) but {' and '.join(missing)} not: launch with torchrun --nproc_per_node={launch.world_size} "
+                "demo.py ..., or unset RANK and WORLD_SIZE",
+            )
+    return launch
+
+
+def join_timeout() -> float:
+    """Seconds to wait for every rank to join (CONTENTV_JOIN_TIMEOUT, default 300)."""
+    return float(os.environ.get("CONTENTV_JOIN_TIMEOUT", "300"))
+
+
 def init_process_group(backend) -> tuple[int, int]:
     """Join the launch's process group with the backend's collective library (after `backend.setup()`, so NCCL
-    and HCCL see this rank's device). Returns (rank, world_size); (0, 1) without a launcher."""
+    and HCCL see this rank's device). Returns (rank, world_size); (0, 1) without a launcher.
+
+    If the other ranks don't join within join_timeout() (e.g. RANK/WORLD_SIZE/MASTER_* left set without a launcher)
+    the process says so in one line and exits with status 1 instead of waiting forever. Only the join is timed:
+    collectives keep torch's own timeout, since ranks may legitimately wait for each other's loading.
+    """
     import torch.distributed as dist
 
-    launch = launch_env()
+    launch = check_launch()
     if launch.world_size == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend.process_group_backend)
+        seconds = join_timeout()
+        joined = threading.Event()
+
+        def watchdog() -> None:
+            if not joined.wait(seconds):
+                print(
+                    f"error: rank {launch.rank} of {launch.world_size}: the other ranks did not join within "
+                    f"{seconds:.0f} s (RANK, WORLD_SIZE and MASTER_ADDR are set: start every rank with torchrun, or "
+                    "unset them for one process; CONTENTV_JOIN_TIMEOUT sets the wait)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)  # the main thread is blocked inside torch's rendezvous; nothing was written yet
+
+        threading.Thread(target=watchdog, name="contentv-join-watchdog", daemon=True).start()
+        try:
+            dist.init_process_group(backend=backend.process_group_backend)
+        finally:
+            joined.set()
     return dist.get_rank(), dist.get_world_size()
 
 

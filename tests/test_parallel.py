@@ -499,3 +499,32 @@ def test_even_splits_are_checked_against_the_model_before_loading():
         validate_run(cfg, world_size=4)
     cfg.parallel = ParallelConfig(ulysses_degree=2, uneven=True)  # the default: uneven splits work
     validate_run(cfg, world_size=2)
+
+
+def test_rank_variables_without_a_rendezvous_address_are_one_line():
+    env = {"RANK": "0", "WORLD_SIZE": "2"}
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 is not valid: 1 without a launcher: .* MASTER_ADDR and"):
+        distributed.check_launch(env)
+    assert distributed.check_launch({**env, "MASTER_ADDR": "h", "MASTER_PORT": "1"}).world_size == 2
+    assert distributed.check_launch({"WORLD_SIZE": "2"}).world_size == 1  # no RANK: not a launch
+
+
+@pytest.mark.slow
+def test_ranks_that_never_join_time_out_with_one_line(tmp_path):
+    """RANK/WORLD_SIZE/MASTER_* left set without a launcher: rank 0 would wait for rank 1 forever."""
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29_000 + os.getpid() % 1000),
+        "CONTENTV_JOIN_TIMEOUT": "3",
+        "PYTHONPATH": str(ROOT),
+    }
+    code = "from backends import build_backend, distributed; from contentv.config import BackendConfig; "
+    code += "distributed.init_process_group(build_backend(BackendConfig(name='cpu')))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "error: rank 0 of 2: the other ranks did not join within 3 s" in proc.stderr
+    assert "Traceback" not in proc.stderr
