@@ -291,8 +291,9 @@ def preflight(argv: list[str]) -> bool:
             key = repr(cfg.backend)
             if key not in built:
                 built[key] = backends.build_backend(cfg.backend)
+            option = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
             out_dir = hydra_cfg.sweep.dir if args.multirun else hydra_cfg.run.dir
-            validate_run(cfg, built[key], world_size=world_size, output_dir=out_dir, output_option="hydra.run.dir")
+            validate_run(cfg, built[key], world_size=world_size, output_dir=out_dir, output_option=option)
     return dry
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import tempfile
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -366,15 +367,19 @@ def check_local_checkpoint(option: str, path: str, required: dict[str, str]) -> 
 
 
 def check_writable_dir(option: str, path: str | os.PathLike) -> None:
-    """The folder exists and is writable, or can be created (its nearest existing parent is writable)."""
+    """The folder exists and is writable, or can be created: a folder is actually made (and removed) inside its
+    nearest existing parent, since permissions alone don't tell (root, /proc, read-only or full file systems)."""
     p = Path(path).expanduser().absolute()
     probe = p
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(option, str(path), f"a folder ({probe} is a file)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(option, str(path), f"a writable folder ({probe} is not writable)")
+    try:
+        Path(tempfile.mkdtemp(prefix=".contentv-probe-", dir=probe)).rmdir()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(option, str(path), f"a folder that can be created and written ({probe}: {reason})") from exc
 
 
 def read_prompt_file(path: str) -> list[str]:
