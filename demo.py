@@ -144,10 +144,11 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
 
     from contentv.errors import first_line
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra raises several types; all are usage errors here
-        raise UsageError(first_line(exc, innermost=True)) from exc
+        raise UsageError(_unparsable(parser, overrides) or first_line(exc, innermost=True)) from exc
     types = _field_types()
     choices: list[list[str]] = []
     for o in parsed:
@@ -185,6 +186,22 @@ def hydra_context():
         return
     with initialize_config_module(config_module="conf", version_base="1.3"):
         yield
+
+
+def _unparsable(parser, overrides: Sequence[str]) -> str | None:
+    """The first override Hydra's grammar rejects, as one line naming it and how to quote it."""
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except Exception:  # noqa: BLE001 - the grammar's errors
+            key, eq, value = item.partition("=")
+            if not eq:
+                return f"{item!r} is not valid: an override KEY=VALUE (or GROUP=OPTION)"
+            return (
+                f"{key}={value!r} is not valid: a value Hydra can parse; quote text with spaces or characters such as "
+                f":!,[]{{}}()=' in single quotes: {key}='...'"
+            )
+    return None
 
 
 def _compose(overrides: Sequence[str], hydra: bool = False):
