@@ -243,11 +243,22 @@ def _link_new(tmp: Path, final: Path) -> None:
     """Give `tmp`'s content the name `final`, failing with FileExistsError if `final` exists."""
     try:
         os.link(tmp, final)
+        return
     except FileExistsError:
         raise
     except OSError:  # file systems without hard links: claim the name exclusively, then replace it
+        pass
+    try:
         os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a full disk has no room for a new name either
+        raise _write_error(exc, final) from exc
+    try:
         os.replace(tmp, final)
+    except OSError as exc:
+        os.unlink(final)  # never leave our empty claim under the final name
+        raise _write_error(exc, final) from exc
 
 
 def _sync_folder(folder: Path) -> None:

@@ -103,6 +103,29 @@ def test_a_sidecar_name_taken_after_the_video_was_linked(tmp_path, monkeypatch):
     assert (tmp_path / "same.json").read_text() == "theirs" and partials(tmp_path) == []
 
 
+def test_file_systems_without_hard_links(tmp_path, monkeypatch):
+    """Where os.link fails (FAT, some FUSE mounts) a name is claimed with O_EXCL and the file moved onto it; a
+    pair whose sidecar name is taken meanwhile moves the video back and tries the next N."""
+
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    real = os.path.lexists
+
+    def racing(path):
+        if Path(path).name == "same.json" and not real(path):
+            Path(path).write_text("theirs")
+            return False
+        return real(path)
+
+    monkeypatch.setattr(V.os, "link", no_links)
+    monkeypatch.setattr(V.os.path, "lexists", racing)
+    video, side = write_video(frames(), tmp_path, "same", fps=8, sidecar={"k": 1})
+    assert (video.name, side.name) == ("same-1.mp4", "same-1.json")
+    assert visible(tmp_path) == ["same-1.json", "same-1.mp4", "same.json"] and partials(tmp_path) == []
+    assert read_mp4_frames(video)[0].shape == (5, 32, 48, 3)
+
+
 class Boom(Exception):
     pass
 
