@@ -39,7 +39,7 @@ from contentv.parallel.context import apply as apply_parallel
 from contentv.registry import ModelSpec, get_spec
 from contentv.stats import StageRecorder
 from contentv.validation import CheckedRun, is_hub_id, read_prompt_file, validate_run
-from contentv.video import slugify, write_json, write_mp4
+from contentv.video import slugify, staged_mp4
 
 log = logging.getLogger(__name__)
 
@@ -324,22 +324,22 @@ class Runtime:
         folder = self.output_dir(cfg)
         stem = cfg.output.name or f"{slugify(s.prompt)}_seed{s.seed}"
         start = time.perf_counter()
-        result.video = write_mp4(
+        with staged_mp4(  # encoded and checked, not yet published
             result.frames,
             folder,
-            stem,
             fps=s.fps,
             crf=cfg.output.crf,
             metadata={"title": s.prompt, "comment": f"seed={s.seed}; prompt={s.prompt}", "seed": str(s.seed)},
-        )
-        result.stages["writing"] = {
-            "seconds": time.perf_counter() - start,
-            "peak_device_bytes": None,
-            "peak_host_rss_bytes": None,
-        }
-        result.record = self.record(cfg, result)
-        if cfg.output.sidecar:
-            result.sidecar = write_json(result.record, result.video.with_suffix(".json"))
+        ) as staged:
+            result.stages["writing"] = {
+                "seconds": time.perf_counter() - start,
+                "peak_device_bytes": None,
+                "peak_host_rss_bytes": None,
+            }
+            result.record = self.record(cfg, result)
+            # Video and sidecar under one free <stem>[-N] pair; the sidecar's "video" is the published name.
+            result.video, result.sidecar = staged.publish(stem, result.record if cfg.output.sidecar else None)
+        result.record["video"] = result.video.name
         return result
 
     def record(self, cfg: RunConfig, result: RunResult) -> dict:

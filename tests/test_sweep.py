@@ -34,13 +34,14 @@ def sidecars(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def corrupt_and_good(tmp_path_factory, tiny_ckpt):
-    """Two checkpoint folders that pass the pre-flight checks; one has truncated transformer weights."""
+    """Two checkpoint folders that pass the pre-flight checks; one fails to load (a damaged SentencePiece model:
+    present, so the cheap checks pass; truncated weights would be caught before the sweep starts)."""
     root = tmp_path_factory.mktemp("ckpts")
     good, bad = root / "good", root / "bad"
     shutil.copytree(tiny_ckpt, good)
     shutil.copytree(tiny_ckpt, bad)
-    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    (bad / "tokenizer_3" / "tokenizer.json").unlink()
+    (bad / "tokenizer_3" / "spiece.model").write_bytes(b"\x00" * 100)
     return good, bad
 
 

@@ -5,9 +5,9 @@ Heavy imports happen inside the functions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from contentv import checkpoint
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
 from contentv.models.cogvideox import architecture
@@ -28,6 +28,14 @@ EXPECTED_CLASSES = {
     "vae/config.json": ("AutoencoderKLCogVideoX",),
     "scheduler/scheduler_config.json": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
 }
+# Every subfolder CogVideoXRuntimePipeline.from_pretrained loads, checked before any weights load.
+LAYOUT = (
+    checkpoint.tokenizer("tokenizer", "T5 tokenizer", checkpoint.T5_TOKENIZER_FILES),
+    checkpoint.model("text_encoder", "T5 text encoder", architecture.CLASSES["text_encoder"]),
+    checkpoint.model("vae", "CogVideoX VAE", architecture.CLASSES["vae"]),
+    checkpoint.model("transformer", "CogVideoX transformer", architecture.CLASSES["transformer"]),
+    checkpoint.scheduler(),
+)
 # Frames 4k+1 (VAE 4x time compression). Sizes: multiples of VAE x8 * patch x2.
 TEMPORAL, SPATIAL = 4, 16
 # T5 tokens the transformers were trained with (transformer.config.max_text_seq_length).
@@ -63,10 +71,13 @@ def resolve_path(cfg: ModelConfig) -> str:
 
 
 def check_checkpoint(path: str) -> None:
+    """A local folder: the files and classes of a CogVideoX text-to-video checkpoint, then every component
+    (configs, tokenizer files, safetensors headers against the configs' shapes); no weights are read."""
     folder = check_local_checkpoint("model.path", path, REQUIRED_FILES)
     if not folder.exists():  # a hub id: checked when downloaded
         return
-    configs = {f: json.loads((folder / f).read_text()) for f in EXPECTED_CLASSES}
+    checkpoint.read_json(path, "", "model_index.json")
+    configs = {f: checkpoint.read_json(path, *f.split("/")) or {} for f in EXPECTED_CLASSES}
     for f, expected in EXPECTED_CLASSES.items():
         found = configs[f].get("_class_name")
         if found not in expected:
@@ -81,6 +92,7 @@ def check_checkpoint(path: str) -> None:
             f"a text-to-video CogVideoX checkpoint (transformer in_channels {t.get('in_channels')} != "
             f"out_channels {t.get('out_channels')}: an image-to-video model)",
         )
+    checkpoint.check_folder(path, LAYOUT)
 
 
 def load(cfg: ModelConfig, path: str):
@@ -119,8 +131,9 @@ def uses_rope(cfg: ModelConfig) -> bool | None:
     if cfg.tiny:
         return cfg.name.endswith("_5b")
     path = Path(cfg.path or "").expanduser() / "transformer" / "config.json"
-    if path.is_file():
-        return bool(json.loads(path.read_text()).get("use_rotary_positional_embeddings", False))
+    if path.is_file():  # read as the checkpoint check reads it: invalid JSON is one line, not a traceback
+        config = checkpoint.read_json(cfg.path, "transformer", "config.json") or {}
+        return bool(config.get("use_rotary_positional_embeddings", False))
     name = (cfg.path or "").lower()
     return True if name.endswith(("-5b", "-5b-i2v", "1.5-5b")) else False if name.endswith("-2b") else None
 

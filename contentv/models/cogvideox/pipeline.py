@@ -31,6 +31,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
 from transformers import T5EncoderModel, T5TokenizerFast
 
+from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
 from contentv.models.common import RuntimePlacement, StageContext, null_stage
@@ -86,6 +87,7 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
         dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
         given = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        weights = {**hub, "use_safetensors": True}  # never pickle: unpickling runs code
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
 
@@ -99,17 +101,20 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
         loaders: dict[str, Callable[[], Any]] = {
             "tokenizer": lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer", **hub),
             "text_encoder": lambda: T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder", dtype=text_encoder_dtype or dtype, **hub
+                path, subfolder="text_encoder", dtype=text_encoder_dtype or dtype, **weights
             ),
             "vae": lambda: AutoencoderKLCogVideoX.from_pretrained(
-                path, subfolder="vae", dtype=vae_dtype or dtype, **hub
+                path, subfolder="vae", dtype=vae_dtype or dtype, **weights
             ),
             "transformer": lambda: CogVideoXTransformer3DModel.from_pretrained(
-                path, subfolder="transformer", dtype=dtype, **hub
+                path, subfolder="transformer", dtype=dtype, **weights
             ),
             "scheduler": scheduler,
         }
-        parts = {name: given[name] if name in given else load() for name, load in loaders.items()}
+        # A failing component is one line naming the folder and the component (contentv.checkpoint).
+        parts = {
+            name: given[name] if name in given else load_component(path, name, load) for name, load in loaders.items()
+        }
         for module in parts.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from contentv import checkpoint
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
 from contentv.models.contentv import architecture
@@ -27,6 +26,18 @@ REQUIRED_FILES = {
     "scheduler/scheduler_config.json": "scheduler config",
 }
 EXPECTED_CLASSES = {"transformer": "SD3Transformer3DModel", "vae": "AutoencoderKLWan"}
+# Every subfolder ContentVPipeline.from_pretrained loads, checked before any weights load (contentv.checkpoint).
+LAYOUT = (
+    checkpoint.model("transformer", "MMDiT transformer", architecture.CLASSES["transformer"]),
+    checkpoint.model("vae", "Wan video VAE", architecture.CLASSES["vae"]),
+    checkpoint.model("text_encoder", "CLIP-L text encoder", architecture.CLASSES["text_encoder"]),
+    checkpoint.model("text_encoder_2", "CLIP-G text encoder", architecture.CLASSES["text_encoder_2"]),
+    checkpoint.model("text_encoder_3", "T5 text encoder", architecture.CLASSES["text_encoder_3"]),
+    checkpoint.tokenizer("tokenizer", "CLIP-L tokenizer", checkpoint.CLIP_TOKENIZER_FILES),
+    checkpoint.tokenizer("tokenizer_2", "CLIP-G tokenizer", checkpoint.CLIP_TOKENIZER_FILES),
+    checkpoint.tokenizer("tokenizer_3", "T5 tokenizer", checkpoint.T5_TOKENIZER_FILES),
+    checkpoint.scheduler(),
+)
 TEMPORAL, SPATIAL = 4, 16  # frames of the form 4k+1; sizes multiples of VAE x8 * patch x2
 # The reference demo's sampling settings (bytedance/ContentV demo.py).
 SAMPLING_DEFAULTS = {
@@ -55,15 +66,19 @@ def resolve_path(cfg: ModelConfig) -> str:
 
 
 def check_checkpoint(path: str) -> None:
+    """A local folder: the files and classes of a ContentV checkpoint, then every component (configs, tokenizer
+    files, safetensors headers against the configs' shapes); no weights are read. Hub ids pass."""
     folder = check_local_checkpoint("model.path", path, REQUIRED_FILES)
     if not folder.exists():  # a hub id: checked when downloaded
         return
+    checkpoint.read_json(path, "", "model_index.json")
     for sub, expected in EXPECTED_CLASSES.items():
-        found = json.loads((folder / sub / "config.json").read_text()).get("_class_name")
+        found = (checkpoint.read_json(path, sub, "config.json") or {}).get("_class_name")
         if found != expected:
             raise ConfigError(
                 "model.path", path, f"a ContentV checkpoint ({sub}/config.json names {found!r}, expected {expected!r})"
             )
+    checkpoint.check_folder(path, LAYOUT)
 
 
 def load(cfg: ModelConfig, path: str):

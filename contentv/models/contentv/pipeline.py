@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
 from contentv.models.common import RuntimePlacement, StageContext, null_stage
@@ -119,26 +120,30 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
         te_dtype = text_encoder_dtype or dtype
         given = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
         hub = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+        weights = {**hub, "use_safetensors": True}  # never pickle: unpickling runs code
         loaders: dict[str, Callable[[], Any]] = {
             "transformer": lambda: SD3Transformer3DModel.from_pretrained(
-                path, subfolder="transformer", dtype=dtype, **hub
+                path, subfolder="transformer", dtype=dtype, **weights
             ),
-            "vae": lambda: AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=vae_dtype, **hub),
+            "vae": lambda: AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=vae_dtype, **weights),
             "text_encoder": lambda: CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder", dtype=te_dtype, **hub
+                path, subfolder="text_encoder", dtype=te_dtype, **weights
             ),
             "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", dtype=te_dtype, **hub
+                path, subfolder="text_encoder_2", dtype=te_dtype, **weights
             ),
             "text_encoder_3": lambda: T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder_3", dtype=te_dtype, **hub
+                path, subfolder="text_encoder_3", dtype=te_dtype, **weights
             ),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub),
             "tokenizer_2": lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub),
             "tokenizer_3": lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", **hub),
             "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **hub),
         }
-        parts = {name: given[name] if name in given else load() for name, load in loaders.items()}
+        # A failing component is one line naming the folder and the component (contentv.checkpoint).
+        parts = {
+            name: given[name] if name in given else load_component(path, name, load) for name, load in loaders.items()
+        }
         for module in parts.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()
