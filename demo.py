@@ -367,6 +367,19 @@ def summary(result) -> str:
     )
 
 
+def console_output(verbose: bool) -> None:
+    """The console shows progress bars, the summary, and this runtime's warnings and errors (everything with
+    verbose=true); Hydra's log file in the run folder keeps every INFO line and library notice either way."""
+    logging.captureWarnings(True)  # library warnings go through logging: to the file, on the console if verbose
+    if verbose:
+        return
+    ours = ("contentv", "backends", "demo", "__main__")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda r: r.name.split(".")[0] in ours or r.levelno >= logging.ERROR)
+
+
 def task(dcfg) -> None:
     """One Hydra job: build (or reuse) the runtime and generate the video(s)."""
     from hydra.core.hydra_config import HydraConfig
@@ -379,6 +392,7 @@ def task(dcfg) -> None:
 
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
+    console_output(cfg.verbose)
     if cfg.mode == "ui":
         import backends
         from contentv import ui
@@ -447,10 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     from contentv.errors import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable. Set
+    # before anything imports transformers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from contentv import _diffusers
+
+    _diffusers.defer_quantization_libraries()  # imported only when a quantization is selected
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = literal_prompts(argv, multirun)
-    # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     distributed.export_slurm_env()
     register_configs()
     try:

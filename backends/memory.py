@@ -18,7 +18,14 @@ from torch import nn
 from contentv import _diffusers
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
-from contentv.memory_policy import FP8_SKIP_CLASSES, fp8_skip_patterns, quantizable, skip_parts, text_encoder_mode
+from contentv.memory_policy import (
+    FP8_SKIP_CLASSES,
+    QUANTIZATION_PACKAGES,
+    fp8_skip_patterns,
+    quantizable,
+    skip_parts,
+    text_encoder_mode,
+)
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -181,6 +188,8 @@ def quantize(pipe, memory: MemoryConfig, backend) -> str:
     method = memory.quantization
     if method == "none":
         return "none"
+    if method in QUANTIZATION_PACKAGES:
+        _diffusers.use_quantization_library(QUANTIZATION_PACKAGES[method][0])
     parts = _components(pipe, memory.quantize)
     for name, module in parts.items():
         if method == "bnb_int8":

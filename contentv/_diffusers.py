@@ -123,3 +123,52 @@ def attention_backend_problem(name: str) -> str | None:
     except RuntimeError as exc:
         return str(exc).strip()
     return None
+
+
+# ------------------------------------------------------------------------------------------ quantization libraries
+
+# Package -> diffusers' availability flag for it (diffusers.utils.import_utils).
+_AVAILABILITY_FLAGS = {"torchao": "_torchao_available", "bitsandbytes": "_bitsandbytes_available"}
+
+
+_TRANSFORMERS_TORCHAO: list = []  # transformers' own is_torchao_available, while deferred
+
+
+def defer_quantization_libraries() -> bool:
+    """Keep diffusers and transformers from importing torchao and bitsandbytes with their models: they import them
+    (with their import-time warnings and ~1.5 s) for their own quantizers, which this runtime doesn't use (it
+    quantizes with the libraries directly, and only when asked: `use_quantization_library`). Call before their
+    models are imported (the entry point does); returns False if that is too late.
+
+    diffusers reads module flags (diffusers.utils.import_utils); transformers a function its torchao quantizer binds
+    at import (transformers.utils.is_torchao_available), swapped here and restored by use_quantization_library.
+    """
+    import sys
+
+    if "diffusers.models.modeling_utils" in sys.modules or "transformers.quantizers" in sys.modules:
+        return False
+    import diffusers.utils.import_utils as iu
+    import transformers.utils as tu
+
+    for flag in _AVAILABILITY_FLAGS.values():
+        setattr(iu, flag, False)
+    if not _TRANSFORMERS_TORCHAO:
+        _TRANSFORMERS_TORCHAO.append(tu.is_torchao_available)
+        tu.is_torchao_available = lambda *args, **kwargs: False
+    return True
+
+
+def use_quantization_library(package: str) -> None:
+    """Tell the libraries `package` is there again before it is used (e.g. diffusers' group offloading moves torchao
+    tensors only when it believes torchao is available)."""
+    import importlib.util
+
+    import diffusers.utils.import_utils as iu
+
+    if package not in _AVAILABILITY_FLAGS or importlib.util.find_spec(package) is None:
+        return
+    setattr(iu, _AVAILABILITY_FLAGS[package], True)
+    if package == "torchao" and _TRANSFORMERS_TORCHAO:
+        import transformers.utils as tu
+
+        tu.is_torchao_available = _TRANSFORMERS_TORCHAO.pop()

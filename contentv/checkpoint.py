@@ -372,9 +372,14 @@ def component_errors(path: str, component: str, option: str = OPTION) -> Iterato
 
 
 def load_component(path: str, component: str, load: Callable[[], T]) -> T:
-    """`load()`, with its failures reported as one line naming `path` and `component` (component_errors)."""
+    """`load()`, with its failures reported as one line naming `path` and `component` (component_errors); the
+    loading stage's progress bar advances by one component."""
+    from contentv import progress
+
     with component_errors(str(path), component):
-        return load()
+        loaded = load()
+    progress.tick()
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------ conversion

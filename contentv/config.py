@@ -204,6 +204,9 @@ class RunConfig:
     dry_run: bool = False
     # Show full Python tracebacks instead of one-line errors.
     debug: bool = False
+    # Show every detail on the console: the runtime's INFO lines and the libraries' notices (they always go to the
+    # run folder's demo.log); false = progress bars, the summary, and warnings and errors.
+    verbose: bool = False
 
 
 def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:

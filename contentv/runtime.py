@@ -15,6 +15,7 @@ The backend is injected (anything with the `DeviceBackend` members), so this mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from contentv import memory_policy, speedup
+from contentv import memory_policy, progress, speedup
 from contentv.attention import AttentionKernel
 from contentv.config import MemoryConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, OutOfMemory, first_line
@@ -112,8 +113,15 @@ class Runtime:
         backend: DeviceBackend,
         presets: Mapping[str, MemoryConfig] | None = None,
         world: World | None = None,
+        progress: bool = True,
     ):
         self.backend = backend
+        # One bar per long stage (loading, text encoding, denoising, decoding); the libraries' own bars off.
+        self.progress = progress
+        if progress:
+            from contentv import progress as bars
+
+            bars.own_bars_only()
         backend.setup()  # process-wide switches (TF32/HF32, current device); idempotent
         self.presets = dict(presets or {})
         self.world = world or World(device=backend.device)
@@ -170,7 +178,8 @@ class Runtime:
         spec.check_checkpoint(path)
         log.info("loading %s from %s", cfg.model.name, path)
         try:
-            self._pipe = spec.load(cfg.model, path)
+            with progress.stage(f"loading {cfg.model.name}", self.progress, unit="part"):  # ticked per component
+                self._pipe = spec.load(cfg.model, path)
         except OSError as exc:
             if not is_hub_id(path):
                 raise
@@ -179,6 +188,7 @@ class Runtime:
                 f"without network, download it elsewhere and pass model.path=<folder>"
             ) from exc
         self.loads += 1
+        self._pipe.set_progress_bar_config(desc="denoising", disable=not self.progress, dynamic_ncols=True)
         par = apply_parallel(self._pipe, cfg.parallel, spec, self.world)  # before any placement/offload
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
         if par.kernel is not None:  # context parallelism replaces the backend's attention kernel
@@ -268,6 +278,17 @@ class Runtime:
         ]
         return min(lighter, key=lambda s: (s.time, s.device_bytes), default=None)
 
+    def _stage(self, recorder: StageRecorder):
+        """The pipeline's stage context: statistics for every stage, a bar for those without one of their own."""
+
+        @contextlib.contextmanager
+        def stage(name: str):
+            show = self.progress and name != "denoising"  # denoising shows the pipeline's own step bar
+            with recorder.stage(name), progress.stage(name.replace("_", " "), show):
+                yield
+
+        return stage
+
     def _generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         checked = self.validate(cfg)
         spec, sampling = checked.spec, checked.sampling
@@ -282,7 +303,7 @@ class Runtime:
             guidance_mode=memory_policy.guidance_mode(cfg.memory, self.backend.batched_guidance),
             generator=generator,
             output_type="np",
-            stage_context=recorder.stage,
+            stage_context=self._stage(recorder),
             callback_on_step_end=callback_on_step_end,
         )
         return RunResult(
