@@ -252,7 +252,73 @@ def load_presets(groups: Sequence[str] = PRESET_GROUPS, overrides: Sequence[str]
     return Presets(models=found.get("model", {}), memories=found.get("memory", {}), backends=found.get("backend", {}))
 
 
+# ------------------------------------------------------------------------------------------ help
+
+
+def help_text(overrides: Sequence[str]) -> str:
+    """--help: usage and examples (conf/config.yaml's hydra.help), the config groups and their options, and every
+    field with the value this command line composes to and its one-line description (contentv.config)."""
+    import textwrap
+
+    from omegaconf import OmegaConf
+
+    from contentv.config import field_docs
+
+    (job,) = expand_jobs(literal_prompts([o for o in overrides if o != "-m"], False), False)
+    with hydra_context():
+        try:
+            composed = _compose(job, hydra=True)
+        except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
+            raise UsageError(compose_error(exc, job)) from exc
+        groups = {g: group_options(g, job) for g in (*GROUPS, "hydra/launcher")}
+    help_cfg = composed.hydra.help
+    del composed.hydra
+    values = OmegaConf.to_container(composed, resolve=True)
+    chosen = {g: (values.get(g) or {}).get("name") for g in GROUPS}
+    lines = [help_cfg.header.rstrip(), "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
+    for group, options in groups.items():
+        marked = ", ".join(f"{o}*" if o == chosen.get(group) else o for o in options)
+        lines.append(f"  {group:<16}{marked}")
+    lines += ["", "Fields (KEY=VALUE as this command line composes them; null = the default described):"]
+    docs = field_docs()
+    for key, doc in docs.items():
+        node = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        shown = f"{key}={_show(node)}"
+        wrapped = textwrap.wrap(doc, 118 - 44) or [""]
+        lines.append(f"  {shown:<42}{wrapped[0]}" if len(shown) < 42 else f"  {shown}\n{'':44}{wrapped[0]}")
+        lines += [f"{'':44}{more}" for more in wrapped[1:]]
+    lines += ["", help_cfg.footer.rstrip(), "Hydra's own flags: --hydra-help; the composed config: --cfg job."]
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    """A field's value as the command line writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value and re.fullmatch(r"[\w./:-]+", value) else repr(value)
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # ------------------------------------------------------------------------------------------ pre-flight
+
+
+def _compose_job(job: list[str]):
+    """(RunConfig, Hydra's config) for one job's overrides; UsageError naming the option otherwise."""
+    from omegaconf import OmegaConf
+
+    try:
+        dcfg = _compose(job, hydra=True)
+        hydra_cfg = dcfg.hydra
+        del dcfg.hydra
+        return OmegaConf.to_object(dcfg), hydra_cfg
+    except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
+        raise UsageError(compose_error(exc, job)) from exc
 
 
 def preflight(argv: list[str]) -> bool:
@@ -261,28 +327,20 @@ def preflight(argv: list[str]) -> bool:
     Returns True when the command is done (dry_run=true printed the plans).
     """
     from hydra._internal.utils import get_args_parser
-    from omegaconf import OmegaConf
 
     import backends
     from backends import distributed
-    from contentv.validation import validate_run
+    from contentv.validation import check_settings, validate_run
 
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in PASSTHROUGH):
         return False
     jobs = expand_jobs(args.overrides, args.multirun)
-    built: dict = {}
-    presets = None
-    dry = False
+    configs = []
     with hydra_context():
+        # First every job's settings alone (fast: no device, no weights), then what needs the device and the files.
         for job in jobs:
-            try:
-                dcfg = _compose(job, hydra=True)
-                hydra_cfg = dcfg.hydra
-                del dcfg.hydra
-                cfg = OmegaConf.to_object(dcfg)
-            except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
-                raise UsageError(compose_error(exc, job)) from exc
+            cfg, hydra_cfg = _compose_job(job)
             if cfg.debug:
                 os.environ["HYDRA_FULL_ERROR"] = "1"
             if cfg.mode == "ui":
@@ -295,11 +353,16 @@ def preflight(argv: list[str]) -> bool:
             launcher = hydra_cfg.get("launcher") or {}
             if args.multirun and "tasks_per_node" in launcher:  # submitit: a job is nodes x tasks_per_node ranks
                 world_size = int(launcher.tasks_per_node) * int(launcher.get("nodes") or 1)
+            check_settings(cfg, world_size=world_size)
+            configs.append((cfg, hydra_cfg, world_size))
+        built: dict = {}
+        presets = None
+        dry = False
+        for cfg, hydra_cfg, world_size in configs:
             if cfg.dry_run:
                 # Plans for the named backend's device on any machine: its capabilities, no device needed.
                 from contentv.planner import format_plan, plan
 
-                validate_run(cfg, world_size=world_size)
                 presets = presets or load_presets(("memory",), args.overrides)
                 caps = backends.backend_class(cfg.backend.name).capabilities()
                 print(format_plan(plan(cfg, presets.memories, caps)))
@@ -472,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.export_slurm_env()
     register_configs()
     try:
+        if any(a in ("--help", "-h") for a in argv):
+            print(help_text([a for a in argv if a not in ("--help", "-h")]))
+            return 0
         if preflight(argv):
             return 0
     except (UsageError, ConfigError) as exc:

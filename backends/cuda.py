@@ -95,7 +95,7 @@ class CUDABackend(Backend):
         if self.cfg.attention not in table:
             raise ConfigError("backend.attention", self.cfg.attention, f"with {option}: one of {', '.join(table)}")
         if self.cfg.attention in DISPATCH:
-            self.kernels()[self.cfg.attention]()  # the kernel must be usable here (ConfigError with the fix)
+            _kernel(self.cfg.attention)()  # the kernel must be usable here (ConfigError with the fix)
         if ring and dtype not in HALF:
             raise ConfigError(
                 "model.dtype",

@@ -20,8 +20,6 @@ import threading
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-import torch
-
 from contentv.config import BackendConfig
 from contentv.errors import ConfigError
 from contentv.parallel import World
@@ -97,6 +95,8 @@ def configure(backend_cfg: BackendConfig) -> LaunchEnv:
     LOCAL_RANK (one device per process). A single process is left alone."""
     launch = export_slurm_env()
     if launch.world_size > 1:
+        import torch
+
         count = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
         # a launcher that shows each task only its own device (e.g. srun --gpus-per-task=1): index 0
         backend_cfg.device_index = 0 if count == 1 else launch.local_rank

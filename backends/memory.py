@@ -19,8 +19,8 @@ from contentv import _diffusers
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
 from contentv.memory_policy import (
-    FP8_SKIP_CLASSES,
     QUANTIZATION_PACKAGES,
+    fp8_skip_classes,
     fp8_skip_patterns,
     quantizable,
     skip_parts,
@@ -148,7 +148,7 @@ def _fp8(module: nn.Module) -> int:
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=compute,
         skip_modules_pattern=fp8_skip_patterns(module),
-        skip_modules_classes=FP8_SKIP_CLASSES,
+        skip_modules_classes=fp8_skip_classes(),
     )
     if hasattr(module, "enable_layerwise_casting"):  # diffusers models add their own skip patterns
         module.enable_layerwise_casting(**kw)

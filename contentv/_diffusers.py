@@ -11,9 +11,10 @@ Each accessor imports lazily: importing this module costs nothing until a featur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The diffusers minor series the names below were checked against.
 CHECKED_SERIES = "0.42"
@@ -138,24 +139,63 @@ def defer_quantization_libraries() -> bool:
     """Keep diffusers and transformers from importing torchao and bitsandbytes with their models: they import them
     (with their import-time warnings and ~1.5 s) for their own quantizers, which this runtime doesn't use (it
     quantizes with the libraries directly, and only when asked: `use_quantization_library`). Call before their
-    models are imported (the entry point does); returns False if that is too late.
+    models are imported (the entry point does, first thing); returns False if that is too late.
 
-    diffusers reads module flags (diffusers.utils.import_utils); transformers a function its torchao quantizer binds
-    at import (transformers.utils.is_torchao_available), swapped here and restored by use_quantization_library.
+    Nothing is imported here (so --help and pre-flight errors stay fast): an import hook patches the two libraries'
+    availability checks right after their modules load. diffusers reads module flags
+    (diffusers.utils.import_utils); transformers a function its torchao quantizer binds at import
+    (transformers.utils.is_torchao_available), swapped here and restored by use_quantization_library.
     """
     import sys
 
     if "diffusers.models.modeling_utils" in sys.modules or "transformers.quantizers" in sys.modules:
         return False
-    import diffusers.utils.import_utils as iu
-    import transformers.utils as tu
 
-    for flag in _AVAILABILITY_FLAGS.values():
-        setattr(iu, flag, False)
-    if not _TRANSFORMERS_TORCHAO:
-        _TRANSFORMERS_TORCHAO.append(tu.is_torchao_available)
-        tu.is_torchao_available = lambda *args, **kwargs: False
+    def diffusers_flags(module) -> None:
+        for flag in _AVAILABILITY_FLAGS.values():
+            setattr(module, flag, False)
+
+    def transformers_torchao(module) -> None:
+        if not _TRANSFORMERS_TORCHAO:
+            _TRANSFORMERS_TORCHAO.append(module.is_torchao_available)
+            module.is_torchao_available = lambda *args, **kwargs: False
+
+    hooks = {"diffusers.utils.import_utils": diffusers_flags, "transformers.utils": transformers_torchao}
+    for name, patch in list(hooks.items()):
+        if name in sys.modules:  # already imported (not its models): patch now
+            patch(sys.modules[name])
+            del hooks[name]
+    if hooks and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(hooks))
     return True
+
+
+class _AfterImport:
+    """A meta-path finder that runs `patch(module)` right after each named module has executed (once each)."""
+
+    def __init__(self, patches: dict):
+        self.patches = dict(patches)
+
+    def find_spec(self, name: str, path, target=None):
+        import sys
+
+        if name not in self.patches:
+            return None
+        patch = self.patches.pop(name)
+        if not self.patches:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:  # the spec the import system would have found
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                execute = spec.loader.exec_module
+
+                def exec_module(module, execute=execute, patch=patch) -> None:
+                    execute(module)
+                    patch(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
 
 
 def use_quantization_library(package: str) -> None:
@@ -172,3 +212,16 @@ def use_quantization_library(package: str) -> None:
         import transformers.utils as tu
 
         tu.is_torchao_available = _TRANSFORMERS_TORCHAO.pop()
+
+
+def first_block_cache_head(module: torch.nn.Module) -> Any:
+    """The FirstBlockCache head-block hook registered inside `module` (it decides, per forward, whether the other
+    blocks run: `hook.state_manager.get_state().should_compute`), or None."""
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
+        if hook is not None:
+            return hook
+    return None

@@ -6,23 +6,28 @@ Field names follow the diffusers call vocabulary (num_frames, num_inference_step
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from contentv.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch is imported only when a dtype is needed: --help and pre-flight errors stay fast
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("generate", "ui")
 # Layouts the NPU fused-attention call is given (backends/npu.py).
 NPU_LAYOUTS = ("BNSD", "BSND")
 
 
 def parse_dtype(option: str, value: str) -> torch.dtype:
+    """The torch dtype named by a config value (ConfigError naming `option` otherwise)."""
+    import torch
+
     if value not in DTYPES:
         raise ConfigError(option, value, DTYPES)
-    return DTYPES[value]
+    return getattr(torch, value)
 
 
 @dataclass
@@ -45,7 +50,7 @@ class ModelConfig:
     name: str = "contentv_8b"
     # Registry key of the model family (folder under contentv/models/).
     family: str = "contentv"
-    # Local checkpoint folder (diffusers layout) or hub id. Ignored when tiny=true.
+    # Local checkpoint folder (diffusers layout) or hub id; null with tiny=true (a tiny model is built in code).
     path: str | None = "ByteDance/ContentV-8B"
     # Weights dtype of the transformer and text encoders: float32 | bfloat16 | float16.
     dtype: str = "bfloat16"
@@ -113,12 +118,17 @@ class SamplingConfig:
     prompt: str | None = None
     # What to steer away from; null = the model's default negative prompt.
     negative_prompt: str | None = None
-    # Null fields below take the model's defaults (model.sampling_defaults).
+    # Video height in pixels; null = the model's default (model.sampling_defaults, then the family's).
     height: int | None = None
+    # Video width in pixels; null = the model's default.
     width: int | None = None
+    # Frames of the video (ContentV: 4k+1; CogVideoX: 8k+1); null = the model's default.
     num_frames: int | None = None
+    # Denoising steps (more: slower, usually finer); null = the model's default.
     num_inference_steps: int | None = None
+    # Classifier-free guidance scale (<= 1 runs one pass per step, no guidance); null = the model's default.
     guidance_scale: float | None = None
+    # Frames per second of the written video; null = the model's default.
     fps: int | None = None
     # Seed of a CPU torch.Generator: the same noise on every device.
     seed: int = 42
@@ -248,3 +258,38 @@ class Presets:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     memories: dict[str, MemoryConfig] = field(default_factory=dict)
     backends: dict[str, BackendConfig] = field(default_factory=dict)
+
+
+def field_docs() -> dict[str, str]:
+    """Dotted option -> its description: the comment above each field in this file (one source for --help)."""
+    import ast
+    import inspect
+    import sys
+    import typing
+
+    source = inspect.getsource(sys.modules[__name__])
+    lines = source.splitlines()
+    classes = {n.name: n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)}
+
+    def comment_above(lineno: int) -> str:
+        text = []
+        i = lineno - 2  # the line above the field (0-based)
+        while i >= 0 and lines[i].strip().startswith("#"):
+            text.insert(0, lines[i].strip().lstrip("#").strip())
+            i -= 1
+        return " ".join(text)
+
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for node in classes[cls.__name__].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                name, hint = node.target.id, hints.get(node.target.id)
+                if dataclasses.is_dataclass(hint):
+                    walk(hint, f"{prefix}{name}.")
+                else:
+                    out[f"{prefix}{name}"] = comment_above(node.lineno)
+
+    walk(RunConfig, "")
+    return out

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Protocol
 
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
+
+if TYPE_CHECKING:  # torch only where a module is looked at: pre-flight checks stay light
+    from torch import nn
 
 # ------------------------------------------------------------------------------------------ names
 
@@ -44,9 +45,6 @@ QUANTIZATION_PACKAGES = {
 # `modules_to_not_convert`); fp8 adds them as regexes to diffusers' layerwise-casting defaults. Each
 # component's `_keep_in_fp32_modules` (T5: "wo") is added (`skip_parts`).
 QUANT_SKIP = ("proj_out", "norm_out", "time_text_embed", "pos_embed", "context_embedder", "norm", "shared")
-# fp8 layerwise casting also leaves these layer classes alone: T5's tied `shared`/`embed_tokens` would turn
-# the text encoder's `.dtype` (which prompt encoding casts to) into float8.
-FP8_SKIP_CLASSES: tuple[type[nn.Module], ...] = (nn.Embedding,)
 
 
 class Capabilities(Protocol):
@@ -257,7 +255,17 @@ def skip_parts(module: nn.Module) -> tuple[str, ...]:
 
 def quantizable(name: str, module: nn.Module, skip: tuple[str, ...] = QUANT_SKIP) -> bool:
     """bnb/torchao quantize plain nn.Linear layers none of whose dotted name parts is in `skip`."""
+    from torch import nn
+
     return type(module) is nn.Linear and not any(part in skip for part in name.split("."))
+
+
+def fp8_skip_classes() -> tuple[type[nn.Module], ...]:
+    """Layer classes fp8 layerwise casting leaves alone: T5's tied `shared`/`embed_tokens` (embeddings) would turn
+    the text encoder's `.dtype` (which prompt encoding casts to) into float8."""
+    from torch import nn
+
+    return (nn.Embedding,)
 
 
 def fp8_skip_patterns(module: nn.Module) -> tuple[str, ...]:

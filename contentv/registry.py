@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from contentv.attention import AttentionKernel
 from contentv.config import ModelConfig, SamplingConfig
 from contentv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from contentv.attention import AttentionKernel
 
 # family -> module defining SPEC.
 FAMILIES = {

@@ -76,6 +76,8 @@ class RunResult:
     sidecar: Path | None = None
     record: dict = field(default_factory=dict)
     memory: MemoryConfig | None = None  # the strategy that ran (memory=auto's choice, or a fallback's)
+    ran: dict = field(default_factory=dict)  # guidance mode used, checkpoint folder, step-cache skips
+    wall: dict = field(default_factory=dict)  # "startup" (process start -> this run; first run only), "total"
 
 
 def library_versions() -> dict[str, str]:
@@ -88,6 +90,25 @@ def library_versions() -> dict[str, str]:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
+    return out
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def checkpoint_record(model, path: str) -> dict:
+    """Where the weights came from: the configured path, the local folder it resolved to (a hub id's snapshot in the
+    local cache), and for a tiny model its build hash (the folder name's suffix)."""
+    from contentv.models.common import local_config_folder
+
+    folder = local_config_folder(path, "model_index.json", model.revision)
+    out = {"path": model.path, "folder": str(Path(folder).absolute()) if folder else None}
+    if model.tiny:
+        out["tiny_hash"] = Path(path).name.rsplit("-", 1)[-1]
     return out
 
 
@@ -128,7 +149,9 @@ class Runtime:
         self._key: str | None = None
         self._pipe: Any = None
         self._prepared: dict = {}
+        self._checkpoint: dict = {}
         self.loads = 0  # how many times weights were loaded (sweeps check this)
+        self.runs = 0  # videos written by this runtime (the first one's record includes the process start-up)
 
     def validate(self, cfg: RunConfig) -> CheckedRun:
         """Every check that needs no weights, on this backend (ConfigError on the first failure)."""
@@ -188,6 +211,7 @@ class Runtime:
                 f"without network, download it elsewhere and pass model.path=<folder>"
             ) from exc
         self.loads += 1
+        self._checkpoint = checkpoint_record(cfg.model, path)
         self._pipe.set_progress_bar_config(desc="denoising", disable=not self.progress, dynamic_ncols=True)
         par = apply_parallel(self._pipe, cfg.parallel, spec, self.world)  # before any placement/offload
         self._prepared = self.backend.prepare(self._pipe, cfg.memory, spec)
@@ -298,6 +322,9 @@ class Runtime:
             pipe = self.pipeline(cfg)
         reused = self.loads == loads
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        counter = getattr(pipe, "cache_counter", None)  # a step cache's skip counter (contentv.speedup)
+        if counter is not None:
+            counter.reset()
         out = pipe(
             **spec.call_kwargs(sampling),
             guidance_mode=memory_policy.guidance_mode(cfg.memory, self.backend.batched_guidance),
@@ -306,12 +333,22 @@ class Runtime:
             stage_context=self._stage(recorder),
             callback_on_step_end=callback_on_step_end,
         )
+        ran = {
+            # what the loop actually ran: batched | sequential | none (guidance_scale <= 1: one pass per step)
+            "guidance": memory_policy.guidance_passes(
+                cfg.memory, sampling.guidance_scale, self.backend.batched_guidance
+            ),
+            "checkpoint": self._checkpoint,
+        }
+        if counter is not None:
+            ran["step_cache"] = counter.record()  # transformer forwards, and those served from the cache
         return RunResult(
             frames=out.frames[0],
             sampling=sampling,
             stages=recorder.as_dict(),
             prepared={**self._prepared, "pipeline_reused": reused, "pipeline_loads": self.loads},
             memory=cfg.memory,
+            ran=ran,
         )
 
     def run_all(self, cfg: RunConfig, callback_on_step_end=None) -> list[RunResult]:
@@ -339,7 +376,13 @@ class Runtime:
 
     def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
+        started = time.time()
+        # The first video of a process also pays for starting it (interpreter, imports, pre-flight checks).
+        since = process_start() if self.runs == 0 else started
         result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
+        self.runs += 1
+        if since < started:
+            result.wall["startup"] = started - since
         cfg = dataclasses.replace(cfg, memory=result.memory)  # what ran, in the sidecar
         s = result.sampling
         folder = self.output_dir(cfg)
@@ -357,6 +400,7 @@ class Runtime:
                 "peak_device_bytes": None,
                 "peak_host_rss_bytes": None,
             }
+            result.wall["total"] = time.time() - since
             result.record = self.record(cfg, result)
             # Video and sidecar under one free <stem>[-N] pair; the sidecar's "video" is the published name.
             result.video, result.sidecar = staged.publish(stem, result.record if cfg.output.sidecar else None)
@@ -380,7 +424,13 @@ class Runtime:
             "versions": library_versions(),
             "device": self.backend.describe(),
             "prepared": result.prepared,
-            "timings_s": {k: round(v["seconds"], 4) for k, v in stages.items()},
+            **result.ran,
+            # stage times; startup = process start -> this run (imports, checks; first run only), total = wall time
+            "timings_s": {
+                **({"startup": round(result.wall["startup"], 4)} if "startup" in result.wall else {}),
+                **{k: round(v["seconds"], 4) for k, v in stages.items()},
+                **({"total": round(result.wall["total"], 4)} if "total" in result.wall else {}),
+            },
             "seconds_per_step": round(stages["denoising"]["seconds"] / s.num_inference_steps, 4),
             "peak_memory": {
                 "device_bytes": max(dev) if dev else None,

@@ -48,6 +48,26 @@ def first_block_cache(denoiser, threshold: float) -> None:
     HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
 
 
+class SkipCounter:
+    """Counts the transformer's forwards and those a step cache served from its cache (every block after the first
+    skipped), as a forward hook; `reset()` before each video."""
+
+    def __init__(self, head_hook):
+        self.head = head_hook
+        self.forwards = self.skipped = 0
+
+    def __call__(self, module, args, output) -> None:
+        self.forwards += 1
+        if not self.head.state_manager.get_state().should_compute:
+            self.skipped += 1
+
+    def reset(self) -> None:
+        self.forwards = self.skipped = 0
+
+    def record(self) -> dict:
+        return {"forwards": self.forwards, "skipped": self.skipped}
+
+
 def apply(pipe, cfg: SpeedupConfig) -> dict:
     """Apply the configured speed-ups to a prepared pipeline; returns what was applied."""
     check(cfg)
@@ -58,6 +78,9 @@ def apply(pipe, cfg: SpeedupConfig) -> dict:
         # faster, slightly different output (quality trade-off set by cache_threshold).
         first_block_cache(denoiser, cfg.cache_threshold)
         applied["cache"] = f"first_block (threshold {cfg.cache_threshold})"
+        # How many forwards the cache served, per video (the runtime resets and records it: sidecar "cache").
+        pipe.cache_counter = SkipCounter(_diffusers.first_block_cache_head(denoiser))
+        denoiser.register_forward_hook(pipe.cache_counter)
     if cfg.compile:
         # Regional compilation: each repeated transformer block compiles once and is reused.
         denoiser.compile_repeated_blocks(mode=cfg.compile_mode, fullgraph=False)

@@ -165,7 +165,8 @@ def describe_result(record: dict, reused: bool, video: Path | None, sidecar: Pat
         f"**{m.get('name')}** on **{device.get('backend')}** ({device.get('device')}) · seed **{record.get('seed')}**"
         f" · {s.get('width')}×{s.get('height')}, {s.get('num_frames')} frames at {s.get('fps')} fps"
         f" · {s.get('num_inference_steps')} steps, guidance {s.get('guidance_scale')}",
-        f"**time:** {sum(timings.values()):.2f} s ({stages}; {record.get('seconds_per_step', 0):.3f} s/step)",
+        f"**time:** {timings.get('total', sum(timings.values())):.2f} s ({stages};"
+        f" {record.get('seconds_per_step', 0):.3f} s/step)",
         f"**peak memory:** device {_gib(peak.get('device_bytes'))} · host RSS {_gib(peak.get('host_rss_bytes'))}",
         f"**pipeline:** {'reused (no weights loaded)' if reused else 'loaded'} · memory preset"
         f" {prepared.get('memory_preset')} · placement {prepared.get('placement')} · attention"

@@ -82,12 +82,40 @@ def validate_run(
     output_dir: str | os.PathLike | None = None,
     output_option: str = "output.dir",
 ) -> CheckedRun:
-    """Check every setting of `cfg` before anything loads; returns what the run needs to know.
+    """Check everything knowable before anything loads; returns what the run needs to know.
 
-    `backend`: the device's capabilities (attention kernels, quantizations); None checks only device-independent
-    rules. `world_size`: ranks of a torchrun/SLURM launch. `output_dir`: where files will go when output.dir is
-    null (the entry point's run folder), reported as `output_option`.
+    Two phases: `check_settings` (every field of every group, the model's sampling rules, the launch layout; no
+    device, no files beyond the prompt file: fast, run first for every job of a sweep) and then what needs the device
+    and the files: output folders, the attention kernel and quantizations `backend` can run, the checkpoint, and
+    whether the planner predicts the run fits this machine. `backend=None` skips the device-specific parts.
+    `world_size`: ranks of a torchrun/SLURM launch. `output_dir`: where files go when output.dir is null (the entry
+    point's run folder), reported as `output_option`.
     """
+    checked = check_settings(cfg, backend, world_size=world_size)
+    spec = checked.spec
+    if cfg.output.dir is not None:
+        check_writable_dir("output.dir", cfg.output.dir)
+    elif output_dir is not None:
+        check_writable_dir(output_option, output_dir)
+    if backend is not None:
+        backend.attention_kernel()  # an unknown, missing or unusable kernel fails here
+    if not cfg.model.tiny:
+        checked.path = spec.resolve_path(cfg.model)
+        if is_hub_id(checked.path):
+            check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
+        spec.check_checkpoint(checked.path)
+    if backend is not None and cfg.memory.name != "auto" and cfg.memory.check_fit and not cfg.dry_run:
+        from contentv.planner import check_fits, host_available
+
+        check_fits(cfg, backend, backend.free_memory(), host_available(), device=str(backend.device))
+    return checked
+
+
+def check_settings(
+    cfg: RunConfig, caps: memory_policy.Capabilities | None = None, *, world_size: int = 1
+) -> CheckedRun:
+    """The settings alone: every field of every group (types, values, bounds, combinations), the model family's
+    sampling rules and the launch layout. Touches no device and no file but sampling.prompt_file."""
     from contentv import parallel, speedup
     from contentv.registry import get_spec
 
@@ -102,15 +130,12 @@ def validate_run(
     check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
     check_bounds(sampling)
     for prompt in prompts:
-        one = dataclasses.replace(sampling, prompt=prompt)
         check_text("sampling.prompt", prompt)
-        spec.validate(one)
+        spec.validate(dataclasses.replace(sampling, prompt=prompt))
     if spec.validate_for_model is not None:
         spec.validate_for_model(cfg.model, sampling)
-    if cfg.memory.name != "auto":
-        memory_policy.check(cfg.memory, backend)
-    else:
-        memory_policy.check(cfg.memory)  # a chosen preset is checked again once the planner picks it
+    # memory=auto: the preset the planner picks is checked again once chosen
+    memory_policy.check(cfg.memory, caps if cfg.memory.name != "auto" else None)
     memory_policy.check_components(cfg.memory, spec.components)
     speedup.check(cfg.speedup)
     parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
@@ -120,24 +145,8 @@ def validate_run(
     if world_size > 1 and cfg.mode != "generate":
         raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
     check_output(cfg.output)
-    if cfg.output.dir is not None:
-        check_writable_dir("output.dir", cfg.output.dir)
-    elif output_dir is not None:
-        check_writable_dir(output_option, output_dir)
     check_ui(cfg.ui)
-    if backend is not None:
-        backend.attention_kernel()  # an unknown, missing or unusable kernel fails here
-    path = None
-    if not cfg.model.tiny:
-        path = spec.resolve_path(cfg.model)
-        if is_hub_id(path):
-            check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
-        spec.check_checkpoint(path)
-    if backend is not None and cfg.memory.name != "auto" and cfg.memory.check_fit and not cfg.dry_run:
-        from contentv.planner import check_fits, host_available
-
-        check_fits(cfg, backend, backend.free_memory(), host_available(), device=str(backend.device))
-    return CheckedRun(spec=spec, sampling=sampling, prompts=prompts, path=path)
+    return CheckedRun(spec=spec, sampling=sampling, prompts=prompts)
 
 
 def check_parallel_split(cfg: RunConfig, lay: Any, sampling: SamplingConfig) -> None:

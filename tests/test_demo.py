@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,14 +72,23 @@ def test_same_seed_gives_the_same_video_and_never_overwrites(first_run, cache_di
     np.testing.assert_array_equal(a, b)  # same seed, same frames (after the same encoder)
 
 
-def test_help_lists_groups_and_options():
-    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0
-    for group in ("backend", "model", "memory", "sampling", "output"):
-        assert f"{group}:" in proc.stdout
-    for option in ("tiny_contentv", "contentv_8b", "cuda", "npu", "none"):
+def test_help_lists_groups_options_and_every_field_with_its_description():
+    from contentv.config import field_docs
+
+    args = [sys.executable, str(ROOT / "demo.py"), "--help", "model=tiny_contentv"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stderr == ""
+    for group in ("backend", "model", "memory", "sampling", "output", "parallel", "hydra/launcher"):
+        assert re.search(rf"^  {re.escape(group)} +\S", proc.stdout, re.M), group
+    for option in ("tiny_contentv*", "contentv_8b", "cuda", "npu", "none*"):  # * = this command line's choice
         assert option in proc.stdout
-    assert "num_inference_steps" in proc.stdout
+    docs = field_docs()
+    assert len(docs) > 50 and all(docs.values())  # every field has a description (the comment above it)
+    for key, doc in docs.items():  # each with this command line's value and the first words of its description
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(f"  {key}=")), None)
+        assert line is not None, key
+        assert " ".join(doc.split()[:3]) in proc.stdout, key
+    assert "  sampling.height=null" in proc.stdout and "  model.name=tiny_contentv" in proc.stdout
 
 
 BAD = [

@@ -415,6 +415,8 @@ def test_npu_backend_asks_for_hccl(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("RANK", "3")
         monkeypatch.setenv("WORLD_SIZE", "8")
         monkeypatch.setenv("LOCAL_RANK", "3")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets it
+        monkeypatch.setenv("MASTER_PORT", "29500")
         cfg = BackendConfig(name="npu")
         distributed.configure(cfg)
         backend = NPUBackend(cfg)
@@ -447,8 +449,19 @@ def chooser(backend: str, attention: str):
         ("npu", "npu_fusion", torch.float32, False, "native"),
     ],
 )
-def test_context_parallel_attention_per_device(backend, attention, dtype, ring, expected):
+def test_context_parallel_attention_per_device(backend, attention, dtype, ring, expected, monkeypatch):
+    from diffusers.models import attention_dispatch
+
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", True)  # as with a usable flash-attn installed
     assert chooser(backend, attention)(dtype, ring) == expected
+
+
+def test_context_parallel_with_an_unusable_kernel_is_refused(monkeypatch):
+    from diffusers.models import attention_dispatch
+
+    monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", False)
+    with pytest.raises(ConfigError, match=r"backend.attention='flash' is not valid: a usable kernel"):
+        chooser("cuda", "flash")(torch.bfloat16, True)
 
 
 @pytest.mark.parametrize(
@@ -487,7 +500,7 @@ def test_even_splits_are_checked_against_the_model_before_loading():
     """parallel.uneven=false with ContentV: 333 text tokens (and 38 heads) divide by no degree > 1; diffusers would
     assert at the first forward. It is a one-line error before any weights load, naming the counts."""
     from contentv.config import RunConfig
-    from contentv.validation import validate_run
+    from contentv.validation import check_settings as validate_run  # the settings phase of the pre-flight check
 
     cfg = RunConfig()  # ContentV-8B, sized from its built-in configs (nothing is downloaded or loaded)
     cfg.sampling.prompt = "a cat"

@@ -15,13 +15,14 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where components are built or placed: pre-flight checks stay light
+    import torch
+    from torch import nn
 
 StageContext = Callable[[str], contextlib.AbstractContextManager]
 # Latent frames a VAE decode is traced with when a family doesn't say (its causal cache full by then).
@@ -97,6 +98,7 @@ def build_on_meta(library: str, class_name: str, config: dict[str, Any], dtype: 
     transformers models are constructed under the load dtype as default dtype (as `from_pretrained` does),
     so buffers made at construction get the same dtype as when loading; diffusers models in float32.
     """
+    import torch
     from accelerate import init_empty_weights
 
     cls = getattr(importlib.import_module(library), class_name)
@@ -159,7 +161,7 @@ def generic_components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, 
             continue
         library, class_name = found
         cls = getattr(importlib.import_module(library), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        if not (isinstance(cls, type) and issubclass(cls, _module_class())):
             continue
         want = te_dtype if name.startswith("text_encoder") else vae_dtype if name == "vae" else dtype
         config = json.loads((folder / name / "config.json").read_text())
@@ -201,6 +203,12 @@ def config_get(config: Any, *names: str, default: Any = None) -> Any:
 # ------------------------------------------------------------------------------------------ pipelines
 
 
+def _module_class() -> type:
+    from torch import nn
+
+    return nn.Module
+
+
 def null_stage(_name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
@@ -222,11 +230,13 @@ class RuntimePlacement:
 
     def text_encoder_modules(self) -> list[nn.Module]:
         names = [n for n in self.components if n.startswith("text_encoder")]
-        return [m for n in sorted(names) if isinstance(m := getattr(self, n, None), nn.Module)]
+        return [m for n in sorted(names) if isinstance(m := getattr(self, n, None), _module_class())]
 
     @contextlib.contextmanager
     def _text_encoding_device(self, device: torch.device) -> Iterator[torch.device]:
         """Yield the device text encoding runs on, placing the encoders per `text_encoder_placement`."""
+        import torch
+
         placement = self.text_encoder_placement
         if placement == "cpu":
             yield torch.device("cpu")

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from contentv.config import ParallelConfig
 from contentv.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from contentv.config import MemoryConfig, SpeedupConfig
 
 DIMS = ("dp", "cfg", "ring", "ulysses")
@@ -89,6 +89,18 @@ def check(cfg: ParallelConfig, memory: MemoryConfig | None = None, speedup: Spee
         raise ConfigError("speedup.cache", speedup.cache, "none with ulysses_degree, ring_degree or cfg_parallel")
 
 
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _dist():
+    import torch.distributed
+
+    return torch.distributed
+
+
 def layout(cfg: ParallelConfig, world_size: int) -> Layout:
     """The mesh for `world_size` ranks (ConfigError if the degrees don't multiply to it)."""
     check(cfg)
@@ -125,7 +137,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: _cpu())
     mesh_factory: Callable[[tuple[int, ...], tuple[str, ...]], Any] | None = None
     attention: Callable[[torch.dtype, bool], Any] | None = None
     splitter: Callable[[], Any] | None = None
@@ -153,14 +165,14 @@ class World:
 
     def barrier(self) -> None:
         if self.size > 1:
-            torch.distributed.barrier()
+            _dist().barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank `src`'s `obj` on every rank (e.g. its output folder, so the launch writes to one place)."""
         if self.size == 1:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
+        _dist().broadcast_object_list(box, src=src)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -168,7 +180,7 @@ class World:
         if self.size == 1:
             return [obj]
         out: list[Any] = [None] * self.size
-        torch.distributed.all_gather_object(out, obj)
+        _dist().all_gather_object(out, obj)
         return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from contentv._diffusers import group_offload_layer_types
 from contentv.errors import ConfigError
-from contentv.memory_policy import FP8_SKIP_CLASSES, QUANTIZATIONS, fp8_skip_patterns, quantizable, skip_parts
+from contentv.memory_policy import QUANTIZATIONS, fp8_skip_classes, fp8_skip_patterns, quantizable, skip_parts
 
 
 def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,10 +53,11 @@ def _fp8_layers(module: nn.Module) -> list[nn.Module]:
         patterns += tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
         patterns += tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
     layers = group_offload_layer_types()
+    skip_classes = fp8_skip_classes()
     found: list[nn.Module] = []
 
     def walk(m: nn.Module, prefix: str) -> None:
-        if isinstance(m, FP8_SKIP_CLASSES) or any(re.search(p, prefix) for p in patterns):
+        if isinstance(m, skip_classes) or any(re.search(p, prefix) for p in patterns):
             return
         if isinstance(m, layers):
             found.append(m)
