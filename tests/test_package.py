@@ -123,14 +123,14 @@ def test_installed_copy_runs_from_another_folder(installed, tmp_path, cache_dir)
         pytest.skip("launcher configs not composed: install the sweep extra")
 
 
-def test_console_command_help(installed, tmp_path):
+def test_console_command_help(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     out = run(venv, ["contentv", "--help"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== Config groups" in out.stdout and "tiny_contentv" in out.stdout
 
 
-def test_console_command_bad_input_is_one_line_exit_2(installed, tmp_path):
+def test_console_command_bad_input_is_one_line_exit_2(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     out = run(venv, ["contentv", "model=tiny_contentv", "backend=cpu", "sampling.num_frames=50"], tmp_path)
     assert out.returncode == 2
