@@ -1,5 +1,5 @@
 # The few commands people type. Run inside the virtual environment (see README).
-.PHONY: install demo ui test lint format
+.PHONY: install demo ui test lint format wheel
 
 install:
 	pip install torch==2.13.0 && pip install -e ".[test]"
@@ -18,3 +18,7 @@ lint:
 
 format:
 	ruff format . && ruff check --fix .
+
+# A wheel in dist/ (configs included); `pip install dist/contentv-*.whl` then run `contentv ...` from anywhere.
+wheel:
+	pip wheel --no-deps -w dist .

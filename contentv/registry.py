@@ -45,6 +45,8 @@ class ModelSpec:
     workload: Callable[[dict, SamplingConfig], Any] | None = None
     # Optional: checks that need the model config too (e.g. a length fixed by the architecture).
     validate_for_model: Callable[[ModelConfig, SamplingConfig], None] | None = None
+    # The tiny presets this family builds offline with model.tiny=true (each a conf/model/<name>.yaml).
+    tiny_names: tuple[str, ...] = ()
     # The model's published sampling settings (sampling fields); a preset's model.sampling_defaults override them.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.

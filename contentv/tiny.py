@@ -131,3 +131,23 @@ def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_checkpoint(name: str = "tiny_contentv", seed: int = 0) -> str:
+    """The folder of a tiny random-weight checkpoint, built on first use and cached; for `from_pretrained`.
+
+    >>> pipe = ContentVPipeline.from_pretrained(tiny_checkpoint("tiny_contentv"))
+
+    `name` is a tiny preset (tiny_contentv, tiny_cogvideox, tiny_cogvideox_5b); `seed` seeds its random weights
+    (the CLI's model.tiny_seed). The same folder the command line uses: under $CONTENTV_CACHE, else
+    ~/.cache/contentv. Raises ValueError for an unknown name, listing the valid ones.
+    """
+    from contentv.config import ModelConfig
+    from contentv.registry import FAMILIES, get_spec
+
+    specs = [get_spec(family) for family in FAMILIES]
+    for spec in specs:
+        if name in spec.tiny_names:
+            return spec.resolve_path(ModelConfig(name=name, family=spec.family, path=None, tiny=True, tiny_seed=seed))
+    valid = [n for spec in specs for n in spec.tiny_names]
+    raise ValueError(f"tiny_checkpoint({name!r}): no such tiny model; one of: {', '.join(valid)}")

@@ -11,6 +11,7 @@ from contentv import checkpoint
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
 from contentv.models.cogvideox import architecture
+from contentv.models.cogvideox.tiny import TINY_SPECS
 from contentv.registry import ModelSpec
 from contentv.validation import check_common_sampling, check_local_checkpoint, check_size, diffusers_call_kwargs
 
@@ -58,7 +59,7 @@ def resolve_path(cfg: ModelConfig) -> str:
         if not cfg.path:
             raise ConfigError("model.path", cfg.path, "a checkpoint folder or hub id (or model.tiny=true)")
         return cfg.path
-    from contentv.models.cogvideox.tiny import TINY_SPECS, build_tiny_cogvideox
+    from contentv.models.cogvideox.tiny import build_tiny_cogvideox
     from contentv.tiny import cached_build
 
     # The tiny variant is chosen by model name (2B-style sin-cos or 5B-style RoPE).
@@ -149,6 +150,7 @@ def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
 
 SPEC = ModelSpec(
     family="cogvideox",
+    tiny_names=tuple(TINY_SPECS),
     sampling_defaults=SAMPLING_DEFAULTS,
     resolve_path=resolve_path,
     check_checkpoint=check_checkpoint,

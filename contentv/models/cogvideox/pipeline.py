@@ -213,10 +213,11 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 226,
+        *,
         guidance_mode: str = "batched",
         stage_context: StageContext | None = None,
     ) -> CogVideoXPipelineOutput | tuple:
-        """Generate videos; arguments as diffusers' `CogVideoXPipeline.__call__`, plus:
+        """Generate videos; arguments as diffusers' `CogVideoXPipeline.__call__` (same order), plus, keyword-only:
 
         `guidance_mode`: "batched" (diffusers': one forward of batch 2 per step) or "sequential" (two
         forwards per step; same result within rounding, less activation memory). `stage_context(name)`

@@ -260,14 +260,18 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     @torch.no_grad()
     def __call__(
         self,
+        # Positional order: the reference's, i.e. diffusers' StableDiffusion3Pipeline's with num_frames after width.
         prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
         height: int = 432,
         width: int = 768,
         num_frames: int = 125,
         num_inference_steps: int = 50,
         guidance_scale: float = 6.0,
-        guidance_mode: str = "batched",
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -282,14 +286,15 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 256,
+        *,
+        guidance_mode: str = "batched",
         stage_context: StageContext | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
     ):
         """Generate videos. Returns `ContentVPipelineOutput(frames=...)` (see its docstring for shapes).
 
+        Arguments come in the reference pipeline's order (diffusers' StableDiffusion3Pipeline's, with `num_frames`
+        after `width`, `num_videos_per_prompt` for `num_images_per_prompt`), so `pipe(prompt, prompt_2)` sends the
+        second text to CLIP-G as in diffusers. This runtime's own arguments are keyword-only:
         `guidance_mode`: "batched" runs conditional and unconditional passes as one batch of 2 (faster,
         more activation memory); "sequential" runs two forwards per step, as the reference does.
         `stage_context(name)` wraps the stages "text_encoding", "denoising" and "decoding" (used for
