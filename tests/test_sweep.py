@@ -155,6 +155,15 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_resumes(tmp_path, c
 # ------------------------------------------------------------------------------------------ resume
 
 
+def test_readme_shows_the_recorded_sweep_verbatim():
+    """The README's resumed sweep, fidelity table and chart are what benchmarks/sweep_resume.py recorded."""
+    readme = (ROOT / "README.md").read_text()
+    results = ROOT / "benchmarks" / "results"
+    assert "```text\n" + (results / "sweep_tiny.txt").read_text() + "```" in readme
+    assert (results / "sweep_tiny.md").read_text() in readme
+    assert "](benchmarks/results/sweep_tiny.png)" in readme and (results / "sweep_tiny.png").stat().st_size > 10_000
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, cache_dir) -> tuple[Path, str, list[dict]]:
     """benchmarks/sweep_resume.py at test sizes: a 4-job sweep SIGKILLed once job 2 has started, the same command
