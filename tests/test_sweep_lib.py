@@ -236,6 +236,10 @@ def compare_row(job: int, **values) -> dict:
     return {**row, "generate_s": 10.0, "seconds_per_step": 1.0, "peak_host_rss_gib": 4.0, "psnr_db": 40.0, **values}
 
 
+def failed_row(job: int) -> dict:
+    return {"job": job, "overrides": f"sampling.seed={job}", "status": "failed", "error": "RuntimeError: boom"}
+
+
 def test_compare_flags_what_got_worse_beyond_the_threshold(tmp_path, capsys):
     a = write_csv(tmp_path / "a", [compare_row(0, psnr_db=math.inf), compare_row(1), compare_row(2), compare_row(3)])
     b = write_csv(
@@ -243,11 +247,11 @@ def test_compare_flags_what_got_worse_beyond_the_threshold(tmp_path, capsys):
         [
             compare_row(0, psnr_db=35.0),  # was identical to the baseline, no longer
             compare_row(1, generate_s=11.5, peak_host_rss_gib=4.2),  # +15% time, +5% memory
-            compare_row(2, status="failed", generate_s=None),
+            failed_row(2),  # a failure row has no prompt or seed: it still faces job 2's video
             compare_row(4),
         ],
     )
-    changes = {c.key[0]: c for c in compare.compare(compare.read_sweep(a), compare.read_sweep(b), threshold=0.10)}
+    changes = {c.row["overrides"]: c for c in compare.compare(compare.read_sweep(a), compare.read_sweep(b), 0.10)}
     assert changes["sampling.seed=0"].regressions == ["PSNR dB identical -> 35.00"]
     assert changes["sampling.seed=1"].regressions == ["generate s +15%"]
     assert changes["sampling.seed=2"].regressions == ["failed"]
@@ -257,3 +261,14 @@ def test_compare_flags_what_got_worse_beyond_the_threshold(tmp_path, capsys):
     assert compare.main([str(a), str(a)]) == 0
     assert "no regression beyond 10% in 4 matching jobs" in capsys.readouterr().out
     assert compare.main([str(a), str(tmp_path / "missing")]) == 2
+
+
+def test_compare_matches_the_videos_of_a_prompt_file_job_on_prompt_and_seed(tmp_path):
+    rows = [compare_row(0, prompt=p, overrides="sampling.prompt_file=p.txt") for p in ("a cat", "a dog")]
+    a = write_csv(tmp_path / "a", rows)
+    b = write_csv(tmp_path / "b", [{**rows[1], "generate_s": 20.0}, rows[0]])  # another order, the dog slower
+    changes = compare.compare(compare.read_sweep(a), compare.read_sweep(b))
+    assert [(c.a["prompt"], c.b["prompt"], c.regressions) for c in changes] == [
+        ("a cat", "a cat", []),
+        ("a dog", "a dog", ["generate s +100%"]),
+    ]

@@ -38,28 +38,49 @@ def _num(text: str | None) -> float | None:
         return None
 
 
-def read_sweep(folder: str | Path) -> dict[tuple, dict]:
-    """Rows of `folder`/summary.csv keyed by (overrides, prompt, seed), numbers parsed (inf = identical)."""
+def read_sweep(folder: str | Path) -> list[dict]:
+    """The rows of `folder`/summary.csv, numbers parsed (inf = identical); peak_gib is the device peak, or the
+    host RSS peak where no device memory was measured (CPU)."""
     path = Path(folder) / "summary.csv"
     if not path.is_file():
         raise CompareError(f"{path}: no such file (run the sweep command again to finish it and write the summary)")
-    rows = {}
+    rows = []
     with path.open(newline="") as f:
         for r in csv.DictReader(f):
             row = {k: _num(r.get(k)) for k in ("generate_s", "seconds_per_step", "psnr_db", "ssim")}
             device = _num(r.get("peak_device_gib"))
             row["peak_gib"] = device if device is not None else _num(r.get("peak_host_rss_gib"))
-            row.update(job=r.get("job", ""), status=r.get("status", ""), overrides=r.get("overrides", ""))
-            rows[(r.get("overrides", ""), r.get("prompt", ""), r.get("seed", ""))] = row
+            row.update({k: r.get(k) or "" for k in ("job", "status", "overrides", "prompt", "seed")})
+            rows.append(row)
     return rows
+
+
+def pair_rows(a: list[dict], b: list[dict]) -> list[tuple[dict | None, dict | None]]:
+    """Rows of the same job side by side, matched on overrides; where both sides made several videos for a job
+    (a prompt file), on prompt and seed too. A job with one row on a side (one video, or one failure row for
+    the whole job) faces each of the other side's rows."""
+    pairs: list[tuple[dict | None, dict | None]] = []
+    for overrides in dict.fromkeys(r["overrides"] for r in [*a, *b]):  # in job order, A's first
+        ra = [r for r in a if r["overrides"] == overrides]
+        rb = [r for r in b if r["overrides"] == overrides]
+        if len(ra) <= 1 or len(rb) <= 1:
+            pairs += [(x, y) for x in ra or [None] for y in rb or [None]]
+            continue
+        by_video = {(r["prompt"], r["seed"]): r for r in rb}
+        pairs += [(x, by_video.pop((x["prompt"], x["seed"]), None)) for x in ra]
+        pairs += [(None, y) for y in by_video.values()]
+    return pairs
 
 
 @dataclass
 class Change:
-    key: tuple
     a: dict | None
     b: dict | None
     regressions: list[str] = field(default_factory=list)
+
+    @property
+    def row(self) -> dict:
+        return self.a or self.b or {}
 
 
 def _regression(name: str, a: float | None, b: float | None, lower_better: bool, threshold: float) -> str:
@@ -72,13 +93,12 @@ def _regression(name: str, a: float | None, b: float | None, lower_better: bool,
     return f"{name} {b / a - 1:+.0%}" if a > 0 and b > a * (1 + threshold) else ""
 
 
-def compare(a: dict[tuple, dict], b: dict[tuple, dict], threshold: float = 0.10) -> list[Change]:
-    """One Change per job found in either sweep; `regressions` lists what got worse by more than `threshold`
-    (relative: time, s/step and peak memory up, PSNR down), or a job that was ok and now failed."""
+def compare(a: list[dict], b: list[dict], threshold: float = 0.10) -> list[Change]:
+    """One Change per video found in either sweep; `regressions` lists what got worse by more than `threshold`
+    (relative: time, s/step and peak memory up, PSNR down or no longer identical), or an ok job that now fails."""
     out = []
-    for key in sorted(set(a) | set(b), key=lambda k: (k not in a, (a.get(k) or b.get(k))["job"].zfill(6), k)):
-        ra, rb = a.get(key), b.get(key)
-        change = Change(key, ra, rb)
+    for ra, rb in pair_rows(a, b):
+        change = Change(ra, rb)
         if ra and rb:
             if ra["status"] == "ok" and rb["status"] != "ok":
                 change.regressions.append("failed")
@@ -113,15 +133,17 @@ def _tokens(overrides: str) -> list[str]:
 
 
 def format_changes(changes: list[Change], threshold: float) -> str:
-    """The table `main` prints: overrides every job shares once, one entry per job, then a one-line verdict."""
-    tokens = {c.key: _tokens(c.key[0]) for c in changes}
+    """The table `main` prints: overrides every job shares once, one entry per video, then a one-line verdict."""
+    tokens = {id(c): _tokens(c.row.get("overrides", "")) for c in changes}
     common = [t for t in next(iter(tokens.values()), []) if all(t in other for other in tokens.values())]
-    repeated = {k[0] for k in tokens if sum(other[0] == k[0] for other in tokens) > 1}  # prompt files
+    per_job: dict[str, int] = {}
+    for c in changes:
+        per_job[c.row.get("overrides", "")] = per_job.get(c.row.get("overrides", ""), 0) + 1
     lines = [f"every job: {' '.join(common)}"] if common else []
     for c in changes:
-        name = " ".join(t for t in tokens[c.key] if t not in common) or "(the common overrides)"
-        if c.key[0] in repeated:
-            name += f" [seed {c.key[2]}: {c.key[1]}]"
+        name = " ".join(t for t in tokens[id(c)] if t not in common) or "(the common overrides)"
+        if per_job[c.row.get("overrides", "")] > 1 and c.row.get("prompt"):  # a prompt file: which video
+            name += f" [seed {c.row['seed']}: {c.row['prompt']}]"
         if c.a is None or c.b is None:
             lines.append(f"{name}: only in {'B' if c.a is None else 'A'}")
             continue

@@ -146,7 +146,7 @@ def set_aside(job_dir: Path, state: JobState) -> str:
     """Before a job runs again: move what an earlier attempt wrote to `superseded-N/` (so it is kept but never
     counted) and drop hidden `.partial` temporaries of a killed writer. Returns a note for the job's rows."""
     job_dir = Path(job_dir)
-    partial = [p for p in state.leftovers if ".partial" in p.name]
+    partial = [p for p in state.leftovers if p.name.startswith(".") and ".partial" in p.name]
     keep = [p for p in state.leftovers if p not in partial]
     for p in partial:
         p.unlink(missing_ok=True)
