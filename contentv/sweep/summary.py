@@ -90,6 +90,56 @@ def label(row: dict, base: dict | None) -> str:
     return textwrap.fill(f"{row['job']}: " + (" ".join(changed) or "(same overrides)"), 44)
 
 
+def _plain_chart(plt, done: list[dict], mem_key: str, mem_label: str, total: int):
+    """Nothing comparable to a baseline: time against memory, as a plain speed sweep."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in done:
+        if r.get(mem_key) is None or r.get("generate_s") is None:
+            continue
+        ax.scatter([r[mem_key]], [r["generate_s"]])
+        ax.annotate(
+            label(r, None), (r[mem_key], r["generate_s"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    ax.set_xlabel(mem_label)
+    ax.set_ylabel("generate time (s)")
+    ax.set_title(f"Sweep: time against peak memory ({len(done)} of {total} rows ok; no fidelity values)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _fidelity_chart(plt, done: list[dict], mem_key: str, mem_label: str, baseline: int):
+    """Two panels, generate time and peak memory against PSNR; each point labelled with its job's changes."""
+    base = next((r for r in done if r["job"] == baseline and r.get("fidelity") == "baseline"), None)
+    placed = [r for r in done if r.get("psnr_db") is not None]
+    finite = [r["psnr_db"] for r in placed if r["psnr_db"] != math.inf]
+    # bit-identical frames have no finite PSNR: they go on a marked line right of the others
+    span = (max(finite) - min(finite)) if len(finite) > 1 else 10.0
+    x_same = (max(finite) if finite else 0.0) + max(0.15 * span, 3.0)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, ylabel in zip(axes, ("generate_s", mem_key), ("generate time (s)", mem_label), strict=True):
+        for r in placed:
+            if r.get(key) is None:
+                continue
+            x = x_same if r["psnr_db"] == math.inf else r["psnr_db"]
+            ax.scatter([x], [r[key]], color="black" if r is base else None, zorder=3)
+            ax.annotate(label(r, base), (x, r[key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axvline(x_same, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("PSNR against the baseline (dB); right = closer")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if finite and lo <= t <= max(finite)]
+        ax.set_xticks([*ticks, x_same], [f"{t:g}" for t in ticks] + ["identical"])
+        ax.set_xlim(lo, hi)
+    missing = sorted({r["job"] for r in done if r.get("psnr_db") is None})
+    title = f"Sweep: speed and memory against fidelity (baseline: job {baseline})"
+    if missing:
+        title += f"\nnot shown (no fidelity value): job {', '.join(map(str, missing))}"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def _chart(rows: list[dict], path: Path, baseline: int) -> bool:
     try:
         import matplotlib
@@ -101,51 +151,12 @@ def _chart(rows: list[dict], path: Path, baseline: int) -> bool:
         return False
     done = [r for r in rows if r["status"] == "ok"]
     device = any(r.get("peak_device_gib") is not None for r in done)
-    mem_key, mem_label = (
-        ("peak_device_gib", "peak device memory (GiB)") if device else ("peak_host_rss_gib", "peak host RSS (GiB)")
-    )
-    base = next((r for r in done if r["job"] == baseline and r.get("fidelity") == "baseline"), None)
-    placed = [r for r in done if r.get("psnr_db") is not None]
-    if not placed:  # nothing comparable to a baseline: time against memory, as a plain speed sweep
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in done:
-            ax.scatter([r.get(mem_key)], [r.get("generate_s")])
-            ax.annotate(
-                label(r, None),
-                (r.get(mem_key), r.get("generate_s")),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
-        ax.set_xlabel(mem_label)
-        ax.set_ylabel("generate time (s)")
-        ax.set_title(f"Sweep: time against peak memory ({len(done)} of {len(rows)} rows ok; no fidelity values)")
-        ax.grid(alpha=0.3)
+    mem_key = "peak_device_gib" if device else "peak_host_rss_gib"
+    mem_label = "peak device memory (GiB)" if device else "peak host RSS (GiB)"
+    if any(r.get("psnr_db") is not None for r in done):
+        fig = _fidelity_chart(plt, done, mem_key, mem_label, baseline)
     else:
-        finite = [r["psnr_db"] for r in placed if r["psnr_db"] != math.inf]
-        # bit-identical frames have no finite PSNR: draw them on a marked line right of the others
-        span = (max(finite) - min(finite)) if len(finite) > 1 else 10.0
-        x_same = (max(finite) if finite else 0.0) + max(0.15 * span, 3.0)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-        for ax, key, ylabel in zip(axes, ("generate_s", mem_key), ("generate time (s)", mem_label), strict=True):
-            for r in placed:
-                x = x_same if r["psnr_db"] == math.inf else r["psnr_db"]
-                ax.scatter([x], [r.get(key)], color="black" if r is base else None, zorder=3)
-                ax.annotate(label(r, base), (x, r.get(key)), fontsize=7, xytext=(4, 4), textcoords="offset points")
-            ax.axvline(x_same, color="grey", linestyle="--", linewidth=0.8)
-            ax.set_xlabel("PSNR against the baseline (dB); right = closer")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.margins(x=0.25, y=0.15)
-            lo, hi = ax.get_xlim()
-            ticks = [t for t in ax.get_xticks() if finite and lo <= t <= max(finite)]
-            ax.set_xticks([*ticks, x_same], [f"{t:g}" for t in ticks] + ["identical"])
-            ax.set_xlim(lo, hi)
-        missing = sorted({r["job"] for r in done if r.get("psnr_db") is None})
-        title = f"Sweep: speed and memory against fidelity (baseline: job {baseline})"
-        if missing:
-            title += f"\nnot shown (no fidelity value): job {', '.join(map(str, missing))}"
-        fig.suptitle(title, fontsize=10)
+        fig = _plain_chart(plt, done, mem_key, mem_label, len(rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
