@@ -8,6 +8,7 @@
     USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
     python demo.py -m 'sampling.prompt=choice("a cat","a dog")'              # sweep over prompts
+    python demo.py compare multirun/before multirun/after                    # two sweeps' time, memory, PSNR
     python demo.py mode=ui model=tiny_contentv backend=cpu   # web page on http://127.0.0.1:7860 ('.[ui]')
     python demo.py dry_run=true backend=cuda memory.budget_gb=16   # the memory plan for a 16 GB GPU, no weights
     torchrun --nproc_per_node=4 demo.py backend=cuda parallel=cfg parallel.ulysses_degree=2   # one video, 4 GPUs
