@@ -161,6 +161,7 @@ def format_changes(changes: list[Change], threshold: float) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m contentv.sweep.compare") -> int:
+    """The command line: prints the comparison; returns the exit status (0, 1 regressed, 2 no summary)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_a", help="the earlier (reference) sweep folder")
     parser.add_argument("sweep_b", help="the later sweep folder")

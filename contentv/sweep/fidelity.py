@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from contentv.video import read_frames, write_frames
+
+if TYPE_CHECKING:  # contentv.runtime imports torch and diffusers
+    from contentv.runtime import RunResult
 
 IDENTICAL = math.inf
 # A job is compared with the baseline's video that has the same values of these (and only then).
@@ -28,7 +32,7 @@ def frames_path(video: str | Path) -> Path:
     return video.with_name(video.stem + ".frames.npz")
 
 
-def save_frames(result) -> Path | None:
+def save_frames(result: RunResult) -> Path | None:
     """Keep `result.frames` ((F, H, W, 3) in [0, 1]) losslessly beside its video; None if it wrote no video."""
     if result.video is None:
         return None

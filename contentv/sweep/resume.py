@@ -13,9 +13,12 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contentv.sweep.rows import ROW_FILE, read_job_record
+
+if TYPE_CHECKING:  # contentv.config imports torch: the compare command doesn't need it
+    from contentv.config import RunConfig
 
 # Fields that never change a video: where it is written (the job folder itself decides that), which device of
 # the kind ran it (a scheduler assigns it), how weights are fetched, sweep-wide settings and non-generate modes.
@@ -35,7 +38,7 @@ class JobState:
     leftovers: list[Path] = field(default_factory=list)
 
 
-def job_items(cfg) -> list[list]:
+def job_items(cfg: RunConfig) -> list[list]:
     """The [prompt, seed] pairs a job makes: the prompt (or each line of sampling.prompt_file) x its seed(s)."""
     from contentv.validation import read_prompt_file
 
@@ -44,7 +47,7 @@ def job_items(cfg) -> list[list]:
     return [[p, seed] for p in prompts for seed in (cfg.parallel.seeds or [s.seed])]
 
 
-def expected_config(cfg) -> dict:
+def expected_config(cfg: RunConfig) -> dict:
     """The job's config as a sidecar records it: null sampling fields filled with the model's defaults, and
     through JSON (as the sidecar was) so that tuples, floats and the like compare equal."""
     from contentv.config import resolve_sampling
@@ -98,7 +101,7 @@ def _path(value: str, job_dir: Path) -> Path:
     return p if p.is_absolute() else job_dir / p
 
 
-def job_state(job_dir: Path, cfg) -> JobState:
+def job_state(job_dir: Path, cfg: RunConfig) -> JobState:
     """Is the job with config `cfg` (as composed: null sampling fields allowed) done in `job_dir`?"""
     job_dir = Path(job_dir)
     left = leftovers(job_dir)

@@ -11,6 +11,10 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # contentv.runtime imports torch and diffusers
+    from contentv.runtime import RunResult
 
 ROW_FILE = "job_result.json"
 STAGES = ("load", "text_encoding", "denoising", "decoding", "writing")
@@ -48,7 +52,9 @@ def row_from_record(job: int, overrides: list[str], rec: dict, video: Path, side
     }
 
 
-def job_rows(job: int, overrides: list[str], results: list, error: str | None = None, note: str = "") -> list[dict]:
+def job_rows(
+    job: int, overrides: list[str], results: list[RunResult], error: str | None = None, note: str = ""
+) -> list[dict]:
     """Rows for one job (`overrides`: its Hydra task overrides): one per video it made (prompt files make
     several), or one failure row."""
     if error is not None:
