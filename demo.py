@@ -357,6 +357,7 @@ def task(dcfg) -> None:
     from omegaconf import OmegaConf
 
     from backends import distributed
+    from contentv import sweep
     from contentv.errors import ConfigError, first_line
 
     distributed.export_slurm_env()
@@ -378,10 +379,10 @@ def task(dcfg) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.output.dir is None:
         cfg.output.dir = str(job_dir)
-    note = ""
+    note, job, overrides = "", hydra_cfg.job.num if multirun else None, list(hydra_cfg.overrides.task)
     if multirun:
-        note = resume_job(cfg, job_dir, hydra_cfg.job.num)
-        if note is None:
+        note = sweep.start_job(job_dir, cfg, job, distributed.launch_env().rank)
+        if note is None:  # done in an earlier run of this sweep
             return
     try:
         runtime = get_runtime(cfg.backend, cfg.memory.name)
@@ -394,8 +395,8 @@ def task(dcfg) -> None:
             raise
         message = str(exc) if isinstance(exc, ConfigError) else first_line(exc, with_type=True)
         if multirun:
-            log.error("job %s failed: %s", hydra_cfg.job.num, message)
-            record_job(cfg, job_dir, [], error=message, note=note)
+            log.error("job %s failed: %s", job, message)
+            sweep.finish_job(job_dir, job, overrides, cfg, [], error=message, note=note)
             return
         print(
             f"error: {message}" + ("" if isinstance(exc, ConfigError) else " (debug=true for a traceback)"),
@@ -406,44 +407,7 @@ def task(dcfg) -> None:
         if result.record:  # ranks that don't write have no record
             print(summary(result))
     if multirun:
-        record_job(cfg, job_dir, results, note=note, rank=runtime.world.rank)
-
-
-def resume_job(cfg, job_dir: Path, num: int) -> str | None:
-    """Under -m: None when this job finished in an earlier run of the sweep (skip it); otherwise the note for its
-    rows: empty, or why it is redone and where the files of the earlier attempt went (contentv.sweep.resume)."""
-    from backends import distributed
-    from contentv import sweep
-
-    state = sweep.job_state(job_dir, cfg)
-    if state.done:
-        print(f"job {num}: done in an earlier run, skipped ({job_dir})")
-        return None
-    if distributed.launch_env().rank != 0:
-        return ""
-    # Safe before the other ranks write: they first meet rank 0 in a collective (joining the process group, or
-    # the broadcast of the output folder in data-parallel runs), which rank 0 reaches only after this.
-    note = sweep.set_aside(job_dir, state)
-    if note:
-        log.warning("job %s: %s", num, note)
-    return note
-
-
-def record_job(cfg, job_dir: Path, results: list, error: str | None = None, note: str = "", rank: int = 0) -> None:
-    """Under -m: keep each video's frames for the summary's fidelity columns, then write the job's record last
-    (its presence marks the job done for a resumed sweep)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from contentv import sweep
-
-    if cfg.sweep.fidelity:
-        for result in results:
-            sweep.save_frames(result)
-    if rank == 0:
-        job = HydraConfig.get().job.num
-        overrides = list(HydraConfig.get().overrides.task)
-        rows = sweep.job_rows(job, overrides, results, error=error, note=note)
-        sweep.write_job_record(job_dir, job, overrides, sweep.job_items(cfg) if error is None else [], rows)
+        sweep.finish_job(job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank)
 
 
 try:
@@ -453,21 +417,18 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 
 
 def sweep_jobs(config) -> list[tuple[Path, object]]:
-    """(folder, RunConfig) of every job of the multirun `config`, made as the launchers make them: Hydra's basic
-    sweeper splits the overrides, its config loader composes each job."""
+    """(folder, RunConfig) of each job of the multirun, as Hydra's basic sweeper and config loader make them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
-    loader = GlobalHydra.instance().config_loader()
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    (batch,) = BasicSweeper.split_arguments(
-        OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]), None
-    )
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
     jobs = []
     for num, overrides in enumerate(batch):
-        job = loader.load_sweep_config(config, list(overrides))
+        job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
         with open_dict(job):
             job.hydra.job.num = job.hydra.job.id = num
             folder = Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
@@ -480,9 +441,8 @@ class SweepSummary(Callback):
     """Hydra callback. At the start of a multirun: how many jobs are done already (a resumed sweep skips them).
     At the end: every job's rows into summary.csv/.md/.png, and exit status 1 if a job failed."""
 
-    def __init__(self) -> None:
-        self.jobs: int | None = None
-        self.done: tuple[int, ...] = ()
+    jobs: int | None = None
+    done: tuple[int, ...] = ()
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from contentv import sweep
@@ -495,29 +455,20 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         from contentv import sweep
 
-        result = sweep.write_summary(
-            Path(config.hydra.sweep.dir), baseline=config.sweep.baseline, reused=self.done, jobs=self.jobs
-        )
+        sweep_dir, baseline = Path(config.hydra.sweep.dir), config.sweep.baseline
+        result = sweep.write_summary(sweep_dir, baseline=baseline, reused=self.done, jobs=self.jobs)
         print("sweep summary: " + ", ".join(str(p) for p in result.paths.values()))
         if result.failed:
-            print(
-                f"sweep: {len(result.failed)} of {result.jobs} jobs failed (see {result.paths['md']})", file=sys.stderr
-            )
+            print(result.failure_line(), file=sys.stderr)
             raise SystemExit(1)  # not an Exception: Hydra would only warn; every launcher runs this in the main process
-
-
-def compare_sweeps(argv: list[str]) -> int:
-    """`python demo.py compare A B [--threshold 0.10]`: two sweep folders side by side, regressions flagged
-    (exit status 1 if any; contentv.sweep.compare)."""
-    from contentv.sweep import compare
-
-    return compare.main(argv, prog="python demo.py compare")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:  # before the imports below: reading two CSV files needs no torch
-        return compare_sweeps(argv[1:])
+    if argv[:1] == ["compare"]:  # two sweep folders side by side; before the imports below (no torch needed)
+        from contentv.sweep import compare
+
+        return compare.main(argv[1:], prog="python demo.py compare")
     import hydra
 
     from backends import distributed

@@ -65,6 +65,10 @@ class Summary:
     jobs: int  # jobs in the sweep (or with a record, if the count is not known)
     failed: list[int] = field(default_factory=list)  # job numbers that failed or left no record
 
+    def failure_line(self) -> str:
+        """What a sweep with failed jobs says as it exits with status 1."""
+        return f"sweep: {len(self.failed)} of {self.jobs} jobs failed (see {self.paths['md']})"
+
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)

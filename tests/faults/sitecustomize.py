@@ -27,10 +27,10 @@ def _event(event: str, job: str) -> None:
 
 
 def _install() -> None:
-    import contentv.sweep
+    import contentv.sweep.jobs
     from contentv.runtime import Runtime
 
-    generate, write_job_record = Runtime.generate, contentv.sweep.write_job_record
+    generate, write_job_record = Runtime.generate, contentv.sweep.jobs.write_job_record
 
     def faulty_generate(self, cfg, *args, **kwargs):
         job = Path(cfg.output.dir or ".").name
@@ -52,7 +52,7 @@ def _install() -> None:
         return path
 
     Runtime.generate = faulty_generate
-    contentv.sweep.write_job_record = logged_write_job_record
+    contentv.sweep.jobs.write_job_record = logged_write_job_record
 
 
 if LOG or FAIL_SEED or PREEMPT_JOB:
