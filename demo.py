@@ -8,6 +8,7 @@
     USE_ASCEND_NPU=1 python demo.py                       # Ascend NPU (the reference's switch)
     python demo.py -m sampling.num_inference_steps=25,50 sampling.seed=1,2   # sweep; weights load once
     python demo.py -m 'sampling.prompt=choice("a cat","a dog")'              # sweep over prompts
+    python demo.py compare multirun/before multirun/after                    # two sweeps' time, memory, PSNR
     python demo.py mode=ui model=tiny_contentv backend=cpu   # web page on http://127.0.0.1:7860 ('.[ui]')
     python demo.py dry_run=true backend=cuda memory.budget_gb=16   # the memory plan for a 16 GB GPU, no weights
     torchrun --nproc_per_node=4 demo.py backend=cuda parallel=cfg parallel.ulysses_degree=2   # one video, 4 GPUs
@@ -473,6 +474,11 @@ def task(dcfg) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.output.dir is None:
         cfg.output.dir = str(job_dir)
+    note, job, overrides = "", hydra_cfg.job.num if multirun else None, list(hydra_cfg.overrides.task)
+    if multirun:
+        note = sweep.start_job(job_dir, cfg, job, distributed.launch_env().rank)
+        if note is None:  # done in an earlier run of this sweep
+            return
     try:
         runtime = get_runtime(cfg.backend, cfg.memory.name)
         results = runtime.run_all(cfg)  # under torchrun: rank 0's folder (Hydra's ${now} dirs differ per rank)
@@ -484,9 +490,8 @@ def task(dcfg) -> None:
             raise
         message = str(exc) if isinstance(exc, (ConfigError, OutOfMemory)) else first_line(exc, with_type=True)
         if multirun:
-            log.error("job %s failed: %s", hydra_cfg.job.num, message)
-            rows = sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), [], error=message)
-            sweep.write_job_rows(job_dir, rows)
+            log.error("job %s failed: %s", job, message)
+            sweep.finish_job(job_dir, job, overrides, cfg, [], error=message, note=note)
             return
         print(
             f"error: {message}"
@@ -497,8 +502,8 @@ def task(dcfg) -> None:
     for result in results:
         if result.record:  # ranks that don't write have no record
             print(summary(result))
-    if multirun and runtime.world.rank == 0:
-        sweep.write_job_rows(job_dir, sweep.job_rows(hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task), results))
+    if multirun:
+        sweep.finish_job(job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank)
 
 
 try:
@@ -507,23 +512,64 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     Callback = object
 
 
+def sweep_jobs(config) -> list[tuple[Path, object]]:
+    """(folder, RunConfig) of each job of the multirun, as Hydra's basic sweeper and config loader make them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    jobs = []
+    for num, overrides in enumerate(batch):
+        job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
+        with open_dict(job):
+            job.hydra.job.num = job.hydra.job.id = num
+            folder = Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
+            del job.hydra
+        jobs.append((folder, OmegaConf.to_object(job)))
+    return jobs
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, collect every job's row into summary.csv/.md/.png."""
+    """Hydra callback. At the start of a multirun: how many jobs are done already (a resumed sweep skips them).
+    At the end: every job's rows into summary.csv/.md/.png, and exit status 1 if a job failed."""
+
+    jobs: int | None = None
+    done: tuple[int, ...] = ()
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from contentv import sweep
+
+        states = [sweep.job_state(folder, cfg) for folder, cfg in sweep_jobs(config)]
+        self.jobs = len(states)
+        self.done = tuple(num for num, state in enumerate(states) if state.done)
+        print(sweep.count_line(states), file=sys.stderr)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from contentv import sweep
 
-        paths = sweep.write_summary(Path(config.hydra.sweep.dir))
-        print("sweep summary: " + ", ".join(str(p) for p in paths.values()))
+        sweep_dir, baseline = Path(config.hydra.sweep.dir), config.sweep.baseline
+        result = sweep.write_summary(sweep_dir, baseline=baseline, reused=self.done, jobs=self.jobs)
+        print("sweep summary: " + ", ".join(str(p) for p in result.paths.values()))
+        if result.failed:
+            print(result.failure_line(), file=sys.stderr)
+            raise SystemExit(1)  # not an Exception: Hydra would only warn; every launcher runs this in the main process
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # two sweep folders side by side; before the imports below (no torch needed)
+        from contentv.sweep import compare
+
+        return compare.main(argv[1:], prog="python demo.py compare")
     import hydra
 
     from backends import distributed
     from contentv.errors import ConfigError
 
-    argv = sys.argv[1:] if argv is None else argv
     # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable. Set
     # before anything imports transformers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

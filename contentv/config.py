@@ -199,6 +199,17 @@ class ParallelConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`RunConfig.sweep`: settings of a sweep (-m) as a whole; they never change a job's frames."""
+
+    # Job number (hydra.job.num) the others are compared with (PSNR, SSIM) in the sweep summary.
+    baseline: int = 0
+    # Keep a lossless copy of each video's frames beside it (<video>.frames.npz: F x H x W x 3 bytes before
+    # compression) so the summary can compare jobs exactly; false saves the disk space and leaves fidelity empty.
+    fidelity: bool = True
+
+
+@dataclass
 class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,6 +219,7 @@ class RunConfig:
     speedup: SpeedupConfig = field(default_factory=SpeedupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # generate: make the video(s) | ui: serve the web page (python demo.py mode=ui).
     mode: str = "generate"
     # Print the memory plan (predicted peak device memory, host RAM, speed per strategy) and exit.

@@ -401,6 +401,22 @@ def write_json(data: dict, path: Path) -> Path:
     return path
 
 
+def write_frames(frames, path: Path) -> Path:
+    """A lossless copy of (F, H, W, 3) frames as uint8 (`.npz`, key "frames", zlib-compressed), written
+    atomically; fails if `path` exists. Sweeps compare these, not the lossy H.264 video."""
+    with _staged(path.parent, ".npz") as tmp:
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, frames=to_uint8(frames))
+        _link_new(tmp, path)
+    return path
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """The (F, H, W, 3) uint8 frames `write_frames` stored."""
+    with np.load(path) as data:
+        return data["frames"]
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 

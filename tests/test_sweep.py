@@ -1,10 +1,12 @@
-"""Sweeps (-m): weights load once per (model, memory) key, failures are recorded, summaries written."""
+"""Sweeps (-m): weights load once per key, failed jobs fail the sweep, sweeps resume, summaries carry fidelity."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,16 +15,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ROOT / "tests" / "faults"  # a sitecustomize.py that injects failures, preemption and an event log
 SMALL = ["backend=cpu", "sampling.height=32", "sampling.width=48", "sampling.num_frames=5"]
 
 
-def demo(args, cache_dir, timeout=900):
+def env_for(cache_dir, faults: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    if faults is not None:
+        env.update(faults, PYTHONPATH=f"{FAULTS}{os.pathsep}{ROOT}")
+    return env
+
+
+def demo(args, cache_dir, timeout=900, faults: dict[str, str] | None = None):
     return subprocess.run(
         [sys.executable, str(ROOT / "demo.py"), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=env_for(cache_dir, faults),
         cwd=ROOT,
         timeout=timeout,
     )
@@ -32,51 +41,41 @@ def sidecars(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("*_seed*.json"))]
 
 
-@pytest.fixture(scope="module")
-def corrupt_and_good(tmp_path_factory, tiny_ckpt):
-    """Two checkpoint folders that pass the pre-flight checks; one fails to load (a damaged SentencePiece model:
-    present, so the cheap checks pass; truncated weights would be caught before the sweep starts)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    good, bad = root / "good", root / "bad"
-    shutil.copytree(tiny_ckpt, good)
-    shutil.copytree(tiny_ckpt, bad)
-    (bad / "tokenizer_3" / "tokenizer.json").unlink()
-    (bad / "tokenizer_3" / "spiece.model").write_bytes(b"\x00" * 100)
-    return good, bad
+def events(log: Path) -> list[dict]:
+    """What the fault-injection sitecustomize logged: generations started and job records written."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_sweep_reuses_weights_records_failures_and_summarises(tmp_path, cache_dir, corrupt_and_good):
-    good, bad = corrupt_and_good
-    sweep_dir = tmp_path / "sweep"
-    proc = demo(
-        [
-            "-m",
-            *SMALL,
-            "model=tiny_contentv",
-            "model.tiny=false",
-            "model.name=local",
-            f"model.path={bad},{good}",
-            "sampling.num_inference_steps=1,2",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cache_dir,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def summary_rows(sweep_dir: Path) -> list[dict]:
     with (sweep_dir / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4
-    failed = [r for r in rows if r["status"] == "failed"]
-    assert len(failed) == 2 and all(str(bad) in r["overrides"] for r in failed)
-    assert all(r["error"] for r in failed)
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 2 and all(Path(r["video"]).is_file() for r in ok)
-    assert (sweep_dir / "summary.md").read_text().count("| ok |") == 2
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_failed_jobs_are_recorded_the_others_finish_the_sweep_exits_1_and_a_rerun_retries_them(tmp_path, cache_dir):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *SMALL, "model=tiny_contentv", "sampling.seed=1,2", "sampling.num_inference_steps=1,2"]
+    args.append(f"hydra.sweep.dir={sweep_dir}")
+    proc = demo(args, cache_dir, faults={"CONTENTV_FAULT_FAIL_SEED": "2"})  # jobs 2 and 3 fail as they generate
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"sweep: 2 of 4 jobs failed (see {sweep_dir / 'summary.md'})" in proc.stderr
+    rows = summary_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
+    assert all("sampling.seed=2" in r["overrides"] and "injected failure" in r["error"] for r in rows[2:])
+    assert all(Path(r["video"]).is_file() for r in rows[:2])
+    assert "4 jobs: 2 ok, 2 failed (job 2, 3)." in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "summary.png").stat().st_size > 1000
     # the two good jobs share (model, memory): weights loaded once, then reused
-    records = sidecars(sweep_dir)
-    assert sorted(r["prepared"]["pipeline_reused"] for r in records) == [False, True]
+    assert sorted(r["prepared"]["pipeline_reused"] for r in sidecars(sweep_dir)) == [False, True]
+
+    again = demo(args, cache_dir)  # the same command, the fault gone: only the failed jobs run
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep: 4 jobs, 2 done, 2 to run (2 failed)" in again.stderr
+    assert [r["status"] for r in summary_rows(sweep_dir)] == ["ok"] * 4
+    assert [r["reused"] for r in summary_rows(sweep_dir)] == ["yes", "yes", "", ""]
 
 
+@pytest.mark.slow
 def test_prompt_file_makes_one_video_per_line_loading_once(tmp_path, cache_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox walks in snow\n\n# a comment\na cat sits on a stool\na dog runs\n")
@@ -98,6 +97,7 @@ def test_prompt_file_makes_one_video_per_line_loading_once(tmp_path, cache_dir):
     assert len(list(out.glob("*.mp4"))) == 3
 
 
+@pytest.mark.slow
 def test_missing_prompt_file_is_a_usage_error(tmp_path, cache_dir):
     proc = demo(
         [
@@ -112,24 +112,125 @@ def test_missing_prompt_file_is_a_usage_error(tmp_path, cache_dir):
     assert not (tmp_path / "run").exists()
 
 
-def sweep_with_launcher(launcher: str, plugin: str, tmp_path, cache_dir) -> tuple[Path, list[dict]]:
-    """A two-job sweep through one of conf/hydra/launcher's configs; returns the sweep folder and CSV rows."""
+def sweep_with_launcher(
+    launcher: str, plugin: str, tmp_path, cache_dir, faults: dict[str, str] | None = None
+) -> tuple[Path, list[dict], subprocess.CompletedProcess]:
+    """A two-job sweep through one of conf/hydra/launcher's configs; returns the folder, CSV rows and process."""
     pytest.importorskip(plugin)
     sweep_dir = tmp_path / "sweep"
     args = ["-m", f"hydra/launcher={launcher}", "model=tiny_contentv", *SMALL, "sampling.num_inference_steps=1"]
-    proc = demo([*args, "sampling.seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cache_dir)
+    proc = demo([*args, "sampling.seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cache_dir, faults=faults)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with (sweep_dir / "summary.csv").open() as f:
-        return sweep_dir, list(csv.DictReader(f))
+    return sweep_dir, summary_rows(sweep_dir), proc
 
 
-def test_submitit_local_launcher(tmp_path, cache_dir):
-    _, rows = sweep_with_launcher("local_processes", "hydra_plugins.hydra_submitit_launcher", tmp_path, cache_dir)
+@pytest.mark.slow
+def test_submitit_local_launcher_requeues_a_preempted_job(tmp_path, cache_dir):
+    log = tmp_path / "events.jsonl"
+    faults = {"CONTENTV_FAULT_LOG": str(log), "CONTENTV_FAULT_PREEMPT_JOB": "1"}  # SIGUSR2 as job 1 generates
+    sweep_dir, rows, _ = sweep_with_launcher(
+        "local_processes", "hydra_plugins.hydra_submitit_launcher", tmp_path, cache_dir, faults
+    )
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    started = [e["pid"] for e in events(log) if e["event"] == "generate" and e["job"] == "1"]
+    assert len(started) == 2 and started[0] != started[1]  # preempted, then requeued in a new process
+    assert collections.Counter(e["job"] for e in events(log) if e["event"] == "recorded") == {"0": 1, "1": 1}
+    assert len(list((sweep_dir / "1").glob("*.mp4"))) == 1
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
-    sweep_dir, rows = sweep_with_launcher("local_parallel", "hydra_plugins.hydra_joblib_launcher", tmp_path, cache_dir)
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes_and_resumes(tmp_path, cache_dir):
+    log = tmp_path / "events.jsonl"
+    launcher = ("local_parallel", "hydra_plugins.hydra_joblib_launcher", tmp_path, cache_dir)
+    sweep_dir, rows, _ = sweep_with_launcher(*launcher, faults={"CONTENTV_FAULT_LOG": str(log)})
     assert [r["status"] for r in rows] == ["ok", "ok"]
     # two worker processes: each loaded its own pipeline
     assert [r["prepared"]["pipeline_reused"] for r in sidecars(sweep_dir)] == [False, False]
+    first = events(log)
+    _, rows, proc = sweep_with_launcher(*launcher, faults={"CONTENTV_FAULT_LOG": str(log)})
+    assert "sweep: 2 jobs, 2 done, 0 to run" in proc.stderr
+    assert events(log) == first and [r["reused"] for r in rows] == ["yes", "yes"]  # the workers generated nothing
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_readme_shows_the_recorded_sweep_verbatim():
+    """The README's resumed sweep, fidelity table and chart are what benchmarks/sweep_resume.py recorded."""
+    readme = (ROOT / "README.md").read_text()
+    results = ROOT / "benchmarks" / "results"
+    assert "```text\n" + (results / "sweep_tiny.txt").read_text() + "```" in readme
+    assert (results / "sweep_tiny.md").read_text() in readme
+    assert "](benchmarks/results/sweep_tiny.png)" in readme and (results / "sweep_tiny.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, cache_dir) -> tuple[Path, str, list[dict]]:
+    """benchmarks/sweep_resume.py at test sizes: a 4-job sweep SIGKILLed once job 2 has started, the same command
+    run again (resume), then once more. Returns the sweep folder, the script's transcript and the event log."""
+    out = tmp_path_factory.mktemp("resume")
+    log = out / "events.jsonl"
+    args = ["--out", str(out / "demo"), "--no-record", "--no-compare", "--height", "32", "--width", "48"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep_resume.py"), *args, "--frames", "5", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        env=env_for(cache_dir, {"CONTENTV_FAULT_LOG": str(log)}),
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "demo" / "sweep", proc.stdout, events(log)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_and_every_job_is_done_exactly_once(resumed):
+    sweep_dir, transcript, log = resumed
+    done = int(re.search(r"jobs finished before the kill: (\d+)", transcript).group(1))
+    resume, rerun = [ln for ln in transcript.splitlines() if ln.startswith("sweep: ")]
+    assert done >= 2 and resume.startswith(f"sweep: 4 jobs, {done} done, {4 - done} to run")
+    assert rerun == "sweep: 4 jobs, 4 done, 0 to run"
+    assert collections.Counter(e["job"] for e in log if e["event"] == "recorded") == {str(n): 1 for n in range(4)}
+    # generations came from the killed process and the resumed one; the third run generated nothing
+    assert len({e["pid"] for e in log if e["event"] == "generate"}) == 2
+    for n in range(4):
+        assert len(list((sweep_dir / str(n)).glob("*.mp4"))) == 1
+        assert len(list((sweep_dir / str(n)).glob("*.frames.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_the_summary_gives_every_job_its_fidelity_against_the_baseline(resumed):
+    from contentv.sweep import frames_path
+    from contentv.video import read_frames
+
+    sweep_dir, _, _ = resumed
+    rows = summary_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok"] * 4 and [r["reused"] for r in rows] == ["yes"] * 4
+    assert (rows[0]["psnr_db"], rows[0]["ssim"], rows[0]["fidelity"]) == ("inf", "1.0", "baseline")
+    reference = read_frames(frames_path(rows[0]["video"]))
+    for r in rows[1:]:
+        psnr, ssim = float(r["psnr_db"]), float(r["ssim"])
+        same = bool((read_frames(frames_path(r["video"])) == reference).all())
+        assert (psnr == float("inf")) == same == (r["fidelity"] == "identical") and 0 < ssim <= 1
+    halved = [r for r in rows if "sampling.num_inference_steps=1" in r["overrides"]]
+    assert len(halved) == 2 and all(float(r["psnr_db"]) < float("inf") for r in halved)
+    assert "| identical | 1.0000 | baseline; reused |" in (sweep_dir / "summary.md").read_text()
+    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_command_flags_a_slower_job(resumed, tmp_path, cache_dir):
+    sweep_dir, _, _ = resumed
+    after = tmp_path / "after"
+    shutil.copytree(sweep_dir, after)
+    rows = summary_rows(after)
+    rows[1]["generate_s"] = str(float(rows[1]["generate_s"]) * 1.5)
+    with (after / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    proc = demo(["compare", str(sweep_dir), str(after)], cache_dir)
+    assert proc.returncode == 1 and "REGRESSION: generate s +50%" in proc.stdout, proc.stdout + proc.stderr
+    assert "1 of 4 matching jobs regressed beyond 10%" in proc.stdout
+    same = demo(["compare", str(sweep_dir), str(sweep_dir), "--threshold", "0.05"], cache_dir)
+    assert same.returncode == 0 and "no regression beyond 5% in 4 matching jobs" in same.stdout

@@ -1,0 +1,59 @@
+"""Fault injection for subprocess tests: put this folder first on PYTHONPATH. Python imports it at start-up, in
+demo.py and in every launcher worker it spawns. Does nothing unless a CONTENTV_FAULT_* variable is set.
+
+CONTENTV_FAULT_LOG=<file>         one JSON line per event: {"event": "generate" | "recorded", "job": <job folder
+                                  name>, "pid": ...}: a job's generation starting, its record being written.
+CONTENTV_FAULT_FAIL_SEED=<n>      Runtime.generate raises for sampling.seed == n: a job failing at run time.
+CONTENTV_FAULT_PREEMPT_JOB=<name> the first generation of job folder <name> sends SIGUSR2 to its own process, as
+                                  SLURM (through submitit) signals a preempted job; once per log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+LOG = os.environ.get("CONTENTV_FAULT_LOG")
+FAIL_SEED = os.environ.get("CONTENTV_FAULT_FAIL_SEED")
+PREEMPT_JOB = os.environ.get("CONTENTV_FAULT_PREEMPT_JOB")
+
+
+def _event(event: str, job: str) -> None:
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"event": event, "job": job, "pid": os.getpid()}) + "\n")
+
+
+def _install() -> None:
+    import contentv.sweep.jobs
+    from contentv.runtime import Runtime
+
+    generate, write_job_record = Runtime.generate, contentv.sweep.jobs.write_job_record
+
+    def faulty_generate(self, cfg, *args, **kwargs):
+        job = Path(cfg.output.dir or ".").name
+        _event("generate", job)
+        if FAIL_SEED is not None and cfg.sampling.seed == int(FAIL_SEED):
+            raise RuntimeError(f"injected failure for seed {FAIL_SEED}")
+        if PREEMPT_JOB == job and LOG:
+            try:
+                Path(f"{LOG}.preempted").touch(exist_ok=False)
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGUSR2)
+        return generate(self, cfg, *args, **kwargs)
+
+    def logged_write_job_record(job_dir, *args, **kwargs):
+        path = write_job_record(job_dir, *args, **kwargs)
+        _event("recorded", Path(job_dir).name)
+        return path
+
+    Runtime.generate = faulty_generate
+    contentv.sweep.jobs.write_job_record = logged_write_job_record
+
+
+if LOG or FAIL_SEED or PREEMPT_JOB:
+    _install()
