@@ -18,6 +18,10 @@ Every setting is checked before anything is loaded or written: a bad one prints 
 option, the value and what is allowed, and exits with status 2 (debug=true shows a traceback).
 
 From Python, the same presets without the command line: `load_config([...])` and `load_presets()`.
+
+Longer than 500 lines because everything that touches Hydra lives here: the library (contentv/) and the backends
+never import it, so composing configs and presets, parsing overrides, --help, the pre-flight check's Hydra half,
+the job function and the sweep callback share this one entry module.
 """
 
 from __future__ import annotations
@@ -437,7 +441,10 @@ def console_output(verbose: bool) -> None:
     logging.captureWarnings(True)  # library warnings go through logging: to the file, on the console if verbose
     if verbose:
         return
-    ours = ("contentv", "backends", "demo", "__main__")
+    import backends
+    import contentv
+
+    ours = (contentv.__name__, backends.__name__, __name__, "__main__")
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
