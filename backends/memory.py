@@ -218,7 +218,7 @@ def vae_options(pipe, memory: MemoryConfig) -> dict:
             vae.enable_slicing()
         if memory.vae_tiling:
             vae.enable_tiling()
-    return {"vae_slicing": memory.vae_slicing, "vae_tiling": memory.vae_tiling}
+    return {"vae_slicing": memory.vae_slicing, "vae_tiling": bool(memory.vae_tiling)}
 
 
 def _text_encoders(pipe) -> dict[str, nn.Module]:

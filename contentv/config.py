@@ -77,7 +77,7 @@ class MemoryConfig:
     name: str = "none"
     # Offload whole components to the CPU, one on the device at a time (accelerate hooks).
     model_cpu_offload: bool = False
-    # Offload layer by layer (least device memory, slowest). Exclusive with model_cpu_offload.
+    # Offload layer by layer (one layer's weights on the device at a time; slowest). Exclusive with model_cpu_offload.
     sequential_cpu_offload: bool = False
     # Stream transformer blocks from CPU to device in groups (diffusers group offloading).
     group_offload: bool = False
@@ -87,8 +87,10 @@ class MemoryConfig:
     group_offload_stream: bool = True
     # Decode the VAE one video at a time.
     vae_slicing: bool = False
-    # Decode the VAE in spatial tiles.
-    vae_tiling: bool = False
+    # Decode the VAE in overlapping spatial tiles: far less decode memory, but CHANGES THE OUTPUT (pixels near tile
+    # seams; latents are unchanged). null = only when the planner predicts the untiled decode won't fit the
+    # device budget (decided per video; the sidecar records what ran).
+    vae_tiling: bool | None = False
     # Compute attention in query chunks of this many tokens; 0 = off. Same result, lower peak.
     attention_slicing: int = 0
     # Text encoders: auto | device (resident) | release (on the device only while encoding) | cpu (encode

@@ -115,6 +115,8 @@ def output_changes(memory: MemoryConfig) -> list[str]:
         out.append(f"quantization={memory.quantization} (weights rounded: every frame changes slightly)")
     if memory.vae_tiling:
         out.append("vae_tiling (frames decoded in blended tiles: pixels near tile seams change; latents don't)")
+    elif memory.vae_tiling is None:
+        out.append("vae_tiling where the untiled decode wouldn't fit (then pixels near tile seams change)")
     return out
 
 
@@ -133,9 +135,11 @@ def check(memory: MemoryConfig, caps: Capabilities | None = None) -> None:
 
 
 def _check_values(memory: MemoryConfig) -> None:
-    for flag in (*OFFLOAD_FLAGS, "group_offload_stream", "vae_slicing", "vae_tiling"):
+    for flag in (*OFFLOAD_FLAGS, "group_offload_stream", "vae_slicing"):
         if not isinstance(getattr(memory, flag), bool):
             raise ConfigError(f"memory.{flag}", getattr(memory, flag), "true or false")
+    if memory.vae_tiling is not None and not isinstance(memory.vae_tiling, bool):
+        raise ConfigError("memory.vae_tiling", memory.vae_tiling, "true, false or null (only where needed)")
     if not _is_int(memory.group_offload_blocks) or memory.group_offload_blocks < 1:
         raise ConfigError("memory.group_offload_blocks", memory.group_offload_blocks, "an integer >= 1")
     if not _is_int(memory.attention_slicing) or memory.attention_slicing < 0:

@@ -112,11 +112,21 @@ def checkpoint_record(model, path: str) -> dict:
     return out
 
 
+# Chosen per video (guidance_mode, vae_tiling) or only planned with (budget_gb, check_fit): none of them invalidates
+# the prepared pipeline.
+PER_CALL_MEMORY = ("guidance_mode", "vae_tiling", "budget_gb", "check_fit")
+
+
+def set_vae_tiling(pipe: Any, tiled: bool) -> bool:
+    """Tiled or untiled decoding for the next video (diffusers' VAE switches; the tile sizes are kept)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "disable_tiling"):
+        (vae.enable_tiling if tiled else vae.disable_tiling)()
+    return bool(tiled)
+
+
 def _key(cfg: RunConfig) -> str:
-    # guidance_mode is chosen per call, budget_gb and check_fit only plan: none invalidates the prepared pipeline
-    memory = {
-        k: v for k, v in dataclasses.asdict(cfg.memory).items() if k not in ("guidance_mode", "budget_gb", "check_fit")
-    }
+    memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k not in PER_CALL_MEMORY}
     parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup), dataclasses.asdict(cfg.parallel)]
     return json.dumps(parts, sort_keys=True)
 
@@ -150,6 +160,7 @@ class Runtime:
         self._pipe: Any = None
         self._prepared: dict = {}
         self._checkpoint: dict = {}
+        self._budget: int | None = None  # the device's free memory before this runtime loaded anything
         self.loads = 0  # how many times weights were loaded (sweeps check this)
         self.runs = 0  # videos written by this runtime (the first one's record includes the process start-up)
 
@@ -313,14 +324,26 @@ class Runtime:
 
         return stage
 
+    def device_budget(self) -> int | None:
+        """The device memory this runtime may plan with: its free memory before anything was loaded."""
+        if self._pipe is None:
+            self._budget = self.backend.free_memory()
+        return self._budget
+
     def _generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
         checked = self.validate(cfg)
         spec, sampling = checked.spec, checked.sampling
+        if cfg.memory.vae_tiling is None:  # only where the untiled decode won't fit (tiling changes the frames)
+            from contentv.planner import resolve_vae_tiling
+
+            cfg = dataclasses.replace(cfg, memory=resolve_vae_tiling(cfg, self.backend, self.device_budget()))
+            log.info("memory.vae_tiling=null: %s for this video", "tiled" if cfg.memory.vae_tiling else "untiled")
         recorder = StageRecorder(self.backend)
         loads = self.loads
         with recorder.stage("load"):
             pipe = self.pipeline(cfg)
         reused = self.loads == loads
+        self._prepared["vae_tiling"] = set_vae_tiling(pipe, cfg.memory.vae_tiling)
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         counter = getattr(pipe, "cache_counter", None)  # a step cache's skip counter (contentv.speedup)
         if counter is not None:

@@ -31,7 +31,7 @@ from contentv.errors import ConfigError
 from contentv.memory_policy import Capabilities, check, guidance_passes, with_defaults
 from contentv.models.common import generic_components_on_meta, generic_workload, local_config_folder
 from contentv.planner.report import format_plan
-from contentv.planner.strategies import MARGIN, STAGES, GiB, ModelCosts, Plan, Strategy, predict
+from contentv.planner.strategies import MARGIN, STAGES, GiB, ModelCosts, Plan, Strategy, predict_for_budget
 from contentv.planner.weights import tensor_bytes, weight_bytes
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "format_plan",
     "host_available",
     "plan",
+    "resolve_vae_tiling",
     "tensor_bytes",
     "weight_bytes",
 ]
@@ -64,6 +65,7 @@ def plan(
     budget_bytes: int | None = None,
     host_budget_bytes: int | None = None,
     math_attention: bool = False,
+    choose: bool = True,
 ) -> Plan:
     """Predict every preset (plus `none`, and cfg.memory if it differs from its preset) for this run, and choose
     the fastest that fits.
@@ -72,7 +74,7 @@ def plan(
     `host_budget_bytes` (the RAM the process can use). Without a device budget no choice is made (table only).
     `caps`: the backend's capabilities (offload streams, quantizations, guidance preference); presets it
     can't run are shown with the reason and never chosen. Raises ConfigError naming memory.budget_gb when
-    nothing fits. No weights are loaded.
+    nothing fits (choose=False: predictions and `fits` only, no choice). No weights are loaded.
     """
     from contentv.registry import get_spec
 
@@ -103,7 +105,7 @@ def plan(
         guidance = guidance_passes(memory, sampling.guidance_scale, batched)
         try:
             check(memory, caps)
-            strategy = predict(model, with_defaults(memory, spec.quantize_default), guidance, streams)
+            strategy = predict_for_budget(model, with_defaults(memory, spec.quantize_default), guidance, streams, budget)
             strategy.memory = memory
         except ConfigError as exc:
             strategy = Strategy(name=name, memory=memory, error=str(exc), time=math.inf)
@@ -135,7 +137,7 @@ def plan(
         if local_config_folder(path, "model_index.json", m.revision)
         else f"the built-in configs ({path})",
     )
-    if budget is not None:
+    if budget is not None and choose:
         fitting = [s for s in strategies if s.fits]
         if not fitting:
             raise ConfigError("memory.budget_gb", round(budget / GiB, 2), _nothing_fits(result))
@@ -174,16 +176,14 @@ def check_fits(
     """ConfigError (naming memory, the predicted need and what the machine has) if this run's memory strategy is
     predicted not to fit: the device (its free memory, or memory.budget_gb) or the host RAM. Where the device has
     no memory of its own (the CPU), weights, activations and the process all count against the host."""
-    memory = dataclasses.replace(cfg.memory, budget_gb=None)  # the budget is compared here, with the numbers
-    p = plan(dataclasses.replace(cfg, memory=memory), {memory.name: memory}, caps)
-    strategy = next(x for x in p.strategies if x.memory is memory)
+    budget = budget_from(cfg.memory, budget_bytes)
+    strategy, p = _own_strategy(cfg, caps, budget)
     if strategy.error:
         return  # the policy check reports it
     s = p.sampling
     what = f"{p.model} at {s.height}x{s.width}, {s.num_frames} frames (memory={cfg.memory.name})"
     fix = "fewer frames, a smaller size or a lighter memory preset (python demo.py dry_run=true lists them), or "
     fix += "memory.check_fit=false to try anyway"
-    budget = budget_from(cfg.memory, budget_bytes)
     if budget is not None and strategy.device_bytes > budget:
         raise ConfigError(
             "memory",
@@ -201,6 +201,22 @@ def check_fits(
             f"a strategy that fits: {what} is predicted to need {host_need / GiB:.1f} GiB of host RAM, this "
             f"machine has {host_budget_bytes / GiB:.1f} GiB available; {fix}",
         )
+
+
+def _own_strategy(cfg: RunConfig, caps: Capabilities | None, budget: int | None) -> tuple[Strategy, Plan]:
+    """The prediction for cfg.memory itself (vae_tiling=null resolved against `budget`)."""
+    memory = dataclasses.replace(cfg.memory, budget_gb=None)  # the caller compares the budget, with the numbers
+    p = plan(dataclasses.replace(cfg, memory=memory), {memory.name: memory}, caps, budget_bytes=budget, choose=False)
+    return next(x for x in p.strategies if x.memory is memory), p
+
+
+def resolve_vae_tiling(cfg: RunConfig, caps: Capabilities | None, budget_bytes: int | None) -> MemoryConfig:
+    """cfg.memory with vae_tiling=null decided for this video and device budget (memory.budget_gb, else
+    `budget_bytes`): tiled only where the untiled decode is predicted not to fit. Set values are kept."""
+    if cfg.memory.vae_tiling is not None:
+        return cfg.memory
+    strategy, _ = _own_strategy(cfg, caps, budget_from(cfg.memory, budget_bytes))
+    return dataclasses.replace(cfg.memory, vae_tiling=strategy.vae_tiling)
 
 
 def host_available() -> int:

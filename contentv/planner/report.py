@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from contentv.memory_policy import output_changes
 from contentv.planner.strategies import MARGIN, STAGES, GiB, Plan
 
@@ -34,7 +36,7 @@ def format_plan(p: Plan) -> str:
             continue
         st = [x.stage_bytes[k] / GiB for k in STAGES]
         verdict = "-" if x.fits is None else ("yes" if x.fits else "no")
-        output = "changes" if output_changes(x.memory) else "same"
+        output = "changes" if output_changes(dataclasses.replace(x.memory, vae_tiling=x.vae_tiling)) else "same"
         lines.append(
             f"{x.name:<{width}}  {x.device_bytes / GiB:8.2f}  {st[0]:6.2f}  {st[1]:7.2f}  {st[2]:6.2f}  "
             f"{x.host_bytes / GiB:8.2f}  {x.host_peak_bytes / GiB:9.2f}  {x.time:9.2f}  {output:>7}  {verdict}"
@@ -46,7 +48,8 @@ def format_plan(p: Plan) -> str:
         f"fits = peak <= {1 - MARGIN:.0%} of the device budget and host peak <= the host budget.",
         "host GiB = RAM while generating (weights kept on the CPU, pinned copies, process); host peak includes "
         "loading. rel. time: published anchors (contentv/planner/strategies.py), 1.00 = all resident.",
-        "output: 'changes' = quantization or VAE tiling, which change the frames; 'same' = identical to all resident.",
+        "output: 'changes' = quantization or VAE tiling, which change the frames; 'same' = identical to all resident "
+        "(vae_tiling=null tiles only where the untiled decode wouldn't fit: the row shows what this budget gets).",
     ]
     if p.chosen is not None:
         lines.append(f"chosen: {p.chosen.name}")

@@ -7,6 +7,7 @@ quantized bytes) stage by stage: text encoding, denoising, decoding. Relative ti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Strategy:
     time: float = 1.0  # relative time; 1.0 = everything resident, no quantization
     fits: bool | None = None  # under the budget (with MARGIN); None without a budget
     error: str = ""  # why this strategy can't run here (it is then never chosen)
+    vae_tiling: bool = False  # what the prediction assumed (memory.vae_tiling=null resolved against the budget)
 
 
 @dataclass
@@ -232,9 +234,24 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
     return Strategy(
         name=memory.name,
         memory=memory,
+        vae_tiling=bool(memory.vae_tiling),
         device_bytes=max(stage_bytes.values()),
         stage_bytes=stage_bytes,
         host_bytes=int(host + BASE_HOST_BYTES),
         host_peak_bytes=int(max(host + pinned, full) + BASE_HOST_BYTES),
         time=relative_time(memory, guidance, streams),
     )
+
+
+def predict_for_budget(
+    model: ModelCosts, memory: MemoryConfig, guidance: str, streams: bool, budget: int | None
+) -> Strategy:
+    """predict(), with memory.vae_tiling=null resolved: tiled only where the untiled decode would push the peak past
+    the budget and tiling lowers it (tiling changes the frames, so it is never turned on for nothing)."""
+    if memory.vae_tiling is not None:
+        return predict(model, memory, guidance, streams)
+    untiled = predict(model, dataclasses.replace(memory, vae_tiling=False), guidance, streams)
+    if budget is None or untiled.device_bytes <= (1 - MARGIN) * budget:
+        return untiled
+    tiled = predict(model, dataclasses.replace(memory, vae_tiling=True), guidance, streams)
+    return tiled if tiled.device_bytes < untiled.device_bytes else untiled
