@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 import typing
@@ -37,13 +32,14 @@ from contentv.config import (
 )
 from contentv.errors import ConfigError, GenerationCancelled, first_line
 from contentv.runtime import Runtime
+from contentv.served import GALLERY_LIMIT, ServedFiles
+from contentv.validation import is_hub_id
 
 log = logging.getLogger(__name__)
 
 # The page's offload radio: one mechanism at a time (diffusers can't stack them).
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 OFFLOAD_FLAGS = {"model": "model_cpu_offload", "sequential": "sequential_cpu_offload", "group": "group_offload"}
-GALLERY_LIMIT = 24
 # The config fields the page edits directly, by group (their types decide widgets and conversions).
 SAMPLING_FIELDS = (
     "prompt",
@@ -203,14 +199,20 @@ class Studio:
         self.models[cfg.model.name] = copy.deepcopy(cfg.model)
         self.memories[cfg.memory.name] = copy.deepcopy(cfg.memory)
         self.backends[cfg.backend.name] = copy.deepcopy(cfg.backend)
-        # Only these folders may replace a preset's model.path from the page (never an arbitrary server path).
-        self.allowed_paths = tuple(str(Path(p).expanduser().absolute()) for p in cfg.ui.allowed_paths)
+        # Only these folders (or hub ids) may replace a preset's model.path from the page, spelled as offered or
+        # as configured; nothing else is looked up (the answer never depends on what exists on the server).
+        self.allowed: dict[str, str] = {}  # spelling -> the model.path it loads
+        for p in cfg.ui.allowed_paths:
+            path = p.strip() if is_hub_id(p.strip()) else _folder(p)
+            self.allowed[p] = self.allowed[p.strip()] = self.allowed[path] = path
+        self.allowed_paths = tuple(dict.fromkeys(self.allowed.values()))
         # Videos from the page go to output.dir, else outputs/ui; the gallery shows every video under
         # output.dir, else outputs/ (so command-line runs in outputs/<date>/<time>/ appear too).
         self.gallery_dir = Path(cfg.output.dir or "outputs").absolute()
         self.output_dir = self.gallery_dir if cfg.output.dir else self.gallery_dir / "ui"
-        # The only folder the page serves files from: links to videos and sidecars (see serve()).
-        self.serve_dir = Path(tempfile.mkdtemp(prefix="contentv-page-"))
+        # The only files the page serves: links to videos and sidecars in a private folder.
+        self.files = ServedFiles(self.gallery_dir)
+        self.serve_dir = self.files.dir
         self.runtimes: dict[str, Runtime] = {}
         self._runtimes_lock = threading.Lock()
         self._lock = threading.Lock()  # one generation at a time, whoever calls
@@ -235,14 +237,14 @@ class Studio:
 
     def sampling_defaults(self, model: str) -> dict[str, Any]:
         """The sampling fields the page refills when the model preset changes."""
-        if model not in self.models:
+        if not isinstance(model, str) or model not in self.models:
             return {}
         d = resolve_sampling(SamplingConfig(), self.models[model])
         return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
 
     def memory_fields(self, memory: str) -> dict[str, Any]:
         """The memory widgets' values for a preset (the offload radio included)."""
-        if memory not in self.memories:
+        if not isinstance(memory, str) or memory not in self.memories:
             return {}
         m = self.memories[memory]
         return {"offload": offload_mode(m), **{k: getattr(m, k) for k in MEMORY_FIELDS}}
@@ -252,21 +254,17 @@ class Studio:
     def config(self, form: Form) -> RunConfig:
         """The RunConfig the form asks for (ConfigError for a value the form itself can't express)."""
         base = self.base
-        if form.model not in self.models:
-            raise ConfigError("model", form.model, sorted(self.models))
-        model = copy.deepcopy(self.models[form.model])
-        path = (form.model_path or "").strip()
+        model = copy.deepcopy(_preset("model", form.model, self.models))
+        path = str(form.model_path or "").strip()
         if path:
             # Refused before the file system is touched: the answer must not reveal what exists on the server.
-            if str(Path(path).expanduser().absolute()) not in self.allowed_paths:
+            if path not in self.allowed:
                 allowed = ", ".join(self.allowed_paths) or "none were allowed at launch"
                 raise ConfigError("model.path", path, f"one of the folders in ui.allowed_paths ({allowed})")
             if model.tiny:
                 raise ConfigError("model.path", path, f"empty for {form.model} (a tiny model is built in code)")
-            model.path = path
-        if form.backend not in self.backends:
-            raise ConfigError("backend", form.backend, sorted(self.backends))
-        backend = copy.deepcopy(self.backends[form.backend])
+            model.path = self.allowed[path]
+        backend = copy.deepcopy(_preset("backend", form.backend, self.backends))
         memory = self.memory_config(form)
         values = {
             k: convert(f"sampling.{k}", form.sampling.get(k), field_kind(SamplingConfig, k)) for k in form.sampling
@@ -276,7 +274,7 @@ class Studio:
             raise ConfigError(
                 f"sampling.{unknown[0]}", values[unknown[0]], f"one of the page's fields: {SAMPLING_FIELDS}"
             )
-        if form.random_seed:
+        if convert("random_seed", form.random_seed, bool):
             values["seed"] = random.randrange(2**31)
         elif values.get("seed") is None:
             raise ConfigError("sampling.seed", form.sampling.get("seed"), "an integer (or tick Random seed)")
@@ -299,9 +297,7 @@ class Studio:
 
     def memory_config(self, form: Form) -> MemoryConfig:
         """The chosen memory preset with the page's widgets applied on top."""
-        if form.memory not in self.memories:
-            raise ConfigError("memory", form.memory, sorted(self.memories))
-        memory = copy.deepcopy(self.memories[form.memory])
+        memory = copy.deepcopy(_preset("memory", form.memory, self.memories))
         if form.offload not in OFFLOAD_MODES:
             raise ConfigError("offload", form.offload, OFFLOAD_MODES)
         if form.offload != offload_mode(memory):
@@ -479,50 +475,29 @@ class Studio:
     # ------------------------------------------------------------ files the page serves
 
     def serve(self, path: Path) -> str:
-        """A link to a video or sidecar under the output folder, in the folder the page serves (serve_dir).
-
-        Anything else (logs, Hydra configs, other files) is refused: the page can't be made to serve it.
-        """
-        path = Path(path).absolute()
-        if path.suffix not in (".mp4", ".json") or not path.is_relative_to(self.gallery_dir) or not path.is_file():
-            raise ValueError(f"not a video or sidecar under {self.gallery_dir}: {path.name}")
-        # One subfolder per source folder keeps same-named files from different runs apart.
-        key = hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]
-        target = self.serve_dir / key / path.name
-        if not target.exists():
-            target.parent.mkdir(exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:  # another file system: a copy
-                shutil.copy2(path, target)
-        return str(target)
+        """A link to a video or sidecar under the output folder, in the served folder (ValueError otherwise)."""
+        return self.files.serve(path)
 
     def served_gallery(self) -> list[tuple[str, str]]:
         """gallery(), with every video linked into the served folder."""
-        return [(self.serve(Path(video)), caption) for video, caption in self.gallery()]
-
-    def close(self) -> None:
-        """Remove the served links (the videos themselves stay)."""
-        shutil.rmtree(self.serve_dir, ignore_errors=True)
-
-    # ------------------------------------------------------------ gallery
+        return self.files.served_gallery()
 
     def gallery(self, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
         """(video path, caption) of the newest videos under the output folder, newest first."""
-        root = self.gallery_dir
-        if not root.is_dir():
-            return []
-        videos = [p for p in root.rglob("*.mp4") if not p.name.startswith(".")]
-        videos.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        out = []
-        for video in videos[:limit]:
-            caption = video.stem
-            sidecar = video.with_suffix(".json")
-            if sidecar.is_file():
-                try:
-                    record = json.loads(sidecar.read_text())
-                    caption = f"{str(record.get('prompt', ''))[:80]} (seed {record.get('seed')})"
-                except (OSError, ValueError):
-                    pass
-            out.append((str(video), caption))
-        return out
+        return self.files.gallery(limit)
+
+    def close(self) -> None:
+        """Remove the served links (the videos themselves stay)."""
+        self.files.close()
+
+
+def _preset(option: str, name: Any, presets: dict[str, Any]) -> Any:
+    """The preset of this name (only the ones composed at launch), else ConfigError listing them."""
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(option, name, sorted(presets))
+    return presets[name]
+
+
+def _folder(path: str) -> str:
+    """An allowed checkpoint folder as the page offers it: absolute, `~` expanded (no file system access)."""
+    return str(Path(path.strip()).expanduser().absolute())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from contentv import studio as st
 from contentv import ui
 from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
+from contentv.served import ServedFiles
 from contentv.validation import validate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +144,32 @@ def test_other_bad_choices_are_one_line_before_loading(studio, changes, expected
     job, message = studio.prepare(form(studio, **changes))
     assert job is None and message.startswith(f"error: {expected}"), message
     assert "\n" not in message and studio.runtime(BackendConfig(name="cpu")).loads == before_loads
+
+
+def test_a_model_path_not_allowed_is_refused_without_touching_the_file_system(studio, monkeypatch):
+    def no_file_system(*args, **kwargs):
+        raise AssertionError("the file system was asked about a path the page was not allowed")
+
+    for name in ("stat", "lstat", "access", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, no_file_system)
+    for path in ("/etc", "ByteDance/ContentV-8B", "~root/x", "../.."):
+        with pytest.raises(ConfigError, match="one of the folders in ui.allowed_paths"):
+            studio.config(form(studio, model="contentv_8b", model_path=path))
+
+
+def test_allowed_paths_take_folders_and_hub_ids_as_configured(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    allowed = ["someorg/some-model", "~/ckpt", str(tmp_path / "other")]
+    studio = st.Studio(tiny_cfg(tmp_path, allowed_paths=allowed), PRESETS, build_backend)
+    assert studio.allowed_paths == ("someorg/some-model", str(tmp_path / "ckpt"), str(tmp_path / "other"))
+    for sent, loaded in [
+        ("someorg/some-model", "someorg/some-model"),  # a hub id stays a hub id
+        ("~/ckpt", str(tmp_path / "ckpt")),  # as configured
+        (str(tmp_path / "ckpt"), str(tmp_path / "ckpt")),  # as the page offers it
+    ]:
+        assert studio.config(form(studio, model="contentv_8b", model_path=sent)).model.path == loaded
+    with pytest.raises(ConfigError, match="model.path='someorg/other' is not valid"):
+        studio.config(form(studio, model="contentv_8b", model_path="someorg/other"))
 
 
 def test_an_allowed_model_path_is_checked_before_loading(cache_dir, tmp_path):
@@ -321,3 +349,45 @@ def test_gradio_is_optional(monkeypatch):
     with pytest.raises(ConfigError) as exc:
         ui.check_available()
     assert str(exc.value) == "mode='ui' is not valid: needs gradio: pip install '.[ui]'"
+
+
+# ------------------------------------------------------------------------------------------ served files
+
+
+def test_only_regular_videos_and_their_sidecars_are_served(tmp_path):
+    out = tmp_path / "out"
+    run = out / "2024-01-01" / "10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "clip.mp4").write_bytes(b"video")
+    (run / "clip.json").write_text('{"prompt": "a clip", "seed": 3}')
+    (run / "orphan.json").write_text("{}")  # no video beside it
+    (run / "demo.log").write_text("log")
+    (run / ".hydra" / "hidden.mp4").write_bytes(b"not a gallery video")
+    (tmp_path / "elsewhere.mp4").write_bytes(b"outside")
+    (run / "passwd.mp4").symlink_to("/etc/passwd")
+    (run / "inside.mp4").symlink_to(run / "clip.mp4")  # a symlink, even to a video, is not linked
+    (out / "etc").symlink_to("/etc")
+    (out / "outside").symlink_to(tmp_path)
+    files = ServedFiles(out)
+    try:
+        assert files.gallery() == [(str(run / "clip.mp4"), "a clip (seed 3)")]
+        served = Path(files.serve(run / "clip.mp4"))
+        assert served.parent.parent == files.dir and served.read_bytes() == b"video"
+        assert Path(files.serve(run / "clip.json")).read_text().startswith('{"prompt"')
+        for path in (
+            run / "passwd.mp4",
+            run / "inside.mp4",
+            run / "demo.log",
+            run / "orphan.json",
+            run / ".hydra" / "hidden.mp4",
+            out / "outside" / "elsewhere.mp4",
+            out / "etc" / "passwd",
+            tmp_path / "elsewhere.mp4",
+            run / ".." / ".." / ".." / "elsewhere.mp4",
+        ):
+            with pytest.raises(ValueError, match="not a video or sidecar"):
+                files.serve(path)
+        assert sorted(p.name for p in files.dir.rglob("*")) == sorted([served.parent.name, "clip.mp4", "clip.json"])
+    finally:
+        files.close()
+    assert not files.dir.exists() and (run / "clip.mp4").exists()
