@@ -16,7 +16,6 @@ import random
 import threading
 import time
 import typing
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from contentv.config import (
     resolve_sampling,
 )
 from contentv.errors import ConfigError, GenerationCancelled, first_line
+from contentv.jobqueue import Job, JobQueue
 from contentv.runtime import Runtime
 from contentv.served import GALLERY_LIMIT, ServedFiles
 from contentv.validation import is_hub_id
@@ -94,18 +94,6 @@ class Outcome:
     metadata: str = ""  # markdown: timings, peak memory, placement
     record: dict = field(default_factory=dict)
     reused: bool = False  # the loaded pipeline was reused (no weights loaded)
-
-
-@dataclass(eq=False)
-class Job:
-    """A validated request: the exact config to run, whose page asked, and its cancel switch."""
-
-    cfg: RunConfig
-    session: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    plan: str | None = None  # the planner's table (memory=auto), shown before the run starts
-    finished: threading.Event = field(default_factory=threading.Event)
-    outcome: Outcome | None = None
 
 
 # ---------------------------------------------------------------------------------------- fields
@@ -215,9 +203,8 @@ class Studio:
         self.serve_dir = self.files.dir
         self.runtimes: dict[str, Runtime] = {}
         self._runtimes_lock = threading.Lock()
-        self._lock = threading.Lock()  # one generation at a time, whoever calls
-        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # prepared, not yet finished
-        self._jobs_lock = threading.Lock()
+        # One generation at a time, in arrival order, with a share per client (ui.max_queue_per_client).
+        self.queue = JobQueue(cfg.ui.max_queue, cfg.ui.max_queue_per_client)
 
     # ------------------------------------------------------------ page defaults
 
@@ -362,17 +349,21 @@ class Studio:
 
     def pending(self, session: str | None) -> int:
         """Jobs of this page waiting or running."""
-        with self._jobs_lock:
-            return sum(1 for j in self._jobs if j.session == session)
+        return self.queue.pending(session)
 
-    def prepare(self, form: Form, session: str | None = None) -> tuple[Job | None, str]:
-        """Validate the form without loading anything: (job, "") or (None, the command line's error line)."""
-        limit = self.base.ui.max_queue_per_client
-        if session is not None and self.pending(session) >= limit:
-            return (
-                None,
-                f"error: this page already has {limit} generations waiting or running (ui.max_queue_per_client)",
-            )
+    def refusal(self, session: str | None = None, client: str | None = None) -> str | None:
+        """Why a job from this browser session and network address can't be queued now (one line), or None."""
+        return self.queue.refusal(session, client)
+
+    def prepare(self, form: Form, session: str | None = None, client: str | None = None) -> tuple[Job | None, str]:
+        """Validate the form without loading anything and queue the job: (job, "") or (None, one error line).
+
+        Refused first if this session or address already has its share of the queue or the queue is full
+        (contentv.jobqueue), then by the command line's checks (contentv.validation.validate_run).
+        """
+        refused = self.queue.refusal(session, client)
+        if refused:
+            return None, refused
         try:
             cfg, plan = self.resolve(form)
         except ConfigError as exc:
@@ -380,44 +371,43 @@ class Studio:
         except Exception as exc:  # noqa: BLE001 - e.g. a planner bug: one line in the page, traceback in the log
             log.exception("checking the form failed")
             return None, f"error: {first_line(exc, with_type=True)}"
-        job = Job(cfg=cfg, session=session, plan=plan)
-        with self._jobs_lock:
-            self._jobs.add(job)
-        return job, ""
+        job = Job(cfg=cfg, session=session, client=client, plan=plan)
+        refused = self.queue.admit(job)  # again: others may have queued while this form was checked
+        return (None, refused) if refused else (job, "")
 
     def busy(self) -> bool:
         """A generation is running."""
-        return self._lock.locked()
+        return self.queue.busy()
 
     def cancel_jobs(self, session: str | None = None) -> list[Job]:
         """Cancel this page's prepared jobs (every job when session is None) and return them.
 
-        A running job stops after its current denoising step and writes nothing; `job.finished` is set
-        once it has stopped, with the line to show in `job.outcome.status`.
+        A waiting job leaves the queue at once; a running job stops after its current denoising step and writes
+        nothing. `job.finished` is set once it has stopped, with the line to show in `job.outcome.status`.
         """
-        with self._jobs_lock:
-            jobs = [j for j in self._jobs if session is None or j.session == session]
-        for job in jobs:
-            job.cancelled.set()
-        return jobs
+        return self.queue.cancel(session)
 
     def cancel(self, session: str | None = None) -> int:
         """Cancel this page's prepared jobs (all when session is None); returns how many."""
         return len(self.cancel_jobs(session))
 
     def generate(self, job: Job, progress: Callable[[int, int, str], None] | None = None) -> Outcome:
-        """Run a prepared job (waiting for any running one); progress(step, total, text) after each step."""
+        """Run a prepared job when its turn comes (first come, first served); progress(step, total, text)
+        while it waits and after each step."""
+        total = resolve_sampling(job.cfg.sampling, job.cfg.model).num_inference_steps or 0
+
+        def waiting(ahead: int) -> None:
+            if progress is not None:
+                progress(0, total, f"queued: {ahead} generation{'s' if ahead > 1 else ''} ahead")
+
         try:
-            with self._lock:
-                if job.cancelled.is_set():
-                    job.outcome = Outcome(False, "cancelled before it started: no video written")
-                else:
-                    job.outcome = self._run(job, progress)
-                return job.outcome
+            if self.queue.wait_turn(job, waiting):
+                job.outcome = self._run(job, progress)
+            else:
+                job.outcome = Outcome(False, "cancelled before it started: no video written")
+            return job.outcome
         finally:
-            with self._jobs_lock:
-                self._jobs.discard(job)
-            job.finished.set()
+            self.queue.done(job)
 
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
         cfg = job.cfg

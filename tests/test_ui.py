@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from contentv import studio as st
 from contentv import ui
 from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
+from contentv.jobqueue import Job, JobQueue
 from contentv.served import ServedFiles
 from contentv.validation import validate_run
 
@@ -391,3 +393,64 @@ def test_only_regular_videos_and_their_sidecars_are_served(tmp_path):
     finally:
         files.close()
     assert not files.dir.exists() and (run / "clip.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ queue
+
+
+def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_size():
+    q = JobQueue(max_queue=4, max_per_client=2)
+    held = []  # the queue counts the jobs someone still holds (a prepared job dropped unrun frees its place)
+
+    def admit(session, client):
+        held.append(Job(cfg=None, session=session, client=client))
+        return q.admit(held[-1])
+
+    remote = "203.0.113.5"
+    assert admit("a", remote) is None and admit("b", remote) is None
+    # a third session from the same remote address is refused: a raw client can't mint its way past its share
+    assert (
+        admit("c", remote) == f"error: {remote} already has 2 generations waiting or running (ui.max_queue_per_client)"
+    )
+    assert admit("a", "198.51.100.1") is None
+    assert admit("a", "198.51.100.2") == "error: this page already has 2 generations waiting or running" + (
+        " (ui.max_queue_per_client)"
+    )
+    # loopback: every local tab shares one address, so only sessions and the total count
+    assert admit("x", "127.0.0.1") is None
+    full = "error: the queue is full (4 generations waiting, ui.max_queue); try again later"
+    assert admit("y", "127.0.0.1") == full and q.refusal(session="z", client="::1") == full
+    del held[:]
+    assert q.refusal(session="z", client="::1") is None
+
+
+def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_once():
+    q = JobQueue(max_queue=8, max_per_client=8)
+    first, second, third = (Job(cfg=None, session=s) for s in ("1", "2", "3"))
+    for job in (first, second, third):
+        assert q.admit(job) is None
+    assert q.wait_turn(first)  # runs
+    order, ahead = [], {}
+
+    def wait(job):
+        if q.wait_turn(job, lambda n: ahead.setdefault(job.session, []).append(n)):
+            order.append(job.session)
+            q.done(job)
+        else:
+            order.append(f"cancelled {job.session}")
+            q.done(job)
+
+    threads = [threading.Thread(target=wait, args=(j,)) for j in (second, third)]
+    threads[0].start()
+    while not ahead.get("2"):
+        threading.Event().wait(0.01)
+    threads[1].start()
+    while not ahead.get("3"):
+        threading.Event().wait(0.01)
+    assert ahead == {"2": [1], "3": [2]} and q.busy()
+    assert q.cancel(session="2") == [second]
+    threads[0].join(5)
+    assert order == ["cancelled 2"] and second.finished.is_set()  # left while the first still runs
+    q.done(first)
+    threads[1].join(5)
+    assert order == ["cancelled 2", "3"] and ahead["3"] == [2, 1] and not q.busy() and q.pending("3") == 0
