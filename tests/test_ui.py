@@ -8,6 +8,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -329,11 +330,18 @@ def test_launch_warns_for_another_interface_and_checks_ui_settings(cache_dir, tm
     calls = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.update(kw))  # bind nothing
     server = ui.launch(tiny_cfg(tmp_path, host="0.0.0.0", port=0), PRESETS, build_backend, block=False)
-    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] == 0 and calls["share"] is False
+    # port 0: a free port, chosen here (gradio can't take 0)
+    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] > 0 and calls["share"] is False
     assert "warning: ui.host=0.0.0.0" in capsys.readouterr().err
     assert server.blocks._queue.max_size == 8  # ui.max_queue
-    ui.launch(tiny_cfg(tmp_path, port=0), PRESETS, build_backend, block=False)
+    assert calls["allowed_paths"] == [str(server.studio.serve_dir)]  # only the served links
+    assert os.environ["GRADIO_TEMP_DIR"] == server.cache_dir  # gradio's copies in a private folder
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    server.close()
+    assert os.environ.get("GRADIO_TEMP_DIR") != server.cache_dir and not Path(server.cache_dir).exists()
+    ui.launch(tiny_cfg(tmp_path, port=0), PRESETS, build_backend, block=False).close()
     assert calls["server_name"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    assert os.environ.get("GRADIO_TEMP_DIR") == (None if before == server.cache_dir else before)
     with pytest.raises(ConfigError, match="ui.max_queue=0 is not valid"):
         ui.launch(tiny_cfg(tmp_path, max_queue=0), PRESETS, build_backend, block=False)
 
@@ -442,15 +450,21 @@ def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_o
 
     threads = [threading.Thread(target=wait, args=(j,)) for j in (second, third)]
     threads[0].start()
-    while not ahead.get("2"):
-        threading.Event().wait(0.01)
+    until(lambda: ahead.get("2"))
     threads[1].start()
-    while not ahead.get("3"):
-        threading.Event().wait(0.01)
+    until(lambda: ahead.get("3"))
     assert ahead == {"2": [1], "3": [2]} and q.busy()
     assert q.cancel(session="2") == [second]
     threads[0].join(5)
     assert order == ["cancelled 2"] and second.finished.is_set()  # left while the first still runs
+    until(lambda: ahead["3"] == [2, 1])  # the third moves up
     q.done(first)
     threads[1].join(5)
-    assert order == ["cancelled 2", "3"] and ahead["3"] == [2, 1] and not q.busy() and q.pending("3") == 0
+    assert order == ["cancelled 2", "3"] and not q.busy() and q.pending("3") == 0
+
+
+def until(condition, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
