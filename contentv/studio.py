@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 import typing
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +30,16 @@ from contentv.config import (
     resolve_sampling,
 )
 from contentv.errors import ConfigError, GenerationCancelled, first_line
+from contentv.jobqueue import Job, JobQueue
 from contentv.runtime import Runtime
+from contentv.served import GALLERY_LIMIT, ServedFiles
+from contentv.validation import is_hub_id
 
 log = logging.getLogger(__name__)
 
 # The page's offload radio: one mechanism at a time (diffusers can't stack them).
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 OFFLOAD_FLAGS = {"model": "model_cpu_offload", "sequential": "sequential_cpu_offload", "group": "group_offload"}
-GALLERY_LIMIT = 24
 # The config fields the page edits directly, by group (their types decide widgets and conversions).
 SAMPLING_FIELDS = (
     "prompt",
@@ -98,18 +94,6 @@ class Outcome:
     metadata: str = ""  # markdown: timings, peak memory, placement
     record: dict = field(default_factory=dict)
     reused: bool = False  # the loaded pipeline was reused (no weights loaded)
-
-
-@dataclass(eq=False)
-class Job:
-    """A validated request: the exact config to run, whose page asked, and its cancel switch."""
-
-    cfg: RunConfig
-    session: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    plan: str | None = None  # the planner's table (memory=auto), shown before the run starts
-    finished: threading.Event = field(default_factory=threading.Event)
-    outcome: Outcome | None = None
 
 
 # ---------------------------------------------------------------------------------------- fields
@@ -204,19 +188,24 @@ class Studio:
         self.models[cfg.model.name] = copy.deepcopy(cfg.model)
         self.memories[cfg.memory.name] = copy.deepcopy(cfg.memory)
         self.backends[cfg.backend.name] = copy.deepcopy(cfg.backend)
-        # Only these folders may replace a preset's model.path from the page (never an arbitrary server path).
-        self.allowed_paths = tuple(str(Path(p).expanduser().absolute()) for p in cfg.ui.allowed_paths)
+        # Only these folders (or hub ids) may replace a preset's model.path from the page, spelled as offered or
+        # as configured; nothing else is looked up (the answer never depends on what exists on the server).
+        self.allowed: dict[str, str] = {}  # spelling -> the model.path it loads
+        for p in cfg.ui.allowed_paths:
+            path = p.strip() if is_hub_id(p.strip()) else _folder(p)
+            self.allowed[p] = self.allowed[p.strip()] = self.allowed[path] = path
+        self.allowed_paths = tuple(dict.fromkeys(self.allowed.values()))
         # Videos from the page go to output.dir, else outputs/ui; the gallery shows every video under
         # output.dir, else outputs/ (so command-line runs in outputs/<date>/<time>/ appear too).
         self.gallery_dir = Path(cfg.output.dir or "outputs").absolute()
         self.output_dir = self.gallery_dir if cfg.output.dir else self.gallery_dir / "ui"
-        # The only folder the page serves files from: links to videos and sidecars (see serve()).
-        self.serve_dir = Path(tempfile.mkdtemp(prefix="contentv-page-"))
+        # The only files the page serves: links to videos and sidecars in a private folder.
+        self.files = ServedFiles(self.gallery_dir)
+        self.serve_dir = self.files.dir
         self.runtimes: dict[str, Runtime] = {}
         self._runtimes_lock = threading.Lock()
-        self._lock = threading.Lock()  # one generation at a time, whoever calls
-        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # prepared, not yet finished
-        self._jobs_lock = threading.Lock()
+        # One generation at a time, in arrival order, with a share per client (ui.max_queue_per_client).
+        self.queue = JobQueue(cfg.ui.max_queue, cfg.ui.max_queue_per_client)
 
     # ------------------------------------------------------------ page defaults
 
@@ -236,14 +225,14 @@ class Studio:
 
     def sampling_defaults(self, model: str) -> dict[str, Any]:
         """The sampling fields the page refills when the model preset changes."""
-        if model not in self.models:
+        if not isinstance(model, str) or model not in self.models:
             return {}
         d = resolve_sampling(SamplingConfig(), self.models[model])
         return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
 
     def memory_fields(self, memory: str) -> dict[str, Any]:
         """The memory widgets' values for a preset (the offload radio included)."""
-        if memory not in self.memories:
+        if not isinstance(memory, str) or memory not in self.memories:
             return {}
         m = self.memories[memory]
         return {"offload": offload_mode(m), **{k: getattr(m, k) for k in MEMORY_FIELDS}}
@@ -253,21 +242,17 @@ class Studio:
     def config(self, form: Form) -> RunConfig:
         """The RunConfig the form asks for (ConfigError for a value the form itself can't express)."""
         base = self.base
-        if form.model not in self.models:
-            raise ConfigError("model", form.model, sorted(self.models))
-        model = copy.deepcopy(self.models[form.model])
-        path = (form.model_path or "").strip()
+        model = copy.deepcopy(_preset("model", form.model, self.models))
+        path = str(form.model_path or "").strip()
         if path:
             # Refused before the file system is touched: the answer must not reveal what exists on the server.
-            if str(Path(path).expanduser().absolute()) not in self.allowed_paths:
+            if path not in self.allowed:
                 allowed = ", ".join(self.allowed_paths) or "none were allowed at launch"
                 raise ConfigError("model.path", path, f"one of the folders in ui.allowed_paths ({allowed})")
             if model.tiny:
                 raise ConfigError("model.path", path, f"empty for {form.model} (a tiny model is built in code)")
-            model.path = path
-        if form.backend not in self.backends:
-            raise ConfigError("backend", form.backend, sorted(self.backends))
-        backend = copy.deepcopy(self.backends[form.backend])
+            model.path = self.allowed[path]
+        backend = copy.deepcopy(_preset("backend", form.backend, self.backends))
         memory = self.memory_config(form)
         values = {
             k: convert(f"sampling.{k}", form.sampling.get(k), field_kind(SamplingConfig, k)) for k in form.sampling
@@ -277,7 +262,7 @@ class Studio:
             raise ConfigError(
                 f"sampling.{unknown[0]}", values[unknown[0]], f"one of the page's fields: {SAMPLING_FIELDS}"
             )
-        if form.random_seed:
+        if convert("random_seed", form.random_seed, bool):
             values["seed"] = random.randrange(2**31)
         elif values.get("seed") is None:
             raise ConfigError("sampling.seed", form.sampling.get("seed"), "an integer (or tick Random seed)")
@@ -300,9 +285,7 @@ class Studio:
 
     def memory_config(self, form: Form) -> MemoryConfig:
         """The chosen memory preset with the page's widgets applied on top."""
-        if form.memory not in self.memories:
-            raise ConfigError("memory", form.memory, sorted(self.memories))
-        memory = copy.deepcopy(self.memories[form.memory])
+        memory = copy.deepcopy(_preset("memory", form.memory, self.memories))
         if form.offload not in OFFLOAD_MODES:
             raise ConfigError("offload", form.offload, OFFLOAD_MODES)
         if form.offload != offload_mode(memory):
@@ -367,17 +350,21 @@ class Studio:
 
     def pending(self, session: str | None) -> int:
         """Jobs of this page waiting or running."""
-        with self._jobs_lock:
-            return sum(1 for j in self._jobs if j.session == session)
+        return self.queue.pending(session)
 
-    def prepare(self, form: Form, session: str | None = None) -> tuple[Job | None, str]:
-        """Validate the form without loading anything: (job, "") or (None, the command line's error line)."""
-        limit = self.base.ui.max_queue_per_client
-        if session is not None and self.pending(session) >= limit:
-            return (
-                None,
-                f"error: this page already has {limit} generations waiting or running (ui.max_queue_per_client)",
-            )
+    def refusal(self, session: str | None = None, client: str | None = None) -> str | None:
+        """Why a job from this browser session and network address can't be queued now (one line), or None."""
+        return self.queue.refusal(session, client)
+
+    def prepare(self, form: Form, session: str | None = None, client: str | None = None) -> tuple[Job | None, str]:
+        """Validate the form without loading anything and queue the job: (job, "") or (None, one error line).
+
+        Refused first if this session or address already has its share of the queue or the queue is full
+        (contentv.jobqueue), then by the command line's checks (contentv.validation.validate_run).
+        """
+        refused = self.queue.refusal(session, client)
+        if refused:
+            return None, refused
         try:
             cfg, plan = self.resolve(form)
         except ConfigError as exc:
@@ -385,44 +372,43 @@ class Studio:
         except Exception as exc:  # noqa: BLE001 - e.g. a planner bug: one line in the page, traceback in the log
             log.exception("checking the form failed")
             return None, f"error: {first_line(exc, with_type=True)}"
-        job = Job(cfg=cfg, session=session, plan=plan)
-        with self._jobs_lock:
-            self._jobs.add(job)
-        return job, ""
+        job = Job(cfg=cfg, session=session, client=client, plan=plan)
+        refused = self.queue.admit(job)  # again: others may have queued while this form was checked
+        return (None, refused) if refused else (job, "")
 
     def busy(self) -> bool:
         """A generation is running."""
-        return self._lock.locked()
+        return self.queue.busy()
 
     def cancel_jobs(self, session: str | None = None) -> list[Job]:
         """Cancel this page's prepared jobs (every job when session is None) and return them.
 
-        A running job stops after its current denoising step and writes nothing; `job.finished` is set
-        once it has stopped, with the line to show in `job.outcome.status`.
+        A waiting job leaves the queue at once; a running job stops after its current denoising step and writes
+        nothing. `job.finished` is set once it has stopped, with the line to show in `job.outcome.status`.
         """
-        with self._jobs_lock:
-            jobs = [j for j in self._jobs if session is None or j.session == session]
-        for job in jobs:
-            job.cancelled.set()
-        return jobs
+        return self.queue.cancel(session)
 
     def cancel(self, session: str | None = None) -> int:
         """Cancel this page's prepared jobs (all when session is None); returns how many."""
         return len(self.cancel_jobs(session))
 
     def generate(self, job: Job, progress: Callable[[int, int, str], None] | None = None) -> Outcome:
-        """Run a prepared job (waiting for any running one); progress(step, total, text) after each step."""
+        """Run a prepared job when its turn comes (first come, first served); progress(step, total, text)
+        while it waits and after each step."""
+        total = resolve_sampling(job.cfg.sampling, job.cfg.model).num_inference_steps or 0
+
+        def waiting(ahead: int) -> None:
+            if progress is not None:
+                progress(0, total, f"queued: {ahead} generation{'s' if ahead > 1 else ''} ahead")
+
         try:
-            with self._lock:
-                if job.cancelled.is_set():
-                    job.outcome = Outcome(False, "cancelled before it started: no video written")
-                else:
-                    job.outcome = self._run(job, progress)
-                return job.outcome
+            if self.queue.wait_turn(job, waiting):
+                job.outcome = self._run(job, progress)
+            else:
+                job.outcome = Outcome(False, "cancelled before it started: no video written")
+            return job.outcome
         finally:
-            with self._jobs_lock:
-                self._jobs.discard(job)
-            job.finished.set()
+            self.queue.done(job)
 
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
         cfg = job.cfg
@@ -480,50 +466,29 @@ class Studio:
     # ------------------------------------------------------------ files the page serves
 
     def serve(self, path: Path) -> str:
-        """A link to a video or sidecar under the output folder, in the folder the page serves (serve_dir).
-
-        Anything else (logs, Hydra configs, other files) is refused: the page can't be made to serve it.
-        """
-        path = Path(path).absolute()
-        if path.suffix not in (".mp4", ".json") or not path.is_relative_to(self.gallery_dir) or not path.is_file():
-            raise ValueError(f"not a video or sidecar under {self.gallery_dir}: {path.name}")
-        # One subfolder per source folder keeps same-named files from different runs apart.
-        key = hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]
-        target = self.serve_dir / key / path.name
-        if not target.exists():
-            target.parent.mkdir(exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:  # another file system: a copy
-                shutil.copy2(path, target)
-        return str(target)
+        """A link to a video or sidecar under the output folder, in the served folder (ValueError otherwise)."""
+        return self.files.serve(path)
 
     def served_gallery(self) -> list[tuple[str, str]]:
         """gallery(), with every video linked into the served folder."""
-        return [(self.serve(Path(video)), caption) for video, caption in self.gallery()]
-
-    def close(self) -> None:
-        """Remove the served links (the videos themselves stay)."""
-        shutil.rmtree(self.serve_dir, ignore_errors=True)
-
-    # ------------------------------------------------------------ gallery
+        return self.files.served_gallery()
 
     def gallery(self, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
         """(video path, caption) of the newest videos under the output folder, newest first."""
-        root = self.gallery_dir
-        if not root.is_dir():
-            return []
-        videos = [p for p in root.rglob("*.mp4") if not p.name.startswith(".")]
-        videos.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        out = []
-        for video in videos[:limit]:
-            caption = video.stem
-            sidecar = video.with_suffix(".json")
-            if sidecar.is_file():
-                try:
-                    record = json.loads(sidecar.read_text())
-                    caption = f"{str(record.get('prompt', ''))[:80]} (seed {record.get('seed')})"
-                except (OSError, ValueError):
-                    pass
-            out.append((str(video), caption))
-        return out
+        return self.files.gallery(limit)
+
+    def close(self) -> None:
+        """Remove the served links (the videos themselves stay)."""
+        self.files.close()
+
+
+def _preset(option: str, name: Any, presets: dict[str, Any]) -> Any:
+    """The preset of this name (only the ones composed at launch), else ConfigError listing them."""
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(option, name, sorted(presets))
+    return presets[name]
+
+
+def _folder(path: str) -> str:
+    """An allowed checkpoint folder as the page offers it: absolute, `~` expanded (no file system access)."""
+    return str(Path(path.strip()).expanduser().absolute())

@@ -7,25 +7,32 @@ before running the preset it picks). The logic is `contentv.studio.Studio` (no g
 the widgets, wires the events and serves the page. gradio is imported only inside functions, so the runtime
 works without it.
 
-What the server exposes: only videos and their sidecars, linked into a private folder the page serves from
-(never the output tree with its logs and Hydra configs); checkpoint folders only from `ui.allowed_paths`;
-at most `ui.max_queue` generations waiting, `ui.max_queue_per_client` per browser session.
+What the server exposes (to the page and API clients alike): the routes the page and gradio_client use
+(contentv.served.RouteGuard); only videos and their sidecars, linked into a private folder (never the output
+tree with its logs and Hydra configs); checkpoint folders and hub ids only from `ui.allowed_paths`; every
+value checked by the Studio as the command line checks it; at most `ui.max_queue` generations waiting and
+`ui.max_queue_per_client` per browser session or remote address (contentv.jobqueue).
 """
 
 # No `from __future__ import annotations` here: gradio finds its `gr.Request` argument through the
 # handlers' evaluated type hints, and those hints name the lazily imported module.
 
+import asyncio
 import html
 import logging
+import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from contentv.config import BackendConfig, MemoryConfig, Presets, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, first_line
 from contentv.memory_policy import QUANTIZATIONS
+from contentv.served import RouteGuard
 from contentv.studio import (
     MEMORY_FIELDS,
     MODEL_DEFAULT_FIELDS,
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # How long the Cancel button waits for the running step to end before it stops reporting.
 CANCEL_WAIT_S = 600
+# gradio's worker threads for its own handlers (its default), besides one per generation waiting or running.
+HANDLER_THREADS = 40
 # Widget labels and element ids (tests find widgets by id); the widget kind comes from the field's type.
 LABELS = {
     "prompt": ("Prompt", "prompt"),
@@ -97,9 +106,9 @@ def host_warning(host: str) -> str | None:
     )
 
 
-def check_listen(host: str, port: int) -> None:
-    """The page can listen on host:port (ConfigError naming the option otherwise): the host is an address of
-    this machine, and the port is free."""
+def check_listen(host: str, port: int) -> int:
+    """The port the page can listen on at host:port (ConfigError naming the option otherwise): the host is an
+    address of this machine, and the port is free; port 0 gives a free port (gradio itself can't take 0)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -113,6 +122,7 @@ def check_listen(host: str, port: int) -> None:
             if exc.errno in (98, 48, 10048):  # EADDRINUSE (Linux, macOS, Windows)
                 raise ConfigError("ui.port", port, "a free port (another program listens on it)") from exc
             raise ConfigError("ui.host", host, f"an address of this machine ({exc.strerror})") from exc
+        return s.getsockname()[1]
 
 
 def status_html(text: str) -> str:
@@ -133,17 +143,39 @@ def _field_widget(gr, schema: type, name: str, value: Any):
     kind = field_kind(schema, name)
     if name == "quantization":
         choices = [(QUANTIZATION_LABELS.get(q, q), q) for q in QUANTIZATIONS]
-        return gr.Dropdown(choices, value=value, label=label, elem_id=elem_id)
+        return _dropdown(gr, choices, value, label, elem_id)
     if kind is str:
         lines = 3 if name == "prompt" else 2
         return gr.Textbox(value or "", label=label, lines=lines, elem_id=elem_id)
+    if name == "budget_gb":
+        # Empty means null (the device's free memory): a gradio Number can't be empty once shown (it sends 0).
+        text = "" if value is None else str(value)
+        return gr.Textbox(text, label=label, elem_id=elem_id, placeholder="empty: the device's free memory")
     if kind is bool:
         return gr.Checkbox(bool(value), label=label, elem_id=elem_id)
-    return gr.Number(value, label=label, precision=0 if kind is int else None, minimum=0, elem_id=elem_id)
+    # No precision, no minimum: gradio would round 5.5 to 6 or refuse -1 in words of its own; the Studio converts
+    # the value as the option's type and the command line's checks refuse it with their line.
+    return gr.Number(value, label=label, precision=None, elem_id=elem_id)
+
+
+def _dropdown(gr, choices: list, value: Any, label: str, elem_id: str, **kw):
+    """A dropdown whose value the Studio checks (allow_custom_value): a raw API call with a value that is not
+    offered gets the command line's line naming the option, like every other bad value."""
+    return gr.Dropdown(choices, value=value, label=label, elem_id=elem_id, allow_custom_value=True, **kw)
+
+
+def _who(request: Any) -> tuple[str | None, str | None]:
+    """(browser session, network address) of a request; the session hash is whatever the client sent."""
+    client = getattr(request, "client", None)
+    return getattr(request, "session_hash", None), getattr(client, "host", None)
 
 
 def build_blocks(studio: Studio):
-    """Lay out the page and wire its events; returns the gradio Blocks (not yet served)."""
+    """Lay out the page and wire its events; returns the gradio Blocks (not yet served).
+
+    Every handler takes the form as keyword inputs named after the options (`prompt`, `num_frames`, `model`,
+    `model_path`, ...): API clients call /generate, /check, /predict_memory, /cancel, /gallery by those names.
+    """
     gr = _gradio()
     d = studio.defaults()
     fields: dict[str, Any] = {}
@@ -155,15 +187,16 @@ def build_blocks(studio: Studio):
                 for name in ("prompt", "negative_prompt"):
                     fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
                 with gr.Row():
-                    model = gr.Dropdown(sorted(studio.models), value=d.model, label="Model preset", elem_id="model")
-                    model_path = gr.Dropdown(
+                    model = _dropdown(gr, sorted(studio.models), d.model, "Model preset", "model")
+                    model_path = _dropdown(
+                        gr,
                         [("the preset's", ""), *((p, p) for p in studio.allowed_paths)],
-                        value="",
-                        label="Checkpoint folder (ui.allowed_paths)",
+                        "",
+                        "Checkpoint folder (ui.allowed_paths)",
+                        "model_path",
                         interactive=bool(studio.allowed_paths),
-                        elem_id="model_path",
                     )
-                    backend = gr.Dropdown(sorted(studio.backends), value=d.backend, label="Backend", elem_id="backend")
+                    backend = _dropdown(gr, sorted(studio.backends), d.backend, "Backend", "backend")
                 with gr.Row():
                     for name in ("num_frames", "fps", "width", "height"):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
@@ -172,7 +205,7 @@ def build_blocks(studio: Studio):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
                     random_seed = gr.Checkbox(d.random_seed, label="Random seed", elem_id="random_seed")
                 with gr.Accordion("Memory", open=False):
-                    memory = gr.Dropdown(sorted(studio.memories), value=d.memory, label="Preset", elem_id="memory")
+                    memory = _dropdown(gr, sorted(studio.memories), d.memory, "Preset", "memory")
                     offload = gr.Radio(
                         list(OFFLOAD_MODES),
                         value=d.offload,
@@ -199,22 +232,29 @@ def build_blocks(studio: Studio):
             studio.served_gallery(), label="Outputs", columns=4, fit_columns=False, height=420, elem_id="gallery"
         )
 
-        # A set of inputs: each handler gets one {component: value} dict (and gradio can still inject
-        # request/progress, which it finds only among positional parameters).
-        inputs = {model, model_path, backend, memory, offload, random_seed, *fields.values()}
+        # The form as keyword inputs named after the options (also the API's parameter names).
+        form_inputs = {
+            "model": model,
+            "model_path": model_path,
+            "backend": backend,
+            "memory": memory,
+            "offload": offload,
+            "random_seed": random_seed,
+            **fields,
+        }
         sampling_outputs = [fields[k] for k in MODEL_DEFAULT_FIELDS]
         memory_outputs = [offload, *(fields[k] for k in MEMORY_FIELDS)]
 
-        def form_of(data: dict) -> Form:
+        def form_of(values: dict) -> Form:
             return Form(
-                model=data[model],
-                model_path=data[model_path] or "",
-                backend=data[backend],
-                memory=data[memory],
-                offload=data[offload],
-                random_seed=data[random_seed],
-                sampling={k: data[fields[k]] for k in SAMPLING_FIELDS},
-                memory_fields={k: data[fields[k]] for k in MEMORY_FIELDS},
+                model=values["model"],
+                model_path=values["model_path"] or "",
+                backend=values["backend"],
+                memory=values["memory"],
+                offload=values["offload"],
+                random_seed=values["random_seed"],
+                sampling={k: values[k] for k in SAMPLING_FIELDS},
+                memory_fields={k: values[k] for k in MEMORY_FIELDS},
             )
 
         def on_model(name):
@@ -223,28 +263,29 @@ def build_blocks(studio: Studio):
 
         def on_memory(name):
             values = studio.memory_fields(name)
+            if values.get("budget_gb", 0) is None:
+                values["budget_gb"] = ""  # the text box's empty
             return [gr.update(value=values[k]) if k in values else gr.update() for k in ("offload", *MEMORY_FIELDS)]
 
-        def on_predict(data):
+        def on_predict(**values):
             try:
-                return plan_markdown(studio.plan(form_of(data)))
+                return plan_markdown(studio.plan(form_of(values)))
             except ConfigError as exc:
                 return plan_markdown(f"error: {exc}")
             except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
                 log.exception("memory plan failed")
                 return plan_markdown(f"error: {first_line(exc, with_type=True)}")
 
-        def on_auto_plan(data):  # shown by itself only for memory=auto
-            return on_predict(data) if data[memory] == "auto" else ""
+        def on_auto_plan(**values):  # shown by itself only for memory=auto
+            return on_predict(**values) if values["memory"] == "auto" else ""
 
-        def on_check(data, request: gr.Request):
+        def on_check(request: gr.Request, **values):
             # Runs at once (not queued): a bad form is answered here, before anything waits or loads.
-            session = getattr(request, "session_hash", None)
-            limit = studio.base.ui.max_queue_per_client
-            if session is not None and studio.pending(session) >= limit:
-                return status_html(f"error: {limit} generations of this page are already waiting or running"), gr.skip()
+            refused = studio.refusal(*_who(request))
+            if refused:
+                return status_html(refused), gr.skip()
             try:
-                cfg, plan_text = studio.resolve(form_of(data))
+                cfg, plan_text = studio.resolve(form_of(values))
             except ConfigError as exc:
                 return status_html(f"error: {exc}"), gr.skip()
             except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
@@ -255,10 +296,12 @@ def build_blocks(studio: Studio):
                 return status_html(waiting), gr.skip()
             return status_html(f"{waiting} (memory=auto: {cfg.memory.name})"), plan_markdown(plan_text)
 
-        def on_run(data, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - found by its default
-            job, _ = studio.prepare(form_of(data), session=getattr(request, "session_hash", None))
-            if job is None:  # on_check has already shown the message
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        def on_run(request: gr.Request, progress=gr.Progress(), **values):  # noqa: B008 - found by its default
+            # The Studio admits or refuses the job here, whoever calls (the page after on_check, or an API client
+            # directly), then it waits for its turn in the Studio's queue.
+            job, message = studio.prepare(form_of(values), *_who(request))
+            if job is None:
+                return status_html(message), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             plan_md = plan_markdown(job.plan, f"Memory plan (memory=auto ran {job.cfg.memory.name})") or gr.skip()
             outcome = studio.generate(job, lambda i, n, text: progress((i, n), desc=text, unit="steps"))
             if not outcome.ok:
@@ -273,38 +316,44 @@ def build_blocks(studio: Studio):
                 plan_md,
             )
 
-        def on_cancel(request: gr.Request):
-            # gradio drops this page's queued runs (cancels=) and stops showing its running one; the
-            # Studio stops that one after its current step. Wait for it, to show how it ended.
-            jobs = studio.cancel_jobs(getattr(request, "session_hash", None))
+        async def on_cancel(request: gr.Request):
+            # gradio stops showing this page's run (cancels=); the Studio drops its waiting jobs and stops the
+            # running one after its current step. Wait (without holding a thread) to show how it ended.
+            jobs = studio.cancel_jobs(_who(request)[0])
             if not jobs:
-                yield status_html("cancelled: nothing of this page was running (a queued generation is dropped)")
+                yield status_html("cancelled: nothing of this page was waiting or running")
                 return
             yield status_html("cancelling: stops after the current step; no video is written")
-            for job in jobs:
-                job.finished.wait(CANCEL_WAIT_S)
+            for _ in range(int(CANCEL_WAIT_S / 0.2)):
+                if all(j.finished.is_set() for j in jobs):
+                    break
+                await asyncio.sleep(0.2)
             ended = [j.outcome.status for j in jobs if j.outcome is not None]
             if ended:
                 yield status_html(ended[-1])
 
-        model.change(on_model, [model], sampling_outputs, queue=False)
-        memory.change(on_memory, [memory], memory_outputs, queue=False).then(on_auto_plan, inputs, [plan], queue=False)
-        predict_btn.click(on_predict, inputs, [plan], queue=False)
-        # Check at once, then queue the run (one at a time, at most ui.max_queue waiting). The run
-        # re-validates: the form is read again when its turn comes.
-        running = run_btn.click(on_check, inputs, [status, plan], queue=False).then(
+        model.change(on_model, [model], sampling_outputs, queue=False, api_name="model_defaults")
+        memory.change(on_memory, [memory], memory_outputs, queue=False, api_name="memory_defaults").then(
+            on_auto_plan, None, [plan], inputs_kwargs=form_inputs, queue=False, api_visibility="private"
+        )
+        predict_btn.click(on_predict, None, [plan], inputs_kwargs=form_inputs, queue=False, api_name="predict_memory")
+        # Check at once, then run: every run starts at once in gradio and waits in the Studio's queue, which
+        # admits it only within ui.max_queue and ui.max_queue_per_client (gradio's queue can't count per client).
+        running = run_btn.click(
+            on_check, None, [status, plan], inputs_kwargs=form_inputs, queue=False, api_name="check"
+        ).then(
             on_run,
-            inputs,
+            None,
             [status, video, info, files, gallery, plan],
-            concurrency_limit=1,
-            concurrency_id="generate",
+            inputs_kwargs=form_inputs,
+            api_name="generate",
+            concurrency_limit=None,
             show_progress="full",
             show_progress_on=[video],
         )
-        # Drops this page's queued runs (gradio) and stops its running one after the current step (Studio).
-        cancel_btn.click(on_cancel, None, [status], cancels=[running], concurrency_limit=None, concurrency_id="cancel")
-        refresh.click(studio.served_gallery, None, [gallery], queue=False)
-        blocks.load(on_auto_plan, inputs, [plan], queue=False)
+        cancel_btn.click(on_cancel, None, [status], cancels=[running], concurrency_limit=None, api_name="cancel")
+        refresh.click(studio.served_gallery, None, [gallery], queue=False, api_name="gallery")
+        blocks.load(on_auto_plan, None, [plan], inputs_kwargs=form_inputs, queue=False, api_visibility="private")
     return blocks
 
 
@@ -315,10 +364,34 @@ class Server:
     blocks: Any
     studio: Studio
     url: str
+    # gradio's private cache folder (GRADIO_TEMP_DIR while the page runs) and the value it replaced.
+    cache_dir: str = ""
+    _restore: dict[str, str | None] = field(default_factory=dict)
 
     def close(self) -> None:
+        """Stop serving; remove the served links and gradio's copies (the videos stay)."""
         self.blocks.close(verbose=False)
         self.studio.close()
+        if self.cache_dir:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        _restore_env(self._restore)
+
+
+def _private_gradio_cache() -> tuple[str, dict[str, str | None]]:
+    """A fresh folder for gradio's copies of served files (GRADIO_TEMP_DIR, read as components are made), so
+    the file route never reaches the machine-wide /tmp/gradio of other apps; returns it and the old value."""
+    cache = os.path.realpath(tempfile.mkdtemp(prefix="contentv-gradio-"))
+    old = {"GRADIO_TEMP_DIR": os.environ.get("GRADIO_TEMP_DIR")}
+    os.environ["GRADIO_TEMP_DIR"] = cache
+    return cache, old
+
+
+def _restore_env(old: dict[str, str | None]) -> None:
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def launch(
@@ -330,21 +403,26 @@ def launch(
     `build_backend` makes a backend from a BackendConfig (demo.py passes backends.build_backend).
     """
     gr = _gradio()
+    from starlette.middleware import Middleware
+
     check_ui(cfg.ui)
-    check_listen(cfg.ui.host, cfg.ui.port)
+    port = check_listen(cfg.ui.host, cfg.ui.port)
     warning = host_warning(cfg.ui.host)
     if warning:
         print(warning, file=sys.stderr)
     # gradio checks its own URL over HTTP at start; those request lines are noise in our log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    cache, old_env = _private_gradio_cache()
     studio = Studio(cfg, presets, build_backend)
-    studio.output_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(studio)
-    blocks.queue(max_size=cfg.ui.max_queue, default_concurrency_limit=1)
     try:
+        studio.output_dir.mkdir(parents=True, exist_ok=True)
+        blocks = build_blocks(studio)
+        blocks.queue(max_size=cfg.ui.max_queue, default_concurrency_limit=1)
+        # Only the served links and gradio's copies of them, through the routes the page uses (contentv.served).
+        guard = Middleware(RouteGuard, roots=lambda: (str(studio.serve_dir), cache))
         blocks.launch(
             server_name=cfg.ui.host,
-            server_port=cfg.ui.port,
+            server_port=port,
             prevent_thread_lock=True,
             share=False,
             inbrowser=False,
@@ -352,6 +430,9 @@ def launch(
             quiet=True,
             ssr_mode=False,
             mcp_server=False,
+            app_kwargs={"middleware": [guard], "docs_url": None, "redoc_url": None},
+            # Each waiting generation holds a thread in the Studio's queue; gradio's handlers keep their own.
+            max_threads=HANDLER_THREADS + cfg.ui.max_queue + 1,
             # Only the folder of links to videos and sidecars (Studio.serve), never the output tree.
             allowed_paths=[str(studio.serve_dir)],
             # System fonts: the page never reaches out to a font service (it works offline).
@@ -361,9 +442,12 @@ def launch(
             css=CSS,
         )
     except OSError as exc:  # the port was taken between the check and the launch
-        studio.close()
+        _abandon(studio, cache, old_env)
         raise ConfigError("ui.port", cfg.ui.port, f"a free port ({first_line(exc)})") from exc
-    server = Server(blocks=blocks, studio=studio, url=blocks.local_url)
+    except BaseException:
+        _abandon(studio, cache, old_env)
+        raise
+    server = Server(blocks=blocks, studio=studio, url=blocks.local_url, cache_dir=cache, _restore=old_env)
     print(f"ContentV page on {server.url} (Ctrl-C to stop)", file=sys.stderr)
     if block:
         try:
@@ -371,3 +455,9 @@ def launch(
         finally:
             server.close()
     return server
+
+
+def _abandon(studio: Studio, cache: str, old_env: dict[str, str | None]) -> None:
+    studio.close()
+    shutil.rmtree(cache, ignore_errors=True)
+    _restore_env(old_env)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from contentv import studio as st
 from contentv import ui
 from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
+from contentv.jobqueue import Job, JobQueue
+from contentv.served import ServedFiles
 from contentv.validation import validate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +147,32 @@ def test_other_bad_choices_are_one_line_before_loading(studio, changes, expected
     job, message = studio.prepare(form(studio, **changes))
     assert job is None and message.startswith(f"error: {expected}"), message
     assert "\n" not in message and studio.runtime(BackendConfig(name="cpu")).loads == before_loads
+
+
+def test_a_model_path_not_allowed_is_refused_without_touching_the_file_system(studio, monkeypatch):
+    def no_file_system(*args, **kwargs):
+        raise AssertionError("the file system was asked about a path the page was not allowed")
+
+    for name in ("stat", "lstat", "access", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, no_file_system)
+    for path in ("/etc", "ByteDance/ContentV-8B", "~root/x", "../.."):
+        with pytest.raises(ConfigError, match="one of the folders in ui.allowed_paths"):
+            studio.config(form(studio, model="contentv_8b", model_path=path))
+
+
+def test_allowed_paths_take_folders_and_hub_ids_as_configured(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    allowed = ["someorg/some-model", "~/ckpt", str(tmp_path / "other")]
+    studio = st.Studio(tiny_cfg(tmp_path, allowed_paths=allowed), PRESETS, build_backend)
+    assert studio.allowed_paths == ("someorg/some-model", str(tmp_path / "ckpt"), str(tmp_path / "other"))
+    for sent, loaded in [
+        ("someorg/some-model", "someorg/some-model"),  # a hub id stays a hub id
+        ("~/ckpt", str(tmp_path / "ckpt")),  # as configured
+        (str(tmp_path / "ckpt"), str(tmp_path / "ckpt")),  # as the page offers it
+    ]:
+        assert studio.config(form(studio, model="contentv_8b", model_path=sent)).model.path == loaded
+    with pytest.raises(ConfigError, match="model.path='someorg/other' is not valid"):
+        studio.config(form(studio, model="contentv_8b", model_path="someorg/other"))
 
 
 def test_an_allowed_model_path_is_checked_before_loading(cache_dir, tmp_path):
@@ -299,11 +330,18 @@ def test_launch_warns_for_another_interface_and_checks_ui_settings(cache_dir, tm
     calls = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.update(kw))  # bind nothing
     server = ui.launch(tiny_cfg(tmp_path, host="0.0.0.0", port=0), PRESETS, build_backend, block=False)
-    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] == 0 and calls["share"] is False
+    # port 0: a free port, chosen here (gradio can't take 0)
+    assert calls["server_name"] == "0.0.0.0" and calls["server_port"] > 0 and calls["share"] is False
     assert "warning: ui.host=0.0.0.0" in capsys.readouterr().err
     assert server.blocks._queue.max_size == 8  # ui.max_queue
-    ui.launch(tiny_cfg(tmp_path, port=0), PRESETS, build_backend, block=False)
+    assert calls["allowed_paths"] == [str(server.studio.serve_dir)]  # only the served links
+    assert os.environ["GRADIO_TEMP_DIR"] == server.cache_dir  # gradio's copies in a private folder
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    server.close()
+    assert os.environ.get("GRADIO_TEMP_DIR") != server.cache_dir and not Path(server.cache_dir).exists()
+    ui.launch(tiny_cfg(tmp_path, port=0), PRESETS, build_backend, block=False).close()
     assert calls["server_name"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    assert os.environ.get("GRADIO_TEMP_DIR") == (None if before == server.cache_dir else before)
     with pytest.raises(ConfigError, match="ui.max_queue=0 is not valid"):
         ui.launch(tiny_cfg(tmp_path, max_queue=0), PRESETS, build_backend, block=False)
 
@@ -321,3 +359,112 @@ def test_gradio_is_optional(monkeypatch):
     with pytest.raises(ConfigError) as exc:
         ui.check_available()
     assert str(exc.value) == "mode='ui' is not valid: needs gradio: pip install '.[ui]'"
+
+
+# ------------------------------------------------------------------------------------------ served files
+
+
+def test_only_regular_videos_and_their_sidecars_are_served(tmp_path):
+    out = tmp_path / "out"
+    run = out / "2024-01-01" / "10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "clip.mp4").write_bytes(b"video")
+    (run / "clip.json").write_text('{"prompt": "a clip", "seed": 3}')
+    (run / "orphan.json").write_text("{}")  # no video beside it
+    (run / "demo.log").write_text("log")
+    (run / ".hydra" / "hidden.mp4").write_bytes(b"not a gallery video")
+    (tmp_path / "elsewhere.mp4").write_bytes(b"outside")
+    (run / "passwd.mp4").symlink_to("/etc/passwd")
+    (run / "inside.mp4").symlink_to(run / "clip.mp4")  # a symlink, even to a video, is not linked
+    (out / "etc").symlink_to("/etc")
+    (out / "outside").symlink_to(tmp_path)
+    files = ServedFiles(out)
+    try:
+        assert files.gallery() == [(str(run / "clip.mp4"), "a clip (seed 3)")]
+        served = Path(files.serve(run / "clip.mp4"))
+        assert served.parent.parent == files.dir and served.read_bytes() == b"video"
+        assert Path(files.serve(run / "clip.json")).read_text().startswith('{"prompt"')
+        for path in (
+            run / "passwd.mp4",
+            run / "inside.mp4",
+            run / "demo.log",
+            run / "orphan.json",
+            run / ".hydra" / "hidden.mp4",
+            out / "outside" / "elsewhere.mp4",
+            out / "etc" / "passwd",
+            tmp_path / "elsewhere.mp4",
+            run / ".." / ".." / ".." / "elsewhere.mp4",
+        ):
+            with pytest.raises(ValueError, match="not a video or sidecar"):
+                files.serve(path)
+        assert sorted(p.name for p in files.dir.rglob("*")) == sorted([served.parent.name, "clip.mp4", "clip.json"])
+    finally:
+        files.close()
+    assert not files.dir.exists() and (run / "clip.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ queue
+
+
+def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_size():
+    q = JobQueue(max_queue=4, max_per_client=2)
+    held = []  # the queue counts the jobs someone still holds (a prepared job dropped unrun frees its place)
+
+    def admit(session, client):
+        held.append(Job(cfg=None, session=session, client=client))
+        return q.admit(held[-1])
+
+    remote = "203.0.113.5"
+    assert admit("a", remote) is None and admit("b", remote) is None
+    # a third session from the same remote address is refused: a raw client can't mint its way past its share
+    assert (
+        admit("c", remote) == f"error: {remote} already has 2 generations waiting or running (ui.max_queue_per_client)"
+    )
+    assert admit("a", "198.51.100.1") is None
+    assert admit("a", "198.51.100.2") == "error: this page already has 2 generations waiting or running" + (
+        " (ui.max_queue_per_client)"
+    )
+    # loopback: every local tab shares one address, so only sessions and the total count
+    assert admit("x", "127.0.0.1") is None
+    full = "error: the queue is full (4 generations waiting, ui.max_queue); try again later"
+    assert admit("y", "127.0.0.1") == full and q.refusal(session="z", client="::1") == full
+    del held[:]
+    assert q.refusal(session="z", client="::1") is None
+
+
+def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_once():
+    q = JobQueue(max_queue=8, max_per_client=8)
+    first, second, third = (Job(cfg=None, session=s) for s in ("1", "2", "3"))
+    for job in (first, second, third):
+        assert q.admit(job) is None
+    assert q.wait_turn(first)  # runs
+    order, ahead = [], {}
+
+    def wait(job):
+        if q.wait_turn(job, lambda n: ahead.setdefault(job.session, []).append(n)):
+            order.append(job.session)
+            q.done(job)
+        else:
+            order.append(f"cancelled {job.session}")
+            q.done(job)
+
+    threads = [threading.Thread(target=wait, args=(j,)) for j in (second, third)]
+    threads[0].start()
+    until(lambda: ahead.get("2"))
+    threads[1].start()
+    until(lambda: ahead.get("3"))
+    assert ahead == {"2": [1], "3": [2]} and q.busy()
+    assert q.cancel(session="2") == [second]
+    threads[0].join(5)
+    assert order == ["cancelled 2"] and second.finished.is_set()  # left while the first still runs
+    until(lambda: ahead["3"] == [2, 1])  # the third moves up
+    q.done(first)
+    threads[1].join(5)
+    assert order == ["cancelled 2", "3"] and not q.busy() and q.pending("3") == 0
+
+
+def until(condition, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)

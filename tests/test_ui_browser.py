@@ -135,3 +135,15 @@ def test_bad_frames_shows_the_command_lines_error_and_runs_nothing(server, page)
     expect(error).to_have_text("error: sampling.num_frames=10 is not valid: of the form 4k+1, e.g. 49, 121, 125")
     page.wait_for_timeout(500)  # the queued half returns at once without running
     assert mp4s(out) == before
+
+
+def test_opening_the_memory_options_keeps_generate_working(server, page):
+    # gradio's number box sends 0 once shown: an empty budget must stay "none" (a text box), not 0 GB
+    out = server.studio.output_dir
+    before = mp4s(out)
+    page.get_by_text("Memory", exact=True).first.click()
+    page.locator("#budget_gb textarea, #budget_gb input").first.wait_for()
+    page.locator("#prompt textarea").fill("a green kite")
+    page.locator("#generate").click()
+    page.locator("#status .info", has_text="done in").wait_for()
+    assert {p for p in mp4s(out) - before} == {"a-green-kite_seed42.mp4"}
