@@ -46,6 +46,7 @@ def _global_state() -> tuple:
         torch._C._only_lift_cpu_tensors(),
         torch._C._len_torch_function_stack(),
         torch._C._len_torch_dispatch_stack(),
+        "_make_subclass" in torch.Tensor.__dict__,
     )
 
 
@@ -63,10 +64,10 @@ def _bytes_own(module: nn.Module) -> int:
 
 def test_install_registers_the_device_and_restores_everything():
     before = _global_state()
-    assert before == (False, False, False, 0, 0)
+    assert before == (False, False, False, 0, 0, False)
     for _ in range(2):  # re-entrant in one process
         with VirtualDevice() as vd:
-            assert _global_state() == (True, True, True, 1, 1)
+            assert _global_state() == (True, True, True, 1, 1, True)
             assert torch.lazy is vd.module and torch.get_device_module(vd.device) is vd.module
             assert vd.device == torch.device("lazy", 0) == DEVICE
             with pytest.raises(RuntimeError, match="already installed"):
@@ -546,6 +547,31 @@ def test_bitsandbytes_runs_its_cpu_kernels_on_the_device(vd, kind):
     assert log.h2d_count >= 1 and log.d2h_count == 0  # quantized on the device from the uploaded weight
     out = model(x.to(vd.device))
     assert out.device == vd.device and torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_bitsandbytes_layers_quantized_on_the_cpu_move_to_the_device_and_back(vd, kind):
+    """The runtime's order: quantize on the CPU, place later. Moving an already-quantized weight re-wraps it
+    (`Int8Params(t.to(device))`, `Params4bit(...)`), i.e. `_make_subclass` on a device tensor."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    if kind == "int8":
+        model = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0).eval()
+    else:
+        model = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").eval()
+    model.to("cpu")  # quantizes
+    weight, stored = model.weight, model.weight.detach().clone()
+    x = torch.randn(4, 64)
+    expected = model(x)
+    with vd.copies() as log:
+        model.to(vd.device)
+    assert model.weight is weight and type(weight).__module__.startswith("bitsandbytes")
+    assert weight.device == vd.device and is_virtual(weight) and log.h2d_bytes >= stored.numel()
+    out = model(x.to(vd.device))
+    # int8: bitsandbytes computes off the CPU as on CUDA (int8 matmul, fp16 activations), on the CPU in fp32.
+    assert out.device == vd.device and (out.cpu() - expected).abs().max() <= (2e-2 if kind == "int8" else 0)
+    model.to("cpu")
+    assert model.weight is weight and weight.device.type == "cpu" and torch.equal(weight.detach(), stored)
 
 
 # ------------------------------------------------------------------------------------------ (d), (h) ContentV

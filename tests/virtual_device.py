@@ -17,6 +17,9 @@
   parameter identity), `data_ptr`, `tolist`/`numpy`/`__format__`/deepcopy/pickling, and scaled-dot-product
   attention, a composite whose decomposition depends on the device type, run whole on the CPU data so it
   picks the CPU kernel exactly as a CPU run does.
+- `torch.Tensor._make_subclass` (which torch functions never see) is shadowed while installed, so a device
+  tensor can be re-classed as on CUDA: bitsandbytes moves a quantized weight as `Int8Params(t.to(device))`. The
+  shadow has the signature torch._dynamo's polyfill checks, so installing before diffusers is imported works.
 - `torch.lazy` is a device module (`torch._register_device_module`) with the torch.cuda calls diffusers,
   accelerate and the runtime make; its memory figures come from the live device storages.
 
@@ -61,6 +64,7 @@ _ROOT = os.path.dirname(os.path.dirname(_THIS_FILE)) + os.sep
 _aten = torch.ops.aten
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _HAS_COMPAT = torch._has_compatible_shallow_copy_type
+_MAKE_SUBCLASS = torch.Tensor._make_subclass  # TensorBase's; torch functions never see it
 _DATA = torch._C.TensorBase.data
 _DATA_PTR = torch.Tensor.data_ptr
 _TOLIST, _FORMAT = torch.Tensor.tolist, torch.Tensor.__format__
@@ -222,6 +226,18 @@ def is_virtual(t: Any) -> bool:
 
 def _elem(t: torch.Tensor) -> torch.Tensor:
     return t.__dict__["_elem"]
+
+
+def _make_subclass(cls: type, data: torch.Tensor, requires_grad: bool = False, **kwargs: Any) -> torch.Tensor:
+    """`torch.Tensor._make_subclass` while installed. A device tensor is already a Python object (a
+    VirtualTensor), which TensorBase's refuses to re-class; bitsandbytes' `Int8Params(t.to(device))` and
+    `Params4bit(...)` do exactly that. As on CUDA, the result is a `cls` sharing data's storage: a CPU
+    placeholder of `cls` given data's device storage by `.data =`."""
+    if _ACTIVE is None or not is_virtual(data) or issubclass(cls, VirtualTensor):
+        return _MAKE_SUBCLASS(cls, data, requires_grad, **kwargs)
+    obj = _MAKE_SUBCLASS(cls, torch.empty(0, dtype=data.dtype, device=CPU), requires_grad, **kwargs)
+    _ACTIVE._set_data(obj, data)
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ torch.lazy
@@ -506,6 +522,7 @@ class VirtualDevice:
             raise RuntimeError(f"torch.{DEVICE_TYPE} already exists; cannot register the virtual device module")
         torch._register_device_module(DEVICE_TYPE, self.module)
         _clear_device_module_cache()
+        torch.Tensor._make_subclass = staticmethod(_make_subclass)  # shadows TensorBase's until exit
         # torch.tensor(data, device=...) then builds on the CPU and calls .to(), which the mode sees.
         self._saved_lift = torch._C._only_lift_cpu_tensors()
         torch._C._set_only_lift_cpu_tensors(True)
@@ -535,6 +552,8 @@ class VirtualDevice:
 
     def _restore(self) -> None:
         self._modes = None
+        if "_make_subclass" in torch.Tensor.__dict__:
+            del torch.Tensor._make_subclass
         torch._C._set_only_lift_cpu_tensors(bool(self._saved_lift))
         delattr(torch, DEVICE_TYPE)
         sys.modules.pop(f"torch.{DEVICE_TYPE}", None)
