@@ -275,6 +275,19 @@ def test_copies_are_recorded_with_shape_bytes_and_origin(vd):
     assert vd.log.records == []
 
 
+def test_copy_regions_close_in_any_order_even_when_they_recorded_the_same(vd):
+    x = torch.randn(3)
+    outer = vd.copies()
+    a = outer.__enter__()
+    with vd.copies() as b:  # a and b record the same copies: equal logs, different regions
+        x.to(vd.device)
+    x.to(vd.device)
+    outer.__exit__(None, None, None)
+    assert (a.h2d_count, b.h2d_count) == (2, 1)
+    x.to(vd.device)
+    assert (a.h2d_count, b.h2d_count, vd.log.h2d_count) == (2, 1, 3)
+
+
 def test_memory_counts_live_storages_once_and_tracks_the_peak(vd):
     mod = torch.lazy
     assert mod.memory_allocated() == vd.memory_allocated() == 0

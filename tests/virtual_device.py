@@ -572,7 +572,7 @@ class VirtualDevice:
         try:
             yield region
         finally:
-            self._regions.remove(region)
+            self._regions = [r for r in self._regions if r is not region]  # by identity: equal logs are common
 
     def _record(self, direction: str, func, t: torch.Tensor) -> None:
         rec = CopyRecord(direction, str(func), tuple(t.shape), t.dtype, t.numel() * t.element_size(), _stack())
