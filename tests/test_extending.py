@@ -78,6 +78,7 @@ def test_demo_runs_end_to_end_on_the_virtual_backend(tmp_path, cache_dir):
         f"hydra.searchpath=[file://{TEST_CONF}]",
         "backend=virtual",
         "model=tiny_contentv",
+        "memory=auto",  # the planner asks the backend's free_memory (mem_get_info)
         *SMALL,
         f"hydra.run.dir={out}",
     ]
@@ -88,7 +89,7 @@ def test_demo_runs_end_to_end_on_the_virtual_backend(tmp_path, cache_dir):
     record = json.loads(sidecars[0].read_text())
     assert record["device"]["backend"] == "virtual" and record["device"]["device"] == "lazy:0"
     assert record["config"]["backend"]["name"] == "virtual"
-    assert record["prepared"]["placement"] == "device"
+    assert record["prepared"]["memory_preset"] == "none" and record["prepared"]["placement"] == "device"
     assert record["peak_memory"]["device_bytes"] > 0  # from torch.lazy's counters
 
 
