@@ -65,17 +65,18 @@ STRATEGIES = {
     "text_encoders_release": Strategy(M(text_encoders="release"), "cpu", encoders_uploaded=True),
     "text_encoders_cpu": Strategy(M(text_encoders="cpu"), "cpu", lowers_peak=True),
     # text_encoders=auto under model/sequential offload = offload: the hooks place them.
-    "model_cpu_offload": Strategy(M(model_cpu_offload=True), "cpu", True, **OFFLOAD),
-    "sequential_cpu_offload": Strategy(M(sequential_cpu_offload=True), "meta", True, **OFFLOAD),
-    "group_offload": Strategy(M(group_offload=True), "cpu", True, **OFFLOAD),  # text_encoders=auto = release
+    "model_cpu_offload": Strategy(M(model_cpu_offload=True), "cpu", encoders_uploaded=True, **OFFLOAD),
+    "sequential_cpu_offload": Strategy(M(sequential_cpu_offload=True), "meta", encoders_uploaded=True, **OFFLOAD),
+    # text_encoders=auto under group offload = release.
+    "group_offload": Strategy(M(group_offload=True), "cpu", encoders_uploaded=True, **OFFLOAD),
     "group_offload_text_encoders_offload": Strategy(
-        M(group_offload=True, text_encoders="offload"), "cpu", True, **OFFLOAD
+        M(group_offload=True, text_encoders="offload"), "cpu", encoders_uploaded=True, **OFFLOAD
     ),
     "group_offload_text_encoders_cpu": Strategy(M(group_offload=True, text_encoders="cpu"), "cpu", **OFFLOAD),
     "group_offload_text_encoders_device": Strategy(M(group_offload=True, text_encoders="device"), **OFFLOAD),
     "vae_slicing": Strategy(M(vae_slicing=True)),
     "vae_tiling": Strategy(M(vae_tiling=True)),
-    "attention_slicing": Strategy(M(attention_slicing=64)),  # 333 / 244 joint tokens: 6 / 4 chunks
+    "attention_slicing": Strategy(M(attention_slicing=64)),  # 345 / 244 joint tokens: 6 / 4 query chunks
     "bnb_int8": Strategy(M(quantization="bnb_int8")),
     "bnb_nf4": Strategy(M(quantization="bnb_nf4")),
     "fp8": Strategy(M(quantization="fp8")),
