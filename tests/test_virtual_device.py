@@ -562,6 +562,18 @@ def test_bitsandbytes_runs_its_cpu_kernels_on_the_device(vd, kind):
     assert out.device == vd.device and torch.equal(out.cpu(), expected)
 
 
+def test_library_caches_forget_device_tensors_on_exit():
+    """bitsandbytes caches its nested-quantization code table on the device of first use; after exit a CPU
+    quantization must not meet a dead device tensor."""
+    bnb = pytest.importorskip("bitsandbytes")
+    bnb.functional.name2qmap.pop("dynamic", None)
+    with VirtualDevice() as vd:
+        bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to(vd.device)  # nested: the table
+        assert is_virtual(bnb.functional.name2qmap["dynamic"])
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    assert layer.weight.device.type == "cpu" and layer.weight.quant_state.nested
+
+
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_bitsandbytes_layers_quantized_on_the_cpu_move_to_the_device_and_back(vd, kind):
     """The runtime's order: quantize on the CPU, place later. Moving an already-quantized weight re-wraps it

@@ -29,6 +29,8 @@ Why "lazy": of a CPU build's device types only lazy and meta have a device guard
 aborts the process), meta means "no data" to accelerate and diffusers, and none of the libraries we use
 special-cases lazy; `torch.lazy` is free to register.
 
+Leaving also drops device tensors that libraries cache process-wide (bitsandbytes' quantization code table).
+
 Limits: one device, lazy:0. Modes are per thread: ops in other threads are not seen (after exit, device
 tensors raise). Pinned memory (group offloading with use_stream=True) is refused by a CPU build. Random
 ops without a generator draw from the device's own generator (`torch.lazy.manual_seed`) where the op has
@@ -420,6 +422,15 @@ class _DispatchMode(TorchDispatchMode):
         return self.vd._dispatch(func, types, args, kwargs or {})
 
 
+def _forget_library_caches() -> None:
+    """Drop device tensors that libraries cache process-wide (they remake them on next use): after exit they
+    would be dead. bitsandbytes keeps its blockwise-quantization code table on the device of first use."""
+    bnb_functional = sys.modules.get("bitsandbytes.functional")
+    qmaps = getattr(bnb_functional, "name2qmap", {})
+    for name in [n for n, t in qmaps.items() if is_virtual(t)]:
+        del qmaps[name]
+
+
 class _FunctionMode(TorchFunctionMode):
     def __init__(self, vd: VirtualDevice):
         super().__init__()
@@ -544,6 +555,7 @@ class VirtualDevice:
 
     def __exit__(self, *exc: Any) -> None:
         global _ACTIVE
+        _forget_library_caches()
         _ACTIVE = None
         assert self._modes is not None
         for mode in reversed(self._modes):
