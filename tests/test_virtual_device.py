@@ -46,6 +46,7 @@ def _global_state() -> tuple:
         torch._C._only_lift_cpu_tensors(),
         torch._C._len_torch_function_stack(),
         torch._C._len_torch_dispatch_stack(),
+        "_make_subclass" in torch.Tensor.__dict__,
     )
 
 
@@ -63,10 +64,10 @@ def _bytes_own(module: nn.Module) -> int:
 
 def test_install_registers_the_device_and_restores_everything():
     before = _global_state()
-    assert before == (False, False, False, 0, 0)
+    assert before == (False, False, False, 0, 0, False)
     for _ in range(2):  # re-entrant in one process
         with VirtualDevice() as vd:
-            assert _global_state() == (True, True, True, 1, 1)
+            assert _global_state() == (True, True, True, 1, 1, True)
             assert torch.lazy is vd.module and torch.get_device_module(vd.device) is vd.module
             assert vd.device == torch.device("lazy", 0) == DEVICE
             with pytest.raises(RuntimeError, match="already installed"):
@@ -272,6 +273,19 @@ def test_copies_are_recorded_with_shape_bytes_and_origin(vd):
     assert vd.log.h2d_count == 2 and vd.log.d2h_count == 3  # the device's own log saw them too
     vd.reset_copies()
     assert vd.log.records == []
+
+
+def test_copy_regions_close_in_any_order_even_when_they_recorded_the_same(vd):
+    x = torch.randn(3)
+    outer = vd.copies()
+    a = outer.__enter__()
+    with vd.copies() as b:  # a and b record the same copies: equal logs, different regions
+        x.to(vd.device)
+    x.to(vd.device)
+    outer.__exit__(None, None, None)
+    assert (a.h2d_count, b.h2d_count) == (2, 1)
+    x.to(vd.device)
+    assert (a.h2d_count, b.h2d_count, vd.log.h2d_count) == (2, 1, 3)
 
 
 def test_memory_counts_live_storages_once_and_tracks_the_peak(vd):
@@ -546,6 +560,42 @@ def test_bitsandbytes_runs_its_cpu_kernels_on_the_device(vd, kind):
     assert log.h2d_count >= 1 and log.d2h_count == 0  # quantized on the device from the uploaded weight
     out = model(x.to(vd.device))
     assert out.device == vd.device and torch.equal(out.cpu(), expected)
+
+
+def test_library_caches_forget_device_tensors_on_exit():
+    """bitsandbytes caches its nested-quantization code table on the device of first use; after exit a CPU
+    quantization must not meet a dead device tensor."""
+    bnb = pytest.importorskip("bitsandbytes")
+    bnb.functional.name2qmap.pop("dynamic", None)
+    with VirtualDevice() as vd:
+        bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to(vd.device)  # nested: the table
+        assert is_virtual(bnb.functional.name2qmap["dynamic"])
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    assert layer.weight.device.type == "cpu" and layer.weight.quant_state.nested
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_bitsandbytes_layers_quantized_on_the_cpu_move_to_the_device_and_back(vd, kind):
+    """The runtime's order: quantize on the CPU, place later. Moving an already-quantized weight re-wraps it
+    (`Int8Params(t.to(device))`, `Params4bit(...)`), i.e. `_make_subclass` on a device tensor."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    if kind == "int8":
+        model = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0).eval()
+    else:
+        model = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").eval()
+    model.to("cpu")  # quantizes
+    weight, stored = model.weight, model.weight.detach().clone()
+    x = torch.randn(4, 64)
+    expected = model(x)
+    with vd.copies() as log:
+        model.to(vd.device)
+    assert model.weight is weight and type(weight).__module__.startswith("bitsandbytes")
+    assert weight.device == vd.device and is_virtual(weight) and log.h2d_bytes >= stored.numel()
+    out = model(x.to(vd.device))
+    assert out.device == vd.device and torch.equal(out.cpu(), expected)
+    model.to("cpu")
+    assert model.weight is weight and weight.device.type == "cpu" and torch.equal(weight.detach(), stored)
 
 
 # ------------------------------------------------------------------------------------------ (d), (h) ContentV

@@ -17,6 +17,9 @@
   parameter identity), `data_ptr`, `tolist`/`numpy`/`__format__`/deepcopy/pickling, and scaled-dot-product
   attention, a composite whose decomposition depends on the device type, run whole on the CPU data so it
   picks the CPU kernel exactly as a CPU run does.
+- `torch.Tensor._make_subclass` (which torch functions never see) is shadowed while installed, so a device
+  tensor can be re-classed as on CUDA: bitsandbytes moves a quantized weight as `Int8Params(t.to(device))`. The
+  shadow has the signature torch._dynamo's polyfill checks, so installing before diffusers is imported works.
 - `torch.lazy` is a device module (`torch._register_device_module`) with the torch.cuda calls diffusers,
   accelerate and the runtime make; its memory figures come from the live device storages.
 
@@ -25,6 +28,8 @@ PrivateUse1 backend is a once-per-process rename that the NPU stand-in in this t
 Why "lazy": of a CPU build's device types only lazy and meta have a device guard (without one autograd
 aborts the process), meta means "no data" to accelerate and diffusers, and none of the libraries we use
 special-cases lazy; `torch.lazy` is free to register.
+
+Leaving also drops device tensors that libraries cache process-wide (bitsandbytes' quantization code table).
 
 Limits: one device, lazy:0. Modes are per thread: ops in other threads are not seen (after exit, device
 tensors raise). Pinned memory (group offloading with use_stream=True) is refused by a CPU build. Random
@@ -61,6 +66,7 @@ _ROOT = os.path.dirname(os.path.dirname(_THIS_FILE)) + os.sep
 _aten = torch.ops.aten
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _HAS_COMPAT = torch._has_compatible_shallow_copy_type
+_MAKE_SUBCLASS = torch.Tensor._make_subclass  # TensorBase's; torch functions never see it
 _DATA = torch._C.TensorBase.data
 _DATA_PTR = torch.Tensor.data_ptr
 _TOLIST, _FORMAT = torch.Tensor.tolist, torch.Tensor.__format__
@@ -222,6 +228,18 @@ def is_virtual(t: Any) -> bool:
 
 def _elem(t: torch.Tensor) -> torch.Tensor:
     return t.__dict__["_elem"]
+
+
+def _make_subclass(cls: type, data: torch.Tensor, requires_grad: bool = False, **kwargs: Any) -> torch.Tensor:
+    """`torch.Tensor._make_subclass` while installed. A device tensor is already a Python object (a
+    VirtualTensor), which TensorBase's refuses to re-class; bitsandbytes' `Int8Params(t.to(device))` and
+    `Params4bit(...)` do exactly that. As on CUDA, the result is a `cls` sharing data's storage: a CPU
+    placeholder of `cls` given data's device storage by `.data =`."""
+    if _ACTIVE is None or not is_virtual(data) or issubclass(cls, VirtualTensor):
+        return _MAKE_SUBCLASS(cls, data, requires_grad, **kwargs)
+    obj = _MAKE_SUBCLASS(cls, torch.empty(0, dtype=data.dtype, device=CPU), requires_grad, **kwargs)
+    _ACTIVE._set_data(obj, data)
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ torch.lazy
@@ -404,6 +422,15 @@ class _DispatchMode(TorchDispatchMode):
         return self.vd._dispatch(func, types, args, kwargs or {})
 
 
+def _forget_library_caches() -> None:
+    """Drop device tensors that libraries cache process-wide (they remake them on next use): after exit they
+    would be dead. bitsandbytes keeps its blockwise-quantization code table on the device of first use."""
+    bnb_functional = sys.modules.get("bitsandbytes.functional")
+    qmaps = getattr(bnb_functional, "name2qmap", {})
+    for name in [n for n, t in qmaps.items() if is_virtual(t)]:
+        del qmaps[name]
+
+
 class _FunctionMode(TorchFunctionMode):
     def __init__(self, vd: VirtualDevice):
         super().__init__()
@@ -506,6 +533,7 @@ class VirtualDevice:
             raise RuntimeError(f"torch.{DEVICE_TYPE} already exists; cannot register the virtual device module")
         torch._register_device_module(DEVICE_TYPE, self.module)
         _clear_device_module_cache()
+        torch.Tensor._make_subclass = staticmethod(_make_subclass)  # shadows TensorBase's until exit
         # torch.tensor(data, device=...) then builds on the CPU and calls .to(), which the mode sees.
         self._saved_lift = torch._C._only_lift_cpu_tensors()
         torch._C._set_only_lift_cpu_tensors(True)
@@ -527,6 +555,7 @@ class VirtualDevice:
 
     def __exit__(self, *exc: Any) -> None:
         global _ACTIVE
+        _forget_library_caches()
         _ACTIVE = None
         assert self._modes is not None
         for mode in reversed(self._modes):
@@ -535,6 +564,8 @@ class VirtualDevice:
 
     def _restore(self) -> None:
         self._modes = None
+        if "_make_subclass" in torch.Tensor.__dict__:
+            del torch.Tensor._make_subclass
         torch._C._set_only_lift_cpu_tensors(bool(self._saved_lift))
         delattr(torch, DEVICE_TYPE)
         sys.modules.pop(f"torch.{DEVICE_TYPE}", None)
@@ -553,7 +584,7 @@ class VirtualDevice:
         try:
             yield region
         finally:
-            self._regions.remove(region)
+            self._regions = [r for r in self._regions if r is not region]  # by identity: equal logs are common
 
     def _record(self, direction: str, func, t: torch.Tensor) -> None:
         rec = CopyRecord(direction, str(func), tuple(t.shape), t.dtype, t.numel() * t.element_size(), _stack())
