@@ -13,9 +13,13 @@ import functools
 import importlib
 import logging
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from contentv.config import BackendConfig
 from contentv.errors import ConfigError
+
+if TYPE_CHECKING:  # backends.base imports torch: `--help` and pre-flight errors don't need it
+    from backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,6 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_backend(cfg: BackendConfig):
+def build_backend(cfg: BackendConfig) -> Backend:
     """Build the configured backend (ConfigError if unknown or its device is not visible)."""
     return backend_class(cfg.name)(cfg)

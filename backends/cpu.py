@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 
 from backends.base import Backend
+from contentv.attention import ForwardOp
+
+if TYPE_CHECKING:
+    from diffusers import ParallelConfig
 
 
 class CPUBackend(Backend):
@@ -36,13 +41,13 @@ class CPUBackend(Backend):
             "cores": os.cpu_count(),
         }
 
-    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool) -> str | ForwardOp:
         # Ring attention merges by log-sum-exp; diffusers' own "_native_flash" op exists only for CUDA.
         return cpu_flash_forward_op if ring else Backend.context_parallel_attention(self, dtype, ring)
 
 
 def cpu_flash_forward_op(
-    ctx,
+    ctx: torch.autograd.function.FunctionCtx,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -53,8 +58,8 @@ def cpu_flash_forward_op(
     enable_gqa: bool = False,
     return_lse: bool = False,
     _save_ctx: bool = True,
-    _parallel_config=None,
-):
+    _parallel_config: ParallelConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """diffusers forward-op signature over PyTorch's CPU flash attention, which also returns the log-sum-exp
     that ring attention merges by (diffusers' own "_native_flash" op exists only for CUDA). (B, S, H, D)."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

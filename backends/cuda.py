@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from backends.base import HALF, Backend
 from contentv import _diffusers
-from contentv.attention import sdpa
+from contentv.attention import AttentionKernel, sdpa
 from contentv.errors import ConfigError
 
 # Kernels reached through diffusers' attention dispatch: our name -> (dispatch backend, where to get it).
@@ -18,10 +20,10 @@ DISPATCH = {
 }
 
 
-def _dispatched(backend_name: str):
+def _dispatched(backend_name: str) -> AttentionKernel:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    def run(q, k, v):
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # dispatch takes (B, S, H, D); our kernels take and return (B, H, S, D)
         out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=backend_name)
         return out.transpose(1, 2)
@@ -30,11 +32,11 @@ def _dispatched(backend_name: str):
     return run
 
 
-def _kernel(name: str):
+def _kernel(name: str) -> Callable[[], AttentionKernel]:
     """A factory for a dispatched kernel: its check runs when it is chosen (ConfigError if diffusers can't use it)."""
     dispatch_name, hint = DISPATCH[name]
 
-    def make():
+    def make() -> AttentionKernel:
         problem = _diffusers.attention_backend_problem(dispatch_name)
         if problem:
             raise ConfigError("backend.attention", name, f"a usable kernel: {first_line_of(problem)} ({hint})")
@@ -86,10 +88,10 @@ class CUDABackend(Backend):
             "cuda": torch.version.cuda,
         }
 
-    def kernels(self):
+    def kernels(self) -> dict[str, Callable[[], AttentionKernel]]:
         return {"sdpa": lambda: sdpa, **{name: _kernel(name) for name in DISPATCH}}
 
-    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool) -> str:
         table = RING_ATTENTION if ring else ULYSSES_ATTENTION
         option = "parallel.ring_degree" if ring else "parallel.ulysses_degree"
         if self.cfg.attention not in table:

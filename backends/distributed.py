@@ -19,10 +19,17 @@ import sys
 import threading
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from contentv.config import BackendConfig
 from contentv.errors import ConfigError
 from contentv.parallel import World
+
+if TYPE_CHECKING:  # torch, accelerate and backends.base (torch) load only when a launch needs them
+    from accelerate import PartialState
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ def join_timeout() -> float:
     return float(os.environ.get("CONTENTV_JOIN_TIMEOUT", "300"))
 
 
-def init_process_group(backend) -> tuple[int, int]:
+def init_process_group(backend: Backend) -> tuple[int, int]:
     """Join the launch's process group with the backend's collective library (after `backend.setup()`, so NCCL
     and HCCL see this rank's device). Returns (rank, world_size); (0, 1) without a launcher.
 
@@ -196,7 +203,7 @@ def destroy() -> None:
 # ------------------------------------------------------------------------------------------ world
 
 
-def init_world(backend) -> World:
+def init_world(backend: Backend) -> World:
     """Join the process group and describe this rank for contentv.parallel (a one-process World without a
     launcher). Call once, after `backend.setup()`."""
     rank, size = init_process_group(backend)
@@ -205,14 +212,14 @@ def init_world(backend) -> World:
         return World(device=backend.device)
     from torch.distributed.device_mesh import init_device_mesh
 
-    def splitter():
+    def splitter() -> PartialState:
         from accelerate import PartialState
 
         # reuses the process group made above (on a CPU it must be told so); made only when data parallelism
         # shards across every rank, so a context-parallel run never meets accelerate's device checks
         return PartialState(cpu=backend.device.type == "cpu")
 
-    def mesh_factory(shape, names):
+    def mesh_factory(shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
         return init_device_mesh(backend.device.type, tuple(shape), mesh_dim_names=tuple(names))
 
     return World(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +29,11 @@ from contentv.memory_policy import (
     text_encoder_mode,
 )
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from backends.base import Backend  # imports this module
+
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
@@ -34,7 +41,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------ quantization
 
 
-def _components(pipe, names: list[str]) -> dict[str, nn.Module]:
+def _components(pipe: DiffusionPipeline, names: list[str]) -> dict[str, nn.Module]:
     out = {}
     for name in names:
         module = getattr(pipe, name, None)
@@ -46,7 +53,7 @@ def _components(pipe, names: list[str]) -> dict[str, nn.Module]:
     return out
 
 
-def _swap_linears(root: nn.Module, make) -> int:
+def _swap_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     """Replace every quantizable nn.Linear under `root` by make(linear); returns how many."""
     skip = skip_parts(root)
     targets = [(n, m) for n, m in root.named_modules() if quantizable(n, m, skip)]
@@ -178,7 +185,7 @@ def _once_filter(record: logging.LogRecord) -> bool:
     return not seen
 
 
-def quantize(pipe, memory: MemoryConfig, backend) -> str:
+def quantize(pipe: DiffusionPipeline, memory: MemoryConfig, backend: Backend) -> str:
     """Quantize the chosen components' weights in place, leaving them on the CPU; placement moves them.
 
     bitsandbytes quantizes one layer at a time on the backend's device (only CUDA and the CPU offer it; on the
@@ -210,7 +217,7 @@ def quantize(pipe, memory: MemoryConfig, backend) -> str:
 # ------------------------------------------------------------------------------------------ placement
 
 
-def vae_options(pipe, memory: MemoryConfig) -> dict:
+def vae_options(pipe: DiffusionPipeline, memory: MemoryConfig) -> dict:
     """Tiled (spatial tiles) and sliced (one video at a time) VAE decoding, diffusers' own switches."""
     vae = getattr(pipe, "vae", None)
     if vae is not None:
@@ -221,7 +228,7 @@ def vae_options(pipe, memory: MemoryConfig) -> dict:
     return {"vae_slicing": memory.vae_slicing, "vae_tiling": bool(memory.vae_tiling)}
 
 
-def _text_encoders(pipe) -> dict[str, nn.Module]:
+def _text_encoders(pipe: DiffusionPipeline) -> dict[str, nn.Module]:
     return {k: v for k, v in pipe.components.items() if k.startswith("text_encoder") and isinstance(v, nn.Module)}
 
 
@@ -249,7 +256,7 @@ def _group_offload(module: nn.Module, device: torch.device, blocks: int, use_str
         apply_group_offloading(module, offload_type="leaf_level", **common)
 
 
-def _sequential_offload(pipe, device: torch.device) -> None:
+def _sequential_offload(pipe: DiffusionPipeline, device: torch.device) -> None:
     """diffusers' sequential CPU offload (accelerate hooks on every layer), executing on `device`."""
     from accelerate.hooks import AlignDevicesHook
     from diffusers import DiffusionPipeline
@@ -267,7 +274,7 @@ def _sequential_offload(pipe, device: torch.device) -> None:
                         h.execution_device = device
 
 
-def place(pipe, memory: MemoryConfig, device: torch.device, streams: bool) -> str:
+def place(pipe: DiffusionPipeline, memory: MemoryConfig, device: torch.device, streams: bool) -> str:
     """Put the pipeline on `device` by the configured placement; returns its name."""
     pipe.execution_device = device
     if memory.sequential_cpu_offload:
@@ -296,7 +303,7 @@ def place(pipe, memory: MemoryConfig, device: torch.device, streams: bool) -> st
     return "device"
 
 
-def place_text_encoders(pipe, memory: MemoryConfig, device: torch.device) -> str:
+def place_text_encoders(pipe: DiffusionPipeline, memory: MemoryConfig, device: torch.device) -> str:
     """Tell the pipeline where text encoding runs: resident, released after use, or on the CPU."""
     mode = text_encoder_mode(memory)
     pipe.text_encoder_placement = {"device": "resident", "release": "release", "cpu": "cpu", "offload": "resident"}[

@@ -15,7 +15,7 @@ import torch
 
 from backends.base import Backend
 from contentv.attention import AttentionKernel, sdpa
-from contentv.config import NPU_LAYOUTS, BackendConfig
+from contentv.config import NPU_LAYOUTS, BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
 
 # Fused attention takes fp16/bf16 (fp32 only on newer CANN); fp32 goes to SDPA.
@@ -165,7 +165,7 @@ class NPUBackend(Backend):
             "sdpa": lambda: sdpa,
         }
 
-    def context_parallel_attention(self, dtype: torch.dtype, ring: bool):
+    def context_parallel_attention(self, dtype: torch.dtype, ring: bool) -> str:
         if ring:
             raise ConfigError(
                 "parallel.ring_degree",
@@ -191,7 +191,7 @@ class NPUBackend(Backend):
             return (*self.quantizations, "fp8")
         return self.quantizations
 
-    def check_memory(self, memory) -> None:
+    def check_memory(self, memory: MemoryConfig) -> None:
         if memory.quantization == "fp8" and "fp8" not in self.quantization_methods():
             raise ConfigError(
                 "memory.quantization",

@@ -11,10 +11,16 @@ Each accessor imports lazily: importing this module costs nothing until a featur
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Sequence
+from importlib.machinery import ModuleSpec
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import ParallelConfig
+
+    from contentv.attention import ForwardOp
 
 # The diffusers minor series the names below were checked against.
 CHECKED_SERIES = "0.42"
@@ -86,7 +92,15 @@ def gather_size_by_comm(size: int, group: Any) -> list[int]:
     return gather(size, group)
 
 
-def templated_context_parallel_attention(q, k, v, *, forward_op, backward_op, parallel_config) -> torch.Tensor:
+def templated_context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    forward_op: ForwardOp,
+    backward_op: Callable[..., Any],
+    parallel_config: ParallelConfig,
+) -> torch.Tensor:
     """diffusers' Ulysses/ring attention around a forward op of diffusers' signature ((B, S, H, D) tensors)."""
     from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
@@ -151,11 +165,11 @@ def defer_quantization_libraries() -> bool:
     if "diffusers.models.modeling_utils" in sys.modules or "transformers.quantizers" in sys.modules:
         return False
 
-    def diffusers_flags(module) -> None:
+    def diffusers_flags(module: types.ModuleType) -> None:
         for flag in _AVAILABILITY_FLAGS.values():
             setattr(module, flag, False)
 
-    def transformers_torchao(module) -> None:
+    def transformers_torchao(module: types.ModuleType) -> None:
         if not _TRANSFORMERS_TORCHAO:
             _TRANSFORMERS_TORCHAO.append(module.is_torchao_available)
             module.is_torchao_available = lambda *args, **kwargs: False
@@ -173,10 +187,12 @@ def defer_quantization_libraries() -> bool:
 class _AfterImport:
     """A meta-path finder that runs `patch(module)` right after each named module has executed (once each)."""
 
-    def __init__(self, patches: dict):
+    def __init__(self, patches: dict[str, Callable[[types.ModuleType], None]]):
         self.patches = dict(patches)
 
-    def find_spec(self, name: str, path, target=None):
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> ModuleSpec | None:
         import sys
 
         if name not in self.patches:
@@ -189,7 +205,11 @@ class _AfterImport:
             if spec is not None and spec.loader is not None:
                 execute = spec.loader.exec_module
 
-                def exec_module(module, execute=execute, patch=patch) -> None:
+                def exec_module(
+                    module: types.ModuleType,
+                    execute: Callable[[types.ModuleType], None] = execute,
+                    patch: Callable[[types.ModuleType], None] = patch,
+                ) -> None:
                     execute(module)
                     patch(module)
 

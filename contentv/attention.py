@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Under context parallelism: a forward op of diffusers' signature, (ctx, q, k, v, ..., return_lse) -> out or
+# (out, lse), on (B, S, H, D) tensors (see contentv.parallel.context.context_parallel_kernel).
+ForwardOp = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,7 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
     # ---------------------------------------------------------------- call
 
     @torch.no_grad()
-    def __call__(
+    def __call__(  # noqa: C901 - kept close to diffusers' CogVideoXPipeline.__call__ to diff against upstream
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
