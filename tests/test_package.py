@@ -127,7 +127,7 @@ def test_console_command_help(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     out = run(venv, ["contentv", "--help"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "== Config groups" in out.stdout and "tiny_contentv" in out.stdout
+    assert "Config groups (GROUP=OPTION" in out.stdout and "tiny_contentv" in out.stdout
 
 
 def test_console_command_bad_input_is_one_line_exit_2(installed, tmp_path, cache_dir):
