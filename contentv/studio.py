@@ -15,7 +15,6 @@ import logging
 import random
 import threading
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,57 +29,25 @@ from contentv.config import (
     resolve_sampling,
 )
 from contentv.errors import ConfigError, GenerationCancelled, first_line
+from contentv.form import (
+    MEMORY_FIELDS,
+    MODEL_DEFAULT_FIELDS,
+    OFFLOAD_FLAGS,
+    OFFLOAD_MODES,
+    SAMPLING_FIELDS,
+    VAE_TILING,
+    Form,
+    convert,
+    field_kind,
+    offload_mode,
+    page_memory_fields,
+)
 from contentv.jobqueue import Job, JobQueue
 from contentv.runtime import Runtime
 from contentv.served import GALLERY_LIMIT, ServedFiles
 from contentv.validation import is_hub_id
 
 log = logging.getLogger(__name__)
-
-# The page's offload radio: one mechanism at a time (diffusers can't stack them).
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
-OFFLOAD_FLAGS = {"model": "model_cpu_offload", "sequential": "sequential_cpu_offload", "group": "group_offload"}
-# The config fields the page edits directly, by group (their types decide widgets and conversions).
-SAMPLING_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "num_frames",
-    "fps",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-)
-MEMORY_FIELDS = ("vae_slicing", "vae_tiling", "attention_slicing", "quantization", "budget_gb")
-# Sampling fields the page refills from a model's defaults when the model preset changes.
-MODEL_DEFAULT_FIELDS = (
-    "negative_prompt",
-    "num_frames",
-    "fps",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-)
-
-
-@dataclass
-class Form:
-    """What the page sends: the presets chosen, the edited fields, and the page's own switches.
-
-    Sampling and memory fields carry the option's value (None = the preset's or the model's default).
-    """
-
-    model: str = "contentv_8b"
-    # A checkpoint folder replacing the preset's model.path: one of ui.allowed_paths, or "" for the preset's.
-    model_path: str = ""
-    backend: str = "auto"
-    memory: str = "none"
-    offload: str = "none"
-    random_seed: bool = False
-    sampling: dict[str, Any] = field(default_factory=dict)
-    memory_fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,46 +61,6 @@ class Outcome:
     metadata: str = ""  # markdown: timings, peak memory, placement
     record: dict = field(default_factory=dict)
     reused: bool = False  # the loaded pipeline was reused (no weights loaded)
-
-
-# ---------------------------------------------------------------------------------------- fields
-
-
-def field_kind(schema: type, name: str) -> type:
-    """The value type of a config field: int, float, bool or str (Optional unwrapped)."""
-    hint = typing.get_type_hints(schema)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return args[0]
-
-
-def convert(option: str, value: Any, kind: type) -> Any:
-    """A page value as the option's type. Empty -> None; gradio numbers arrive as float: a fractional value for
-    an integer option is an error, not rounded."""
-    if value is None or (value == "" and kind is not str):
-        return None
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(option, value, "true or false")
-        return value
-    if kind is str:
-        return str(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(option, value, "a number" if kind is float else "an integer") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ConfigError(option, value, "an integer")
-        return int(number)
-    return number
-
-
-def offload_mode(memory: MemoryConfig) -> str:
-    """The radio value for a memory config (the first mechanism set wins)."""
-    for mode, flag in OFFLOAD_FLAGS.items():
-        if getattr(memory, flag):
-            return mode
-    return "none"
 
 
 def describe_result(record: dict, reused: bool, video: Path | None, sidecar: Path | None) -> str:
@@ -220,7 +147,7 @@ class Studio:
             memory=m.name,
             offload=offload_mode(m),
             sampling={k: getattr(s, k) for k in SAMPLING_FIELDS},
-            memory_fields={k: getattr(m, k) for k in MEMORY_FIELDS},
+            memory_fields=page_memory_fields(m),
         )
 
     def sampling_defaults(self, model: str) -> dict[str, Any]:
@@ -235,7 +162,7 @@ class Studio:
         if not isinstance(memory, str) or memory not in self.memories:
             return {}
         m = self.memories[memory]
-        return {"offload": offload_mode(m), **{k: getattr(m, k) for k in MEMORY_FIELDS}}
+        return {"offload": offload_mode(m), **page_memory_fields(m)}
 
     # ------------------------------------------------------------ form -> config
 
@@ -297,8 +224,12 @@ class Studio:
         for name, value in form.memory_fields.items():
             if name not in MEMORY_FIELDS:
                 raise ConfigError(f"memory.{name}", value, f"one of the page's fields: {MEMORY_FIELDS}")
+            if name == "vae_tiling" and not isinstance(value, bool):  # the page's choice; API callers may send bools
+                if value not in VAE_TILING:
+                    raise ConfigError("memory.vae_tiling", value, f"one of {', '.join(VAE_TILING)} (or true/false)")
+                value = VAE_TILING[value]
             converted = convert(f"memory.{name}", value, field_kind(MemoryConfig, name))
-            if converted is not None or name == "budget_gb":
+            if converted is not None or name in ("budget_gb", "vae_tiling"):
                 setattr(memory, name, converted)
         return memory
 

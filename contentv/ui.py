@@ -31,17 +31,18 @@ from typing import Any
 
 from contentv.config import BackendConfig, MemoryConfig, Presets, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, first_line
-from contentv.memory_policy import QUANTIZATIONS
-from contentv.served import RouteGuard
-from contentv.studio import (
+from contentv.form import (
     MEMORY_FIELDS,
     MODEL_DEFAULT_FIELDS,
     OFFLOAD_MODES,
     SAMPLING_FIELDS,
+    VAE_TILING,
     Form,
-    Studio,
     field_kind,
 )
+from contentv.memory_policy import QUANTIZATIONS
+from contentv.served import RouteGuard
+from contentv.studio import Studio
 from contentv.validation import check_ui
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ LABELS = {
     "guidance_scale": ("Guidance", "guidance"),
     "seed": ("Seed", "seed"),
     "vae_slicing": ("VAE slicing", "vae_slicing"),
-    "vae_tiling": ("VAE tiling (changes the frames slightly)", "vae_tiling"),
+    "vae_tiling": ("VAE tiling (changes the frames slightly; auto: only where the budget needs it)", "vae_tiling"),
     "attention_slicing": ("Attention slicing (query chunk, 0 = off)", "attention_slicing"),
     "quantization": ("Weights (quantization changes the output)", "quantization"),
     "budget_gb": ("Budget GB (memory=auto)", "budget_gb"),
@@ -144,6 +145,8 @@ def _field_widget(gr, schema: type, name: str, value: Any):
     if name == "quantization":
         choices = [(QUANTIZATION_LABELS.get(q, q), q) for q in QUANTIZATIONS]
         return _dropdown(gr, choices, value, label, elem_id)
+    if name == "vae_tiling":
+        return _dropdown(gr, list(VAE_TILING), value, label, elem_id)
     if kind is str:
         lines = 3 if name == "prompt" else 2
         return gr.Textbox(value or "", label=label, lines=lines, elem_id=elem_id)
@@ -209,7 +212,7 @@ def build_blocks(studio: Studio):
                     offload = gr.Radio(
                         list(OFFLOAD_MODES),
                         value=d.offload,
-                        label="CPU offload (one at a time; model is faster, sequential uses least memory)",
+                        label="CPU offload: model moves whole components (fastest), group moves blocks, sequential single layers (slowest)",
                         elem_id="offload",
                     )
                     with gr.Row():

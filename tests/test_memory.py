@@ -8,6 +8,7 @@ and 1): relative error bnb_int8 ~4e-3, bnb_nf4 ~2.1e-2, fp8 ~3.8e-3, torchao_int
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import types
 from pathlib import Path
@@ -22,7 +23,7 @@ import demo
 from backends import memory as mem
 from contentv import _diffusers, memory_policy
 from contentv.attention import sdpa, sliced
-from contentv.config import BackendConfig, MemoryConfig
+from contentv.config import BackendConfig, MemoryConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
 from contentv.memory_policy import guidance_mode
 from contentv.models.contentv import SPEC
@@ -145,12 +146,13 @@ def test_expected_presets_exist():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_says_its_figures_are_predictions(name):
+def test_preset_composes_and_points_to_its_predicted_figures(name):
     memory = load_preset(name)
     assert isinstance(memory, MemoryConfig)
     assert memory.name == name
     text = (PRESET_DIR / f"{name}.yaml").read_text()
-    assert "PREDICTED" in text and "not yet measured" in text
+    # figures live in one place (the README's generated table), and are called predictions there and here
+    assert "predictions" in text and "not yet measured" in text and "README" in text
     memory_policy.check(memory, cpu_backend())  # every preset is valid on the CPU
 
 
@@ -178,7 +180,7 @@ def test_preset_applies_on_cpu_and_keeps_the_result(name, ckpt, ref, caplog):
             assert "without streams" in caplog.text
         for module in text_encoders(pipe):
             assert group_offloaded(module) == (memory.text_encoders == "offload")
-    assert pipe.vae.use_tiling == memory.vae_tiling
+    assert pipe.vae.use_tiling == bool(memory.vae_tiling)  # null: untiled unless a budget needs it
     assert pipe.vae.use_slicing == memory.vae_slicing
     if memory.text_encoders == "release":
         assert pipe.text_encoder_placement == "release"
@@ -525,3 +527,36 @@ def test_group_offload_with_streams_records_them(ckpt, monkeypatch, streams):
     assert len(seen) == 4  # the transformer (block level) and three text encoders (leaf level)
     assert all(kw["use_stream"] is streams and kw["record_stream"] is streams for kw in seen)
     assert all(kw["non_blocking"] is streams and kw["onload_device"] == torch.device("cpu") for kw in seen)
+
+
+# ------------------------------------------------------------------ vae_tiling=null: decided per video
+
+
+def test_vae_tiling_null_is_decided_per_video_and_recorded(cache_dir, tmp_path, caplog):
+    """One loaded pipeline; the planner tiles the decode of the video whose untiled decode won't fit
+    memory.budget_gb (tiny ContentV at 256x384 is predicted at ~139 MiB untiled, ~114 MiB tiled) and not the
+    small one's; the sidecar says what ran."""
+    from contentv.runtime import Runtime
+
+    presets = demo.load_presets(("model", "memory"))
+    runtime = Runtime(cpu_backend(), presets=presets.memories)
+    caplog.set_level(logging.INFO, logger="contentv.runtime")
+    ran = {}
+    for height, width, frames in ((256, 384, 9), (32, 48, 5)):
+        cfg = RunConfig(model=copy.deepcopy(presets.models["tiny_contentv"]), backend=BackendConfig(name="cpu"))
+        cfg.memory = MemoryConfig(name="budgeted", vae_tiling=None, budget_gb=0.125)
+        cfg.sampling = SamplingConfig(
+            prompt="a red fox", height=height, width=width, num_frames=frames, num_inference_steps=1
+        )
+        cfg.output.dir = str(tmp_path)
+        result = runtime.run(cfg)
+        record = json.loads(result.sidecar.read_text())
+        ran[height] = (
+            record["config"]["memory"]["vae_tiling"],
+            result.prepared["vae_tiling"],
+            runtime._pipe.vae.use_tiling,
+        )
+    assert ran == {256: (True, True, True), 32: (False, False, False)}
+    assert runtime.loads == 1
+    assert "memory.vae_tiling=null: tiled for this video" in caplog.text
+    assert "memory.vae_tiling=null: untiled for this video" in caplog.text

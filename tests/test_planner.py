@@ -526,3 +526,80 @@ def test_a_device_budget_the_run_exceeds_is_refused_with_the_numbers():
         planner.check_fits(cfg, GPU, None, 512 * GiB, device="cuda:0")
     cfg.memory = dataclasses.replace(PRESETS["low_vram_16g"], budget_gb=24)
     planner.check_fits(cfg, GPU, None, 512 * GiB, device="cuda:0")
+
+
+# ------------------------------------------------------------------------- lossy options only when needed
+
+# low_vram_8g's placement: the untiled decode (not the denoising) sets its peak at the reference size.
+DECODE_BOUND = MemoryConfig(
+    name="decode_bound", group_offload=True, group_offload_stream=True, text_encoders="offload", vae_tiling=None
+)
+
+
+def predicted(memory: MemoryConfig, budget_gb: float | None = None) -> planner.Strategy:
+    budget = None if budget_gb is None else int(budget_gb * GiB)
+    p = planner.plan(full_size_run(), {memory.name: memory}, GPU, budget_bytes=budget, choose=False)
+    return next(s for s in p.strategies if s.name == memory.name)
+
+
+def test_vae_tiling_null_tiles_only_where_the_untiled_decode_would_not_fit():
+    """Tiling changes the frames: null turns it on only when the budget needs it, and the prediction is then
+    exactly the explicit one's."""
+    untiled = predicted(dataclasses.replace(DECODE_BOUND, vae_tiling=False))
+    tiled = predicted(dataclasses.replace(DECODE_BOUND, vae_tiling=True))
+    assert tiled.device_bytes < untiled.device_bytes  # the decode stage dominates this strategy's peak
+    roomy = untiled.device_bytes / GiB / 0.95 + 0.1  # holds the untiled decode
+    tight = (tiled.device_bytes + untiled.device_bytes) / 2 / GiB / 0.95  # holds only the tiled one
+    for budget_gb, expected, tiling in ((None, untiled, False), (roomy, untiled, False), (tight, tiled, True)):
+        s = predicted(DECODE_BOUND, budget_gb)
+        assert s.vae_tiling is tiling, budget_gb
+        assert (s.device_bytes, s.stage_bytes, s.time) == (expected.device_bytes, expected.stage_bytes, expected.time)
+
+
+def test_vae_tiling_null_stays_off_where_tiling_would_not_lower_the_peak():
+    """Model offload peaks while denoising: tiling could not help it fit, so a small budget doesn't turn it on."""
+    memory = MemoryConfig(name="offload", model_cpu_offload=True, vae_tiling=None)
+    assert predicted(memory, budget_gb=8).vae_tiling is False
+
+
+def test_the_plan_marks_what_changes_the_output():
+    def row(budget_gb: float | None) -> str:
+        p = planner.plan(
+            full_size_run(),
+            {"decode_bound": DECODE_BOUND},
+            GPU,
+            budget_bytes=budget_gb and int(budget_gb * GiB),
+            choose=False,
+        )
+        return next(line for line in planner.format_plan(p).splitlines() if line.startswith("decode_bound"))
+
+    tiled = predicted(dataclasses.replace(DECODE_BOUND, vae_tiling=True))
+    assert " same " in row(None) and " changes " in row(tiled.device_bytes / GiB / 0.95 + 0.1)
+    quantized = planner.plan(full_size_run(), PRESETS, GPU)
+    text = planner.format_plan(quantized)
+    assert " changes " in next(line for line in text.splitlines() if line.startswith("int8_offload"))
+    assert " same " in next(line for line in text.splitlines() if line.startswith("none "))
+
+
+def test_resolve_vae_tiling_decides_null_and_keeps_set_values():
+    cfg = full_size_run()
+    tiled = predicted(dataclasses.replace(DECODE_BOUND, vae_tiling=True))
+    tight = int(tiled.device_bytes / 0.95) + GiB // 10
+    for value in (True, False):
+        cfg.memory = dataclasses.replace(DECODE_BOUND, vae_tiling=value)
+        assert planner.resolve_vae_tiling(cfg, GPU, tight).vae_tiling is value
+        assert planner.resolve_vae_tiling(cfg, GPU, None).vae_tiling is value
+    cfg.memory = DECODE_BOUND
+    assert planner.resolve_vae_tiling(cfg, GPU, None).vae_tiling is False
+    assert planner.resolve_vae_tiling(cfg, GPU, tight).vae_tiling is True
+    # memory.budget_gb wins over the device's figure, as for the choice of a preset
+    cfg.memory = dataclasses.replace(DECODE_BOUND, budget_gb=80)
+    assert planner.resolve_vae_tiling(cfg, GPU, tight).vae_tiling is False
+
+
+def test_repo_presets_turn_lossy_options_on_only_where_their_card_needs_them():
+    """The low-VRAM presets leave VAE tiling to the budget; at 80 GiB none of them changes the output."""
+    presets = demo.load_presets(("memory",)).memories
+    for name in ("low_vram_24g", "low_vram_16g", "low_vram_8g"):
+        assert presets[name].vae_tiling is None, name
+        assert predicted(presets[name], budget_gb=80).vae_tiling is False

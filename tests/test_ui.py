@@ -15,6 +15,7 @@ import pytest
 
 import demo
 from backends import build_backend
+from contentv import form as fm
 from contentv import studio as st
 from contentv import ui
 from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
@@ -42,13 +43,13 @@ def studio(cache_dir, tmp_path_factory) -> st.Studio:
     return st.Studio(tiny_cfg(tmp_path_factory.mktemp("ui-out")), PRESETS, build_backend)
 
 
-def form(studio: st.Studio, **changes) -> st.Form:
+def form(studio: st.Studio, **changes) -> fm.Form:
     """The page's form with some inputs changed: sampling and memory fields by their option names."""
     f = studio.defaults()
     for key, value in changes.items():
-        if key in st.SAMPLING_FIELDS:
+        if key in fm.SAMPLING_FIELDS:
             f.sampling[key] = value
-        elif key in st.MEMORY_FIELDS:
+        elif key in fm.MEMORY_FIELDS:
             f.memory_fields[key] = value
         else:
             setattr(f, key, value)
@@ -59,7 +60,7 @@ def videos(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
-def run(studio: st.Studio, f: st.Form, progress=None) -> st.Outcome:
+def run(studio: st.Studio, f: fm.Form, progress=None) -> st.Outcome:
     job, message = studio.prepare(f)
     assert job is not None, message
     return studio.generate(job, progress)
@@ -244,11 +245,11 @@ def test_same_model_backend_and_memory_reuse_the_loaded_pipeline(studio):
 
 
 def test_offload_is_one_choice_so_model_and_sequential_cannot_combine(studio):
-    for mode in st.OFFLOAD_MODES:
+    for mode in fm.OFFLOAD_MODES:
         m = studio.memory_config(form(studio, offload=mode))
         flags = [m.model_cpu_offload, m.sequential_cpu_offload, m.group_offload]
         assert sum(flags) == (mode != "none")
-        assert st.offload_mode(m) == mode
+        assert fm.offload_mode(m) == mode
     with pytest.raises(ConfigError, match="offload='model\\+sequential' is not valid: one of: none, model"):
         studio.memory_config(form(studio, offload="model+sequential"))
 
@@ -281,15 +282,25 @@ def test_memory_preset_fills_the_memory_widgets(studio):
     assert fields == {
         "offload": "none",
         "vae_slicing": False,
-        "vae_tiling": False,
+        "vae_tiling": "off",
         "attention_slicing": 0,
         "quantization": "none",
         "budget_gb": None,
     }
-    assert (
-        studio.memory_fields("low_vram_24g")["offload"] == "model"
-        and studio.memory_fields("low_vram_24g")["vae_tiling"]
-    )
+    # low_vram_24g leaves VAE tiling to the budget (null): the page shows that as a choice of its own
+    assert studio.memory_fields("low_vram_24g")["offload"] == "model"
+    assert studio.memory_fields("low_vram_24g")["vae_tiling"] == "auto"
+
+
+@pytest.mark.parametrize("value,expected", [("auto", None), ("on", True), ("off", False), (True, True), (False, False)])
+def test_vae_tiling_choice_goes_into_the_config(studio, value, expected):
+    memory = studio.memory_config(form(studio, memory="low_vram_24g", vae_tiling=value))
+    assert memory.vae_tiling is expected
+
+
+def test_a_vae_tiling_choice_the_page_does_not_offer_is_refused(studio):
+    with pytest.raises(ConfigError, match=r"memory\.vae_tiling=.maybe. is not valid: one of auto, on, off"):
+        studio.memory_config(form(studio, vae_tiling="maybe"))
     assert studio.memory_fields("nope") == {}
 
 
