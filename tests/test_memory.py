@@ -150,7 +150,8 @@ def test_preset_composes_and_says_its_figures_are_predictions(name):
     assert isinstance(memory, MemoryConfig)
     assert memory.name == name
     text = (PRESET_DIR / f"{name}.yaml").read_text()
-    assert "PREDICTED" in text and "not yet measured" in text
+    if name != "auto":  # figures: the README's generated memory table (tests/test_readme_tables.py)
+        assert "README's memory" in text and "not yet measured" in text
     memory_policy.check(memory, cpu_backend())  # every preset is valid on the CPU
 
 
