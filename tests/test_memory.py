@@ -151,8 +151,8 @@ def test_preset_composes_and_points_to_its_predicted_figures(name):
     assert isinstance(memory, MemoryConfig)
     assert memory.name == name
     text = (PRESET_DIR / f"{name}.yaml").read_text()
-    # figures live in one place (the README's generated table), and are called predictions there and here
-    assert "predictions" in text and "not yet measured" in text and "README" in text
+    if name != "auto":  # figures: the README's generated memory table (tests/test_readme_tables.py)
+        assert "README's memory" in text and "not yet measured" in text
     memory_policy.check(memory, cpu_backend())  # every preset is valid on the CPU
 
 

@@ -1,0 +1,295 @@
+"""Every figure table in README.md, generated: the memory planner's predictions per model and backend, the CPU
+benchmark results, the FirstBlockCache results and the GPU figures (benchmarks/gpu_tables.py).
+
+    python benchmarks/readme_tables.py            # print every block
+    python benchmarks/readme_tables.py --write    # write them between the README's markers
+    python benchmarks/readme_tables.py --check    # exit 1 (and say which) if the README's blocks differ
+
+The memory tables are `python demo.py dry_run=true model=M backend=B memory.budget_gb=N`'s figures: the planner
+(contentv.planner, on the meta device: no weights, no device) with the presets composed as demo.py composes
+them (conf/memory/*.yaml), planned for the named backend's capabilities on any machine. Each preset is planned at
+its card size (low_vram_24g at 24 GiB, ...), where `vae_tiling: null` is resolved; the others without a budget.
+The CPU and speed-up tables are benchmarks/results/cpu_reference.jsonl and speedups.jsonl as recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_tables, readme_blocks  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+COMMAND = "python benchmarks/readme_tables.py --write"
+# (model preset, backend) for the memory tables, in README order.
+MEMORY_RUNS = (("contentv_8b", "cuda"), ("contentv_8b", "npu"), ("cogvideox_5b", "cuda"))
+AUTO_BUDGETS_GIB = (24, 16, 12, 8)
+NAMES = {"contentv_8b": "ContentV-8B", "cogvideox_5b": "CogVideoX-5B", "cogvideox_2b": "CogVideoX-2B"}
+GiB = 2**30
+
+
+def card_gib(preset: str) -> int | None:
+    """The card size a preset is meant for, from its name: low_vram_16g -> 16; None for the others."""
+    found = re.search(r"(\d+)g$", preset)
+    return int(found.group(1)) if found else None
+
+
+# ------------------------------------------------------------------------------------------ memory (planner)
+
+
+# Fields described in words by turns_on(); any other field that differs from MemoryConfig's default shows as key=value.
+DESCRIBED = {
+    "name", "budget_gb", "check_fit", "model_cpu_offload", "sequential_cpu_offload", "group_offload",
+    "group_offload_blocks", "group_offload_stream", "text_encoders", "guidance_mode", "vae_slicing", "vae_tiling",
+    "attention_slicing", "quantization", "quantize",
+}  # fmt: skip
+
+
+def _placement(memory, caps) -> list[str]:
+    if memory.model_cpu_offload:
+        return ["model CPU offload (one whole component on the device at a time)"]
+    if memory.sequential_cpu_offload:
+        return ["sequential CPU offload (layer by layer)"]
+    if not memory.group_offload:
+        return []
+    blocks = memory.group_offload_blocks
+    text = f"transformer group offload ({blocks} block{'s' if blocks != 1 else ''} at a time"
+    if memory.group_offload_stream:
+        text += (
+            ", the next prefetched on a side stream from pinned memory"
+            if caps.supports_offload_streams
+            else "; no offload streams on this backend: synchronous copies"
+        )
+    return [text + ")"]
+
+
+def _text_encoders(memory) -> list[str]:
+    from contentv.memory_policy import text_encoder_mode
+
+    mode, explicit = text_encoder_mode(memory), memory.text_encoders != "auto"
+    if mode == "offload" and not (explicit or memory.group_offload):
+        return []  # model/sequential offload hooks place them: said by the placement
+    words = {
+        "release": "text encoders on the device only while encoding",
+        "offload": "text encoders offloaded layer by layer",
+        "cpu": "text encoders run on the CPU",
+        "device": "text encoders resident" if explicit else "",
+    }
+    return [words[mode]] if words.get(mode) else []
+
+
+def turns_on(memory, caps, tiled: bool | None, budget: int | None) -> str:
+    """What a preset turns on, from its fields (the composed YAML): every field that differs from MemoryConfig's
+    defaults, in words; `tiled`: what vae_tiling=null resolved to at `budget`."""
+    from contentv.config import MemoryConfig
+
+    base = MemoryConfig()
+    out = _placement(memory, caps) + _text_encoders(memory)
+    if memory.guidance_mode != base.guidance_mode:
+        out.append(f"{memory.guidance_mode} guidance")
+    if memory.vae_slicing:
+        out.append("VAE slicing")
+    if memory.vae_tiling:
+        out.append("VAE tiling")
+    elif memory.vae_tiling is None:
+        where = f"at {budget / GiB:.0f} GiB" if budget is not None else "without a budget"
+        out.append(f"VAE tiling where the untiled decode wouldn't fit ({where}: {'tiled' if tiled else 'untiled'})")
+    if memory.attention_slicing:
+        out.append(f"attention slicing ({memory.attention_slicing}-token chunks)")
+    if memory.quantization != "none":
+        out.append(f"{memory.quantization} on {', '.join(memory.quantize or ())}")
+    for f in dataclasses.fields(MemoryConfig):  # a field added later still shows
+        if f.name not in DESCRIBED and getattr(memory, f.name) != getattr(base, f.name):
+            out.append(f"{f.name}={getattr(memory, f.name)}")
+    return ", ".join(out) or "everything resident"
+
+
+def memory_table(model: str, backend: str, presets: dict) -> str:
+    """One model on one backend: every preset's predicted peak device memory, host RAM, time and output, and what
+    memory=auto chooses at a few budgets."""
+    import backends
+    import demo
+    from contentv.errors import ConfigError
+    from contentv.memory_policy import output_changes, with_defaults
+    from contentv.planner import MARGIN, plan
+    from contentv.registry import get_spec
+
+    cfg = demo.load_config([f"model={model}", f"backend={backend}", "memory=none", "dry_run=true"])
+    caps = backends.backend_class(backend).capabilities()
+    spec = get_spec(cfg.model.family)
+    plans = {}
+    rows = []
+    for name in presets:
+        if name == "auto":
+            continue
+        size = card_gib(name)
+        budget = None if size is None else size * GiB
+        if budget not in plans:
+            plans[budget] = plan(cfg, presets, caps, budget_bytes=budget, choose=False)
+        rows.append((next(s for s in plans[budget].strategies if s.name == name), budget))
+    p = plans[None] if None in plans else next(iter(plans.values()))
+    s = p.sampling
+    rows.sort(key=lambda r: (r[0].time, r[0].device_bytes, r[0].name))
+    lines = [
+        f"**{NAMES.get(model, model)}, {s.height}×{s.width}, {s.num_frames} frames, {cfg.model.dtype}, backend "
+        f"`{backend}`** (`python demo.py dry_run=true model={model} backend={backend} memory.budget_gb=N`). "
+        "Weights GiB: " + ", ".join(f"{n} {v / GiB:.2f}" for n, v in p.weights.items()) + ".",
+        "",
+        "| preset | turns on | peak device GiB | host GiB: generating / with loading | time × `none` | output vs `none` |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for x, budget in rows:
+        memory = with_defaults(x.memory, spec.quantize_default)  # quantize: null -> the family's components
+        if x.error:
+            lines.append(f"| `{x.name}` | {turns_on(memory, caps, None, budget)} | unavailable: {x.error} | | | |")
+            continue
+        changes = output_changes(dataclasses.replace(memory, vae_tiling=x.vae_tiling))
+        output = "same" if not changes else "changes: " + "; ".join(c.split(" (")[0] for c in changes)
+        lines.append(
+            f"| `{x.name}` | {turns_on(memory, caps, x.vae_tiling, budget)} | {x.device_bytes / GiB:.2f} | "
+            f"{x.host_bytes / GiB:.2f} / {x.host_peak_bytes / GiB:.2f} | {x.time:.2f} | {output} |"
+        )
+    runnable = [x for x, _ in rows if not x.error]
+    least = min(runnable, key=lambda x: x.device_bytes)
+    choices = []
+    for gib in AUTO_BUDGETS_GIB:
+        try:
+            chosen = plan(cfg, presets, caps, budget_bytes=gib * GiB).chosen.name
+            choices.append(f"{gib} GiB → `{chosen}`")
+        except ConfigError:
+            choices.append(f"{gib} GiB → nothing fits")
+    lines += [
+        "",
+        f"Least peak device memory: `{least.name}`. `memory=auto` (`memory.budget_gb=N`, or the free device memory) "
+        f"chooses the fastest preset whose peak is at most {1 - MARGIN:.0%} of the budget: " + ", ".join(choices) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def memory_block() -> str:
+    import demo
+
+    presets = demo.load_presets(("memory",)).memories
+    return "\n".join(memory_table(model, backend, presets) for model, backend in MEMORY_RUNS)
+
+
+# ------------------------------------------------------------------------------------------ recorded results
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["date"], r["size"]), []).append(r)
+    return runs
+
+
+def cpu_block(path: Path = RESULTS / "cpu_reference.jsonl") -> str:
+    """benchmarks/cpu_reference.py's runs: each method's total time against the reference algorithm's."""
+    lines = [
+        "Recorded by `python benchmarks/cpu_reference.py` in `benchmarks/results/cpu_reference.jsonl` (a small "
+        "random-weight ContentV; ratios of total time, the median over repeats and, in brackets, the minimum):",
+        "",
+        "| run | device | size, steps | repeats | reference s (median) | runtime ÷ reference | batched guidance ÷ "
+        "reference |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for (date, size), rows in _runs(read_jsonl(path)).items():
+        by = {r["method"]: r for r in rows}
+        ref = by.get("reference", {})
+
+        def ratio(method: str, by: dict = by) -> str:
+            r = by.get(method)
+            return "-" if r is None else f"{r['ratio_vs_reference']:.3f} ({r['ratio_min_vs_reference']:.3f})"
+
+        lines.append(
+            f"| {date[:16].replace('T', ' ')} | {rows[0]['device']} | {size} | {rows[0]['repeats']} | "
+            f"{ref.get('total_s_median', '-')} | {ratio('runtime')} | {ratio('batched')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def speedups_block(path: Path = RESULTS / "speedups.jsonl") -> str:
+    """benchmarks/speedups.py's runs: each setting's denoising time and PSNR against the plain run."""
+    lines = [
+        "Recorded by `python benchmarks/speedups.py` in `benchmarks/results/speedups.jsonl` (a small random-weight "
+        "ContentV on the CPU; denoising time, median over repeats; PSNR of the frames against the plain run's):",
+        "",
+        "| run | size, steps | setting | denoising s | speed-up | PSNR dB vs plain |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for (date, size), rows in _runs(read_jsonl(path)).items():
+        for r in rows:
+            psnr = r["psnr_db_vs_plain"]
+            shown = "identical" if psnr is None or math.isinf(psnr) else f"{psnr:.1f}"
+            lines.append(
+                f"| {date[:16].replace('T', ' ')} | {size} | {r['setting']} | {r['denoising_s_median']:.3f} | "
+                f"{r['speedup_vs_plain']:.2f}× | {shown} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the README
+
+
+BLOCKS = {
+    "memory-tables": memory_block,
+    "cpu-figures": cpu_block,
+    "speedup-figures": speedups_block,
+}
+
+
+def blocks() -> dict[tuple[str, str], str]:
+    """(begin marker, end marker) -> content, for every generated block of the README."""
+    out = {readme_blocks.markers(name, COMMAND): make() for name, make in BLOCKS.items()}
+    out[(gpu_tables.BEGIN, gpu_tables.END)] = gpu_tables.readme_block()
+    return out
+
+
+def differences(readme: Path = readme_blocks.README) -> list[str]:
+    """The begin markers of the README's blocks that differ from what this script generates."""
+    text = readme.read_text()
+    return [
+        begin for (begin, end), content in blocks().items() if readme_blocks.read_block(text, begin, end) != content
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="write every block between the README's markers")
+    group.add_argument("--check", action="store_true", help="exit 1 if a README block differs from what is generated")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.disable(logging.WARNING)  # the planner's imports (torchao, diffusers) warn on a CPU machine
+    if args.write:
+        print("README updated" if readme_blocks.write_blocks(blocks()) else "README already up to date")
+        return 0
+    if args.check:
+        stale = differences()
+        for begin in stale:
+            print(f"README.md: out of date: {begin}", file=sys.stderr)
+        if stale:
+            print(f"run `{COMMAND}`", file=sys.stderr)
+        return 1 if stale else 0
+    for (begin, end), content in blocks().items():
+        print(f"{begin}\n{content}{end}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
