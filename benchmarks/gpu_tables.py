@@ -295,7 +295,7 @@ def summary(out: Path) -> str:
     rows = latest(read_rows(sorted(out.glob("gpu_*.jsonl"))))
     lines += ["", "## Results", ""]
     lines += [markdown(rows) if rows else "no benchmark rows were written"]
-    lines += ["", "## Targets (PERFORMANCE.md)", ""]
+    lines += ["", "## Targets", ""]
     found = [(r, w, ok) for r in rows for w, ok in targets(r)]
     lines += [f"- {'met   ' if ok else 'MISSED'} {r['model']} {r['preset']}: {w}" for r, w, ok in found]
     if not found:

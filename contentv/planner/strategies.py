@@ -2,7 +2,7 @@
 
 `predict` follows the mechanisms in backends/memory.py (placement, group offload groups, text-encoder modes,
 quantized bytes) stage by stage: text encoding, denoising, decoding. Relative times are published anchors
-(PERFORMANCE.md) until the GPU benchmark measures ContentV-8B.
+(see PLACEMENT_TIME) until the GPU benchmark (benchmarks/gpu_check.sh) measures ContentV-8B.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ MARGIN = 0.05
 BASE_HOST_BYTES = int(2.5 * GiB)
 STAGES = ("text_encoding", "denoising", "decoding")
 
-# Relative time (1.0 = everything resident, no quantization). These are the published anchors of
-# /work/shared/PERFORMANCE.md (diffusers' offloading run, Flux int8/fp8 on an H100, mmgp), to be replaced by
-# ratios measured on ContentV-8B with the benchmarks. Offload overheads are for one forward per step;
-# sequential guidance runs two, so the weight traffic (the overhead) doubles under block/layer offload.
+# Relative time (1.0 = everything resident, no quantization). Published anchors, to be replaced by ratios
+# measured on ContentV-8B with benchmarks/gpu_check.sh: diffusers' memory-optimization docs (one offloading run:
+# 6.6 s resident, 21.7 s model, 47.7 s group, 68.4 s sequential offload, on a short sequence where copies
+# can't hide), published Flux runs on an H100 (bitsandbytes int8 2.25x, torchao int8 1.25x, fp8 layerwise
+# casting 1.08x) and the long-sequence case where block prefetch hides behind compute. Offload overheads are for
+# one forward per step; sequential guidance runs two, so the weight traffic (the overhead) doubles under block/layer offload.
 PLACEMENT_TIME = {
     "device": 1.0,
     "model_cpu_offload": 1.02,  # each component crosses once per video
