@@ -1,0 +1,130 @@
+"""Start-up benchmark: how long `demo.py` takes to print its help, to refuse a bad setting, and to make a
+video with the cached tiny model, and what share of that tiny run is start-up (imports, Hydra, loading the
+tiny weights) rather than work (text encoding, denoising, decoding, writing).
+
+Runs each command in a fresh process, interleaved across repeats (and across checkouts with --compare), and
+reports the fastest and the median wall time. One JSON object per (checkout, command) goes to
+benchmarks/results/startup.jsonl.
+
+    python benchmarks/startup.py                              # this checkout
+    python benchmarks/startup.py --compare /path/to/old/checkout --repeats 5
+
+The tiny model is built once before timing (its checkpoint cache is shared by every checkout). Compare as
+ratios within one run: shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=2", "sampling.prompt=a red fox"]
+COMMANDS = {
+    "help": ["--help"],
+    "preflight_error": ["model=tiny_contentv", "backend=cpu", "sampling.num_frames=0"],
+    "tiny_run": TINY,
+}
+
+
+def run_once(checkout: Path, args: list[str], out: Path, env: dict) -> tuple[float, int, dict]:
+    """(wall seconds, exit status, the sidecar's timings if a video was made)."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(checkout / "demo.py"), *args, f"hydra.run.dir={out}", f"output.dir={out}"],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    sidecars = sorted(out.rglob("*.json"))
+    record = json.loads(sidecars[-1].read_text()) if sidecars else {}
+    return wall, proc.returncode, record
+
+
+def measure(checkouts: list[Path], repeats: int) -> tuple[dict, dict, dict]:
+    """Interleaved runs: wall times and exit statuses per (checkout, command), start-up shares per checkout."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    walls: dict[tuple[str, str], list[float]] = {}
+    status: dict[tuple[str, str], set[int]] = {}
+    shares: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for checkout in checkouts:  # build the tiny checkpoint once, untimed
+            run_once(checkout, TINY, Path(tempfile.mkdtemp(dir=tmp)), env)
+        for _ in range(repeats):
+            for name, command in COMMANDS.items():
+                for checkout in checkouts:
+                    wall, rc, record = run_once(checkout, command, Path(tempfile.mkdtemp(dir=tmp)), env)
+                    walls.setdefault((str(checkout), name), []).append(wall)
+                    status.setdefault((str(checkout), name), set()).add(rc)
+                    # start-up share: the process's wall time outside the work stages (text encoding ... writing).
+                    # Loading counts as start-up: older checkouts imported the libraries inside their "load" stage.
+                    skip = ("startup", "load", "total")
+                    stages = {k: v for k, v in record.get("timings_s", {}).items() if k not in skip}
+                    if name == "tiny_run" and stages:
+                        shares.setdefault(str(checkout), []).append((wall - sum(stages.values())) / wall)
+    return walls, status, shares
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", type=Path, action="append", default=[], help="another checkout to time")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    checkouts = [ROOT, *(p.resolve() for p in args.compare)]
+    walls, status, shares = measure(checkouts, args.repeats)
+    rows = []
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for (checkout, name), values in walls.items():
+        row = {
+            "checkout": checkout,
+            "commit": _commit(Path(checkout)),
+            "command": name,
+            "args": COMMANDS[name],
+            "exit_status": sorted(status[(checkout, name)]),
+            "fastest_s": round(min(values), 3),
+            "median_s": round(statistics.median(values), 3),
+            "repeats": len(values),
+            "cpu_count": os.cpu_count(),
+            "time": stamp,
+        }
+        if name == "tiny_run" and checkout in shares:
+            row["startup_share_median"] = round(statistics.median(shares[checkout]), 3)
+        rows.append(row)
+        share = f"  start-up share {row['startup_share_median']:.0%}" if "startup_share_median" in row else ""
+        print(
+            f"{row['commit'][:8]}  {name:<16} fastest {row['fastest_s']:6.2f} s  median {row['median_s']:6.2f} s  "
+            f"exit {row['exit_status']}{share}"
+        )
+    for name in COMMANDS:
+        base = statistics.median(walls[(str(checkouts[0]), name)])
+        for other in checkouts[1:]:
+            ratio = statistics.median(walls[(str(other), name)]) / base
+            print(f"{name:<16} {_commit(other)[:8]} takes {ratio:.2f}x this checkout's median")
+    if not args.no_record:
+        out = ROOT / "benchmarks" / "results" / "startup.jsonl"
+        with out.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"recorded: {out.relative_to(ROOT)}")
+    return 0
+
+
+def _commit(checkout: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
