@@ -12,9 +12,11 @@ The two attention ops are neither stricter nor looser than the real ones:
 - Value rules follow op_plugin's checks and the wheel's op docs (torch_npu/_op_plugin_docs.py); each says where it
   comes from. What the real op rejects raises StandInError (a RuntimeError, as TORCH_CHECK does); what it accepts but
   this stand-in does not compute raises NotModelled, so a gap is never mistaken for a rule.
-- Tensors must be on the NPU: `StandIn.is_on_device` is the one device check. No tensor can be on "npu" without a
-  PrivateUse1 backend, so CPU-only tests that want numbers set that hook to accept their CPU tensors (see
-  tests/test_npu.py); the math runs on CPU copies and comes back on the input's device.
+- Tensors must be on the NPU: `StandIn.is_on_device` is the one device check. On a CPU build, real "npu" tensors
+  come from the virtual device (tests/virtual_device.py with device_type="npu"), which sets that hook to its
+  `holds` (the op's kernel sees the device tensors' CPU data); tests that only want numbers set it to accept
+  CPU tensors instead (`npu_cpu` in tests/test_npu.py). The math runs on CPU copies and comes back on the input's
+  device.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import inspect
+import itertools
 import sys
 import types
 from pathlib import Path
@@ -151,19 +154,29 @@ class _HF32Switch:
         return None
 
 
-class _Stream:
-    """torch_npu.npu.Stream(device=None, priority=0, **kwargs) (torch_npu/npu/streams.py); no real queue."""
+_PRIVATEUSE1 = int(torch._C._autograd.DeviceType.PrivateUse1)  # the device type torch_npu's streams report
+
+
+class _Stream(torch.Stream):
+    """torch_npu.npu.Stream(device=None, priority=0, **kwargs) (torch_npu/npu/streams.py); no real queue.
+
+    A `torch.Stream`, as the real one is (its base, torch_npu/csrc/npu/Stream.h's THNPStream, extends THPStream),
+    so torch's own stream arguments take it: `Tensor.record_stream(torch.npu.current_stream())` does in diffusers'
+    group offloading with streams. `device`, `device_index` and `device_type` (an int) are torch.Stream's."""
 
     _owner: FakeNPUModule  # set on each module's own subclass
+    _ids = itertools.count(1)  # distinct stream ids
+
+    def __new__(cls, device=None, priority=0, **kwargs):
+        owner = cls._owner
+        owner._lazy_init()
+        return super().__new__(
+            cls, stream_id=next(cls._ids), device_index=owner._index(device), device_type=_PRIVATEUSE1
+        )
 
     def __init__(self, device=None, priority=0, **kwargs):
-        owner = self._owner
-        owner._lazy_init()
-        self.device_index = owner._index(device)
-        self.device_type = "npu"
-        self.device = torch.device("npu", self.device_index)
         self.priority = priority
-        owner._record("Stream", device, priority=priority, **kwargs)
+        self._owner._record("Stream", device, priority=priority, **kwargs)
 
     def synchronize(self) -> None:
         self._owner._record("Stream.synchronize", self.device_index)
@@ -427,7 +440,7 @@ class StandIn:
         self.module = module
 
     def is_on_device(self, tensor: torch.Tensor) -> bool:
-        """The device check of both ops: is this tensor on the NPU? (a virtual device may replace this)"""
+        """The device check of both ops: is this tensor on the NPU? (the virtual npu replaces it by `vd.holds`)"""
         return tensor.device.type == "npu"
 
     def _op(self, name: str, impl):
@@ -785,7 +798,10 @@ def install(monkeypatch: pytest.MonkeyPatch, available: bool = True, device_coun
     _settle_vendor_checks()
     standin = StandIn(available, device_count)
     monkeypatch.setitem(sys.modules, "torch_npu", standin.module)
+    # torch._register_device_module("npu", torch_npu.npu), as torch_npu does: the attribute and sys.modules, where
+    # torch's lazy device init imports it from (the first tensor made on "npu" calls torch.npu._lazy_init()).
     monkeypatch.setattr(torch, "npu", standin.npu, raising=False)
+    monkeypatch.setitem(sys.modules, "torch.npu", standin.npu)
     torch.get_device_module.cache_clear()  # cached per device type: diffusers reaches torch.npu through it
     return standin
 

@@ -1,7 +1,9 @@
 """The NPU backend's contract, on CPU, against the strict torch_npu stand-in (tests/npu_standin.py).
 
-The stand-in's ops reject tensors that are not on the NPU, as the real ones do. Until a virtual "npu" device exists
-(tests/virtual_device.py), tests that need numbers use `npu_cpu`, which lets CPU tensors play the NPU's.
+The stand-in's ops reject tensors that are not on the NPU, as the real ones do. Placement and whole runs use
+`npu_device`: real "npu" tensors from the virtual device (tests/virtual_device.py presenting PrivateUse1), so
+diffusers' and accelerate's hooks really move weights there and any op mixing devices raises. Kernel numerics use
+`npu_cpu`, which lets CPU tensors play the NPU's.
 What waits for hardware is marked `npu` and skips without torch_npu: the real kernels at ContentV's shape.
 """
 
@@ -25,11 +27,13 @@ import torch.nn.functional as F
 import backends
 from backends.npu import NPUBackend
 from contentv.attention import sdpa
-from contentv.config import BackendConfig, MemoryConfig
+from contentv.config import BackendConfig, MemoryConfig, ModelConfig, RunConfig
 from contentv.errors import ConfigError
 from contentv.models.contentv.attention import ContentVJointAttnProcessor
 from contentv.models.contentv.transformer import SD3Transformer3DModel
+from contentv.runtime import Runtime
 from tests.npu_standin import SCHEMA_FILE, SCHEMAS, NotModelled, StandIn, StandInError, install, uninstall
+from tests.virtual_device import VirtualDevice
 
 ROOT = Path(__file__).resolve().parents[1]
 # A real torch_npu (an Ascend machine) has package metadata and a real torch.npu, which the
@@ -862,128 +866,180 @@ MEMORY = {
     "group_offload_all": MemoryConfig(name="group", group_offload=True, text_encoders="offload"),
 }
 PRESETS = list(MEMORY)
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @pytest.fixture
-def npu_device(npu: StandIn) -> StandIn:
-    """The stand-in plus real tensors on torch.device("npu", 0), which needs a PrivateUse1 backend."""
-    try:
-        torch.zeros(1, device="npu:0").cpu()
-    except Exception as e:  # without one, torch has no "npu" tensors at all
-        pytest.skip(f"no virtual npu device (tests/virtual_device.py) yet: {type(e).__name__}")
-    return npu
+def npu_device(npu: StandIn):
+    """The stand-in with real tensors on torch.device("npu", 0): the virtual device (tests/virtual_device.py)
+    presenting PrivateUse1, which the stand-in names "npu" as torch_npu does. In-process, because a device guard
+    registered from Python is all a CPU build lacks for PrivateUse1 tensors (no subprocess, no C++).
+    torch.npu stays the stand-in's; host memory can be pinned, as with torch_npu; the stand-in's ops take the
+    device's tensors (`is_on_device` = `vd.holds`) and still reject CPU ones."""
+    with VirtualDevice(device_type="npu", register_module=False, pinned_memory=True) as vd:
+        npu.is_on_device = vd.holds
+        yield npu, vd
+
+
+def test_the_virtual_npu_device(npu_device):
+    """What the placement tests rest on: npu tensors in-process, forwards under grad mode with weights that require
+    grad (without PrivateUse1's device guard, autograd aborts the process there), pinned host memory, torch.npu
+    streams that torch's own stream arguments take, and the stand-in's ops taking npu tensors, refusing CPU ones."""
+    import torch_npu
+
+    npu, vd = npu_device
+    npu0 = torch.device("npu", 0)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    expected = layer(x)
+    layer.to(npu0)
+    assert layer.weight.device == npu0 and layer.weight.requires_grad
+    out = layer(x.to(npu0))
+    assert out.device == npu0 and out.requires_grad and torch.equal(out.cpu(), expected)
+    with pytest.raises(RuntimeError, match="same device"):
+        layer(x)
+
+    pinned = x.pin_memory()
+    assert pinned.is_pinned() and not x.is_pinned() and pinned.pin_memory() is pinned and torch.equal(pinned, x)
+    stream = torch.npu.Stream()
+    assert isinstance(stream, torch.Stream) and stream.device == npu0
+    out.record_stream(stream)  # diffusers' group offloading with record_stream=True
+
+    q, k, v = (t.to(npu0) for t in _qkv(1, 2, 8, 16, torch.bfloat16))
+    result = torch_npu.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.25)[0]
+    assert result.device == npu0 and vd.holds(result) and len(npu.calls) == 1
+    _bf16_close(result.cpu(), _sdpa(*(t.cpu() for t in (q, k, v)), scale=0.25))
+    with pytest.raises(NotImplementedError, match="Could not run 'npu::npu_fusion_attention' .*'CPU' backend"):
+        torch_npu.npu_fusion_attention(q.cpu(), k.cpu(), v.cpu(), 2, "BNSD", scale=0.25)
+
+
+def _groups(module: torch.nn.Module) -> list:
+    """diffusers' group-offloading groups hooked anywhere in module (block groups and the top-level rest)."""
+    groups = []
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            groups.append(hook.group)
+    return groups
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_prepare_places_the_pipeline_on_the_npu(npu_device: StandIn, tiny_pipe, preset: str):
-    """Real placement on the stand-in's device: where each component's weights end up after prepare()."""
+def test_prepare_places_the_pipeline_on_the_npu(npu_device, tiny_pipe, preset: str):
+    """Real placement on the stand-in's device: where each component's weights end up after prepare(), and the
+    device the offload hooks onload to."""
     from contentv.models.contentv import SPEC
 
     npu0 = torch.device("npu", 0)
     applied = NPUBackend(BackendConfig(name="npu")).prepare(tiny_pipe, MEMORY[preset], SPEC)
     assert applied["attention_kernel"] == "npu_fusion" and tiny_pipe.execution_device == npu0
+    assert {p.kernel.__name__ for p in tiny_pipe.transformer.attn_processors.values()} == {"npu_fusion"}
+    assert "cuda" not in repr(applied)
 
     def devices(name: str) -> set[torch.device]:
         return {p.device for p in getattr(tiny_pipe, name).parameters()}
 
+    def hook_devices(name: str) -> set[torch.device]:  # accelerate's hooks (model and sequential offload)
+        module = getattr(tiny_pipe, name)
+        return {m._hf_hook.execution_device for m in module.modules() if hasattr(m, "_hf_hook")}
+
     if preset == "device":
-        for name in ("transformer", "vae", "text_encoder"):
+        for name in ("transformer", "vae", *ENCODERS):
             assert devices(name) == {npu0}, name
     elif preset == "model_cpu_offload":  # on the CPU until their turn; hooks onload them to npu:0
         assert devices("transformer") == {torch.device("cpu")} and tiny_pipe._offload_device == npu0
-    elif preset == "sequential_cpu_offload":
-        assert npu0 not in devices("transformer")
+        for name in ("transformer", "vae", *ENCODERS):
+            assert hook_devices(name) == {npu0}, name
+    elif preset == "sequential_cpu_offload":  # weights stay in CPU memory; hooks bring each layer's up
+        assert devices("transformer") == {torch.device("meta")} and hook_devices("transformer") == {npu0}
     else:
         assert devices("transformer") == {torch.device("cpu")} and devices("vae") == {npu0}
         assert "stream True" in applied["placement"]
+        offloaded = ("transformer", *ENCODERS) if preset == "group_offload_all" else ("transformer",)
+        for name in ("transformer", *ENCODERS):
+            groups = _groups(getattr(tiny_pipe, name))
+            assert bool(groups) == (name in offloaded), name
+            assert {(g.onload_device, g.offload_device) for g in groups} <= {(npu0, torch.device("cpu"))}, name
+        streamed = [g for g in _groups(tiny_pipe.transformer) if g.stream is not None]
+        assert streamed and {g.stream.device for g in streamed} == {
+            npu0
+        }  # torch.npu.Stream: prefetched on a side stream
+        assert all(t.is_pinned() for g in streamed for t in g.cpu_param_dict.values())  # copied from pinned memory
 
 
-@pytest.fixture
-def device_calls(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Record every device handed to `nn.Module.to`; refuse real moves to npu (there is none) and any cuda.
-
-    Interim, until the virtual device runs test_prepare_places_the_pipeline_on_the_npu: then delete this."""
-    moves: list = []
-    original = torch.nn.Module.to
-
-    def to(self, *args, **kwargs):
-        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        moves.append(("Module.to", type(self).__name__, device))
-        if device is not None and device.type == "npu":
-            return original(self, dtype) if dtype is not None else self  # recorded, not moved
-        return original(self, *args, **kwargs)
-
-    def no_cuda(self, *args, **kwargs):
-        raise AssertionError(".cuda() called")
-
-    monkeypatch.setattr(torch.nn.Module, "to", to)
-    monkeypatch.setattr(torch.nn.Module, "cuda", no_cuda)
-    monkeypatch.setattr(torch.Tensor, "cuda", no_cuda)
-    return moves
+def _run_config(backend: str, memory: MemoryConfig, dtype: str = "float32") -> RunConfig:
+    cfg = RunConfig(backend=BackendConfig(name=backend), memory=memory)
+    cfg.model = ModelConfig(name="tiny_contentv", family="contentv", path=None, tiny=True, dtype=dtype)
+    s = cfg.sampling
+    s.prompt, s.height, s.width, s.num_frames, s.num_inference_steps = "a red fox walks in snow", 32, 48, 5, 1
+    return cfg
 
 
-def _record_offload_calls(monkeypatch: pytest.MonkeyPatch, pipe, calls: list) -> None:
-    """Replace diffusers' offload entry points (wherever memory.py reaches them) by recorders."""
-    import diffusers.hooks
-    from diffusers.models.modeling_utils import ModelMixin
+@pytest.fixture(scope="module")
+def cpu_frames(tiny_ckpt, single_thread):
+    """Frames of the same video on the CPU, all weights resident, SDPA: one run per dtype, made on first use."""
+    cache: dict[str, object] = {}
 
-    def recorder(name: str):
-        def record(*args, **kwargs):
-            calls.append((name, args, kwargs))
+    def get(dtype: str):
+        if dtype not in cache:
+            cpu = backends.build_backend(BackendConfig(name="cpu"))
+            cache[dtype] = Runtime(cpu, progress=False).generate(_run_config("cpu", MemoryConfig(), dtype)).frames
+        return cache[dtype]
 
-        return record
+    return get
 
-    for name in ("to", "enable_model_cpu_offload", "enable_sequential_cpu_offload"):
-        for cls in type(pipe).__mro__:  # the class's own method and every override up to DiffusionPipeline
-            if name in vars(cls):
-                monkeypatch.setattr(cls, name, recorder(f"pipe.{name}"))
-    monkeypatch.setattr(ModelMixin, "enable_group_offload", recorder("enable_group_offload"))
-    monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", recorder("apply_group_offloading"))
+
+def _generate_on_the_npu(backend: NPUBackend, cfg: RunConfig):
+    """One video by the runtime on the virtual npu -> (frames, the devices of the transformer's tensor inputs)."""
+    runtime = Runtime(backend, progress=False)
+    pipe = runtime.pipeline(cfg)  # loads, then backend.prepare places it
+    inputs: set[torch.device] = set()
+
+    def record(_module, args, kwargs):
+        inputs.update(t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        frames = runtime.generate(cfg).frames
+    finally:
+        handle.remove()
+        runtime.release()
+    return frames, inputs
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_prepare_hands_the_npu_device_to_diffusers(npu: StandIn, tiny_pipe, device_calls: list, preset: str):
-    from contentv.models.contentv import SPEC
-
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        _record_offload_calls(monkeypatch, tiny_pipe, device_calls)
-        applied = NPUBackend(BackendConfig(name="npu")).prepare(tiny_pipe, MEMORY[preset], SPEC)
-    finally:
-        monkeypatch.undo()  # the class-level recorders must not outlive the call
-    calls = device_calls
+def test_generates_on_the_npu(npu_device, cpu_frames, preset: str):
+    """A whole video (one step, fp32) on the virtual npu under each placement. The device raises on any op that
+    mixes devices, so finishing proves there was none; the transformer ran on npu tensors, and the frames equal
+    the CPU run's (fp32 goes to SDPA, on the same CPU kernels)."""
+    npu, vd = npu_device
     npu0 = torch.device("npu", 0)
+    frames, inputs = _generate_on_the_npu(NPUBackend(BackendConfig(name="npu")), _run_config("npu", MEMORY[preset]))
+    expected = cpu_frames("float32")
+    assert inputs == {npu0}
+    assert vd.log.h2d_count > 0 and npu.calls == []  # fp32: no fused kernel
+    assert frames.shape == expected.shape and float(abs(frames - expected).max()) <= 1e-5
 
-    assert applied["attention_kernel"] == "npu_fusion"
-    assert {p.kernel.__name__ for p in tiny_pipe.transformer.attn_processors.values()} == {"npu_fusion"}
-    assert "cuda" not in repr(calls) and "cuda" not in repr(applied)
-    assert tiny_pipe.execution_device == npu0
-    assert not [c for c in calls if c[0] == "pipe.to"]
-    offload = {name: kwargs for name, _, kwargs in calls if name.startswith("pipe.enable")}
-    groups = [
-        (args[0], kwargs) for name, args, kwargs in calls if name in ("enable_group_offload", "apply_group_offloading")
-    ]
-    moved = {cls: dev for what, cls, dev in calls if what == "Module.to" and dev is not None and dev.type != "cpu"}
-    assert set(moved.values()) <= {npu0}
 
-    if preset == "model_cpu_offload":
-        assert offload == {"pipe.enable_model_cpu_offload": {"device": npu0}}
-    elif preset == "sequential_cpu_offload":
-        assert offload == {"pipe.enable_sequential_cpu_offload": {"device": npu0}}
-    elif preset == "device":
-        assert not offload and not groups
-        assert {"SD3Transformer3DModel", "AutoencoderKLWan", "T5EncoderModel"} <= set(moved)
-    else:
-        assert not offload and groups
-        assert tiny_pipe.transformer in [module for module, _ in groups]
-        for _, kwargs in groups:
-            assert kwargs["onload_device"] == npu0 and kwargs["offload_device"] == torch.device("cpu")
-            assert kwargs["use_stream"] is True  # torch.npu.Stream: diffusers prefetches on a side stream
-        assert "SD3Transformer3DModel" not in moved  # streamed by the hooks, not moved
-        assert "AutoencoderKLWan" in moved
-        assert "stream True" in applied["placement"]
-        if preset == "group_offload_all":
-            assert {"T5EncoderModel", "CLIPTextModelWithProjection"} <= {type(m).__name__ for m, _ in groups}
+@pytest.mark.parametrize(
+    "attention, layout, preset",
+    [
+        ("npu_fusion", "BNSD", "device"),
+        ("npu_fusion", "BSND", "model_cpu_offload"),
+        ("npu_fused_infer", "BNSD", "group_offload"),
+    ],
+)
+def test_fused_attention_runs_on_the_npu(npu_device, cpu_frames, attention: str, layout: str, preset: str):
+    """bf16: the fused kernels get the virtual npu's tensors through the stand-in's own device check (no CPU
+    tensors standing in); frames within bf16 rounding of the CPU run with SDPA (measured max 0.027)."""
+    npu, _ = npu_device
+    npu0 = torch.device("npu", 0)
+    backend = NPUBackend(BackendConfig(name="npu", attention=attention, npu_layout=layout))
+    frames, inputs = _generate_on_the_npu(backend, _run_config("npu", MEMORY[preset], "bfloat16"))
+    expected = cpu_frames("bfloat16")
+    op = FUSION if attention == "npu_fusion" else FUSED_INFER
+    assert inputs == {npu0} and npu.calls and {name for name, _ in npu.calls} == {op}
+    assert frames.shape == expected.shape and float(abs(frames - expected).max()) <= 0.05
 
 
 # ------------------------------------------------------------------------------------------ hardware

@@ -503,6 +503,22 @@ def test_group_offloading_with_streams_needs_pinned_memory(vd):
     assert any(entry.name == "_to_cpu" for entry in caught.traceback)
 
 
+def test_pinned_memory_when_asked():
+    """pinned_memory=True (the virtual npu: torch_npu pins host memory): a pinned CPU copy, remembered as pinned."""
+    x = torch.randn(3, 4).t()
+    with VirtualDevice(pinned_memory=True) as vd:
+        pinned = x.pin_memory()
+        assert pinned.device.type == "cpu" and torch.equal(pinned, x) and pinned.is_contiguous()
+        assert pinned.is_pinned() and not x.is_pinned() and pinned.pin_memory() is pinned
+        assert not pinned.to(vd.device).is_pinned()
+        assert vd.log.h2d_count == 1
+
+
+def test_device_type_is_lazy_or_privateuse1():
+    with pytest.raises(ValueError, match="PrivateUse1"):
+        VirtualDevice(device_type="cuda")
+
+
 def test_layerwise_casting_stores_float8_on_the_device(vd):
     model = _sd3()
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)

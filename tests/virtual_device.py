@@ -1,6 +1,8 @@
 """A virtual accelerator for CPU-only tests: a device that is not the CPU, computed on the CPU.
 
 `with VirtualDevice() as vd:` (also a pytest fixture body) installs it; leaving restores all global state.
+`VirtualDevice(device_type="npu", register_module=False, pinned_memory=True)` presents torch's PrivateUse1 device
+instead, under the name the torch_npu stand-in (tests/npu_standin.py) gives it, with that stand-in's `torch.npu`.
 
 - Device tensors report `torch.device("lazy", 0)` and keep their data in a plain CPU tensor (`_elem`). Ops
   make `VirtualTensor`s (`_make_wrapper_subclass`); a tensor that already exists as a Python object (a
@@ -25,14 +27,22 @@
 
 Why this approach: wrapper tensors plus modes need no C++ and are fully undone on exit, whereas a
 PrivateUse1 backend is a once-per-process rename that the NPU stand-in in this test session already uses.
-Why "lazy": of a CPU build's device types only lazy and meta have a device guard (without one autograd
+Why "lazy" by default: of a CPU build's device types only lazy and meta have a device guard (without one autograd
 aborts the process), meta means "no data" to accelerate and diffusers, and none of the libraries we use
 special-cases lazy; `torch.lazy` is free to register.
+Why PrivateUse1 works too: torch lets Python register PrivateUse1's device guard
+(`torch._C._acc.register_python_privateuseone_device_guard`, what torch.utils.backend_registration's
+`_setup_privateuseone_for_python_backend` does); installing such a device registers one, once per process (it
+cannot be removed, and changes nothing else: PrivateUse1 still has no kernels, so outside the modes "npu" tensors
+still cannot be made). Backward on such tensors would also need PrivateUse1 hooks: not registered (inference only).
+With `pinned_memory=True`, `Tensor.pin_memory()` gives a CPU copy that `is_pinned()` reports as pinned, as torch_npu
+does (a CPU build refuses to pin): group offloading with streams then runs.
 
 Leaving also drops device tensors that libraries cache process-wide (bitsandbytes' quantization code table).
 
-Limits: one device, lazy:0. Modes are per thread: ops in other threads are not seen (after exit, device
-tensors raise). Pinned memory (group offloading with use_stream=True) is refused by a CPU build. Random
+Limits: one device, index 0. Modes are per thread: ops in other threads are not seen (after exit, device
+tensors raise). Pinned memory (group offloading with use_stream=True) is refused by a CPU build unless
+`pinned_memory=True`. `record_stream` is a no-op (work is synchronous). Random
 ops without a generator draw from the device's own generator (`torch.lazy.manual_seed`) where the op has
 a generator overload, else from the CPU's. No caching allocator: reserved == allocated. Storages resized
 in place are not re-measured. Device tensors cannot be pickled (torch.save).
@@ -72,6 +82,7 @@ _DATA_PTR = torch.Tensor.data_ptr
 _TOLIST, _FORMAT = torch.Tensor.tolist, torch.Tensor.__format__
 _NUMPY = (torch.Tensor.numpy, torch.Tensor.__array__)
 _DEEPCOPY, _REDUCE = torch.Tensor.__deepcopy__, torch.Tensor.__reduce_ex__
+_PIN_MEMORY, _IS_PINNED = torch.Tensor.pin_memory, torch.Tensor.is_pinned
 # Ops that CUDA lets take a 0-dim CPU tensor as a scalar although they are not tagged pointwise.
 _SCALAR_OK = {_aten.fill_.Tensor, _aten.fill.Tensor, _aten.masked_fill_.Tensor, _aten.masked_fill.Tensor}
 # Advanced indexing accepts CPU index tensors on CUDA (copying them to the device first).
@@ -167,6 +178,29 @@ def _clear_device_module_cache() -> None:
         clear()
 
 
+class _PythonDeviceGuard(torch._C._acc.DeviceGuard):
+    """PrivateUse1's device guard, in Python (torch.utils.backend_registration's dummy guard): one device, 0."""
+
+    def type_(self) -> Any:
+        return torch._C._autograd.DeviceType.PrivateUse1
+
+
+_GUARD: _PythonDeviceGuard | None = None
+
+
+def _register_device_guard() -> None:
+    """Give PrivateUse1 a device guard, once per process (torch offers no way to remove one).
+
+    Without a guard, autograd aborts the process on the first PrivateUse1 tensor that requires grad (a Parameter
+    in an op under grad mode); with it, nothing else changes: PrivateUse1 still has no kernels and no allocator,
+    so outside the virtual device's modes `torch.zeros(1, device="npu")` still fails."""
+    global _GUARD
+    if _GUARD is None:
+        guard = _PythonDeviceGuard()
+        torch._C._acc.register_python_privateuseone_device_guard(guard)
+        _GUARD = guard  # kept alive: torch holds it by reference
+
+
 def _short(path: str) -> str:
     if "site-packages" + os.sep in path:
         return path.split("site-packages" + os.sep, 1)[1]
@@ -248,8 +282,10 @@ def _make_subclass(cls: type, data: torch.Tensor, requires_grad: bool = False, *
 class Stream:
     """Stand-in for torch.cuda.Stream: work is synchronous, so every wait is already satisfied."""
 
+    default_device = DEVICE  # the installed device's (DeviceModule makes a subclass per device)
+
     def __init__(self, device: Any = None, priority: int = 0, **_: Any):
-        self.device = DEVICE
+        self.device = self.default_device
         self.priority = priority
 
     def synchronize(self) -> None:
@@ -292,19 +328,20 @@ class DeviceModule(types.ModuleType):
     Event = Event
 
     def __init__(self, vd: VirtualDevice):
-        super().__init__(f"torch.{DEVICE_TYPE}")
+        super().__init__(f"torch.{vd.device.type}")
         self._vd = vd
-        self._default_stream = Stream()
+        self.Stream = type("Stream", (Stream,), {"default_device": vd.device})
+        self._default_stream = self.Stream()
         self._current_stream = self._default_stream
         self.calls: list[str] = []  # names of the calls that change state (set_device, empty_cache, ...)
 
-    @staticmethod
-    def _check(device: Any) -> None:
+    def _check(self, device: Any) -> None:
         if device is None:
             return
-        d = torch.device(DEVICE_TYPE, device) if isinstance(device, int) else torch.device(device)
-        if d.type != DEVICE_TYPE or (d.index or 0) != 0:
-            raise RuntimeError(f"invalid device {device!r}: the virtual device is {DEVICE}")
+        ours = self._vd.device
+        d = torch.device(ours.type, device) if isinstance(device, int) else torch.device(device)
+        if d != ours and not (d.type == ours.type and d.index is None):
+            raise RuntimeError(f"invalid device {device!r}: the virtual device is {ours}")
 
     def is_available(self) -> bool:
         return True
@@ -438,8 +475,9 @@ class _FunctionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA:
-            return self.vd._sdpa(func, args, kwargs)
+        handler = _FUNCTION_HANDLERS.get(func)
+        if handler is not None:
+            return handler(self.vd, func, args, kwargs)
         if func is _HAS_COMPAT:
             a, b = args
             if is_virtual(a) != is_virtual(b):
@@ -502,15 +540,32 @@ class VirtualDevice:
     """The virtual accelerator. `with VirtualDevice(capacity=...) as vd:` installs it (one at a time; safe to
     repeat); leaving restores global state.
 
-    - `vd.device`: where tensors go, `torch.device("lazy", 0)`; `vd.module` is `torch.lazy`.
+    - `vd.device`: where tensors go, `torch.device("lazy", 0)`; `vd.module` is `torch.lazy` (the device module,
+      registered unless `register_module=False`). `device_type` may be PrivateUse1's current name instead of lazy.
+    - `vd.holds(t)`: t is a device tensor, or the CPU data of one inside the op it was handed to.
     - Copies: `vd.log` holds every copy since entry or `vd.reset_copies()`; `with vd.copies() as c:` records
       a region (`c.h2d_count`, `c.h2d_bytes`, `c.d2h_count`, `c.d2h_bytes`, `c.records`, `c.summary()`).
     - Memory: `vd.memory_allocated()`, `vd.max_memory_allocated()`, `vd.reset_peak_memory_stats()` (also as
       `torch.lazy.*`); allocating past `capacity` bytes raises `torch.OutOfMemoryError`.
     """
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
-        self.device = DEVICE
+    def __init__(
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        device_type: str = DEVICE_TYPE,
+        *,
+        register_module: bool = True,
+        pinned_memory: bool = False,
+    ):
+        if device_type not in (DEVICE_TYPE, torch._C._get_privateuse1_backend_name()):
+            raise ValueError(
+                f"device type {device_type!r}: the virtual device is {DEVICE_TYPE!r} or PrivateUse1 under its "
+                f"current name ({torch._C._get_privateuse1_backend_name()!r}; rename it first)"
+            )
+        self.device = torch.device(device_type, 0)
+        self.register_module = register_module  # False: torch.<type> is someone else's (the torch_npu stand-in's)
+        self.pinned_memory = pinned_memory  # emulate Tensor.pin_memory (a CPU build refuses it)
+        self._pinned: set[int] = set()  # data pointers of the "pinned" CPU storages made by pin_memory
         self.capacity = capacity
         self.allocated = 0  # bytes of storages referenced by live virtual tensors, each counted once
         self.peak = 0
@@ -520,6 +575,7 @@ class VirtualDevice:
         self._storages: dict[int, list[int]] = {}  # StorageImpl address -> [live wrappers, nbytes]
         self._regions: list[CopyLog] = []
         self._ops: dict[Any, _OpInfo] = {}
+        self._running: list[dict[int, torch.Tensor]] = []  # per op running on CPU data: id(data) -> device tensor
         self._modes: tuple[TorchFunctionMode, TorchDispatchMode] | None = None
         self._saved_lift: bool | None = None
 
@@ -529,9 +585,13 @@ class VirtualDevice:
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("a VirtualDevice is already installed")
-        if hasattr(torch, DEVICE_TYPE):
-            raise RuntimeError(f"torch.{DEVICE_TYPE} already exists; cannot register the virtual device module")
-        torch._register_device_module(DEVICE_TYPE, self.module)
+        kind = self.device.type
+        if kind != DEVICE_TYPE:
+            _register_device_guard()
+        if self.register_module:
+            if hasattr(torch, kind):
+                raise RuntimeError(f"torch.{kind} already exists; cannot register the virtual device module")
+            torch._register_device_module(kind, self.module)
         _clear_device_module_cache()
         torch.Tensor._make_subclass = staticmethod(_make_subclass)  # shadows TensorBase's until exit
         # torch.tensor(data, device=...) then builds on the CPU and calls .to(), which the mode sees.
@@ -567,8 +627,10 @@ class VirtualDevice:
         if "_make_subclass" in torch.Tensor.__dict__:
             del torch.Tensor._make_subclass
         torch._C._set_only_lift_cpu_tensors(bool(self._saved_lift))
-        delattr(torch, DEVICE_TYPE)
-        sys.modules.pop(f"torch.{DEVICE_TYPE}", None)
+        if self.register_module:
+            delattr(torch, self.device.type)
+            sys.modules.pop(f"torch.{self.device.type}", None)
+        self._pinned.clear()
         _clear_device_module_cache()
 
     # ---------------------------------------------------------------- copies and memory
@@ -645,7 +707,7 @@ class VirtualDevice:
 
     def _dispatch(self, func, types, args: tuple, kwargs: dict) -> Any:
         device = kwargs.get("device")
-        to_virtual = device is not None and device.type == DEVICE_TYPE
+        to_virtual = device is not None and device.type == self.device.type
         has_virtual = False
         for a in (*args, *kwargs.values()):
             for b in a if type(a) in (list, tuple) else (a,):
@@ -669,13 +731,9 @@ class VirtualDevice:
             assert self._modes is not None
             with self._modes[1]:
                 return func.decompose(*args, **kwargs)
-        if func is _aten._to_copy.default:
-            return self._to_copy(func, args, kwargs, to_virtual)
-        if func is _aten.copy_.default:
-            return self._copy_(func, args, kwargs)
-        if func is _aten._local_scalar_dense.default:
-            self._record("d2h", func, args[0])  # .item(): a sync and a copy on a real device
-            return func(_elem(args[0]))
+        special = _SPECIAL_OPS.get(func)
+        if special is not None:
+            return special(self, func, args, kwargs, to_virtual)
 
         if has_virtual:  # (with only CPU inputs and device=<virtual>, they are templates: zeros_like, new_ones)
             self._check_devices(func, info, args, kwargs)
@@ -686,9 +744,9 @@ class VirtualDevice:
             gen = kwargs.get("generator")
             if gen is None:
                 kwargs = {**kwargs, "generator": self.generator}
-            elif gen.device.type != DEVICE_TYPE:
+            elif gen.device.type != self.device.type:
                 raise RuntimeError(
-                    f"Expected a '{DEVICE_TYPE}' device type for generator but found '{gen.device.type}'"
+                    f"Expected a '{self.device.type}' device type for generator but found '{gen.device.type}'"
                 )
         elif out_virtual and info.generator_overload is not None:
             func = info.generator_overload
@@ -697,10 +755,21 @@ class VirtualDevice:
         elems = {}
         cpu_args = tuple(self._unwrap(a, elems) for a in args)
         cpu_kwargs = {k: self._unwrap(v, elems) for k, v in kwargs.items()}
-        out = func(*cpu_args, **cpu_kwargs)
+        self._running.append(elems)
+        try:
+            out = func(*cpu_args, **cpu_kwargs)
+        finally:
+            self._running.pop()
         if not out_virtual:
             return out  # e.g. new_zeros(device="cpu") or .to("meta") from a virtual tensor
         return self._rewrap(out, elems)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """True for a device tensor, and for the CPU data of one inside the op it was handed to: a kernel that checks
+        its arguments' device (the torch_npu stand-in's ops: `StandIn.is_on_device`) sees that data."""
+        if is_virtual(t):
+            return True
+        return any((owner := elems.get(id(t))) is not None and _elem(owner) is t for elems in self._running)
 
     @staticmethod
     def _unwrap(a: Any, elems: dict[int, torch.Tensor]) -> Any:
@@ -743,6 +812,17 @@ class VirtualDevice:
                         continue  # a 0-dim CPU tensor passes as a scalar
                 raise _same_device_error(self.device, b.device)
 
+    def _item(self, func, args: tuple, kwargs: dict, to_virtual: bool) -> Any:
+        self._record("d2h", func, args[0])  # .item(): a sync and a copy on a real device
+        return func(_elem(args[0]))
+
+    def _record_stream(self, func, args: tuple, kwargs: dict, to_virtual: bool) -> None:
+        """`Tensor.record_stream(stream)`: nothing to defer (work is synchronous, memory is not cached), but as on
+        CUDA the stream must be the tensor's device's."""
+        stream = args[1]
+        if stream.device != self.device:
+            raise RuntimeError(f"record_stream: a {stream.device} stream for a tensor on {self.device}")
+
     def _to_copy(self, func, args: tuple, kwargs: dict, to_virtual: bool) -> Any:
         src = args[0]
         if is_virtual(src):
@@ -757,7 +837,7 @@ class VirtualDevice:
         # meta -> device raises NotImplementedError("Cannot copy out of meta tensor"), as on CUDA
         return self._wrap(func(src, **{**kwargs, "device": CPU}))
 
-    def _copy_(self, func, args: tuple, kwargs: dict) -> Any:
+    def _copy_(self, func, args: tuple, kwargs: dict, to_virtual: bool) -> Any:
         dst, src, rest = args[0], args[1], args[2:]
         if is_virtual(dst):
             if not is_virtual(src):
@@ -822,6 +902,26 @@ class VirtualDevice:
             target.grad = grad if same else grad.to(device=target.device, dtype=target.dtype)
         return None
 
+    def _pin(self, func, args: tuple, kwargs: dict) -> Any:
+        """`Tensor.pin_memory()` / `is_pinned()`. With `pinned_memory=True`, as on an accelerator whose runtime pins
+        host memory (torch_npu), a pinned copy is an ordinary CPU tensor (here a copy remembered as pinned) and
+        pinning it again is a no-op; otherwise torch answers (a CPU build refuses to pin)."""
+        t = args[0]
+        if not self.pinned_memory or is_virtual(t):
+            return func(*args, **kwargs)
+        if t.device.type != "cpu":
+            raise RuntimeError(f"cannot pin '{t.device}' memory: only dense CPU tensors can be pinned")
+        pinned = t.untyped_storage().data_ptr() in self._pinned
+        if func is _IS_PINNED:
+            return pinned
+        if pinned:
+            return t
+        copy_ = t.clone(memory_format=torch.contiguous_format)
+        key = copy_.untyped_storage().data_ptr()
+        self._pinned.add(key)
+        weakref.finalize(copy_, self._pinned.discard, key)
+        return copy_
+
     def _deepcopy(self, t: torch.Tensor, memo: dict) -> torch.Tensor:
         """copy.deepcopy: a new device tensor with copied data and attributes, not copied bookkeeping."""
         if id(t) in memo:
@@ -850,3 +950,19 @@ class VirtualDevice:
             final.detach()
         d.pop("_elem")
         d.pop("_vowner")._release(d.pop("_vkey"))
+
+
+# aten ops with virtual arguments that are not "run the CPU kernel on the data": VirtualDevice method per op.
+_SPECIAL_OPS = {
+    _aten._to_copy.default: VirtualDevice._to_copy,
+    _aten.copy_.default: VirtualDevice._copy_,
+    _aten._local_scalar_dense.default: VirtualDevice._item,
+    _aten.record_stream.default: VirtualDevice._record_stream,
+}
+
+# torch functions the device handles whatever their arguments (each method decides what is its business).
+_FUNCTION_HANDLERS = {
+    _SDPA: VirtualDevice._sdpa,
+    _PIN_MEMORY: VirtualDevice._pin,
+    _IS_PINNED: VirtualDevice._pin,
+}
