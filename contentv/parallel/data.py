@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from contentv.config import ParallelConfig
 from contentv.parallel import DIMS, Layout, World, layout
 
 if TYPE_CHECKING:
-    import torch
-
     from contentv.config import RunConfig
-    from contentv.runtime import RunResult, Runtime
+    from contentv.runtime import RunResult, Runtime, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ def run_all(
     cfg: RunConfig,
     parallel: ParallelConfig,
     world: World,
-    callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+    callback_on_step_end: StepCallback | None = None,
 ) -> list[RunResult]:
     """`Runtime.run_all` for a launch of `world.size` ranks: each group generates its share of prompt_file lines
     x seeds; the first rank of each group writes its videos and sidecars (the others only compute); rank 0 writes
