@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contentv.config import (
     BackendConfig,
@@ -34,6 +34,10 @@ from contentv.jobqueue import Job, JobQueue
 from contentv.runtime import Runtime
 from contentv.served import GALLERY_LIMIT, ServedFiles
 from contentv.validation import is_hub_id
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +430,7 @@ class Studio:
         start = time.perf_counter()
         marks: list[float] = []
 
-        def on_step_end(pipe, i, t, tensors):
+        def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
             marks.append(time.perf_counter())
             done = i + 1
             if len(marks) > 1:  # per-step time from step ends (the first includes loading and encoding)
