@@ -33,8 +33,16 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Hydra, OmegaConf and the runtime (torch) load lazily: `--help` and pre-flight errors don't
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig
+
+    from contentv.config import BackendConfig, Presets, RunConfig
+    from contentv.runtime import RunResult, Runtime
 
 GROUPS = ("backend", "model", "memory", "sampling", "output", "parallel")
 PRESET_GROUPS = ("model", "memory", "backend")
@@ -180,7 +188,7 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def hydra_context():
+def hydra_context() -> Iterator[None]:
     """Hydra initialized on the packaged configs (reused if the caller already initialized it)."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -193,7 +201,7 @@ def hydra_context():
         yield
 
 
-def _unparsable(parser, overrides: Sequence[str]) -> str | None:
+def _unparsable(parser: OverridesParser, overrides: Sequence[str]) -> str | None:
     """The first override Hydra's grammar rejects, as one line naming it and how to quote it."""
     for item in overrides:
         try:
@@ -215,7 +223,7 @@ def _compose(overrides: Sequence[str], hydra: bool = False):
     return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
-def load_config(overrides: Sequence[str] = ()) -> RunConfig:  # noqa: F821 - RunConfig imported lazily
+def load_config(overrides: Sequence[str] = ()) -> RunConfig:
     """The RunConfig the command line would build from `overrides` (same presets, same checks of the syntax):
 
     >>> cfg = load_config(["model=tiny_contentv", "backend=cpu", "sampling.prompt=a red fox, walking in snow"])
@@ -232,7 +240,7 @@ def load_config(overrides: Sequence[str] = ()) -> RunConfig:  # noqa: F821 - Run
             raise UsageError(compose_error(exc, job)) from exc
 
 
-def load_presets(groups: Sequence[str] = PRESET_GROUPS, overrides: Sequence[str] = ()):
+def load_presets(groups: Sequence[str] = PRESET_GROUPS, overrides: Sequence[str] = ()) -> Presets:
     """Every option of the preset groups (model, memory, backend), composed by Hydra in one pass and typed:
     what the web page offers and what memory=auto chooses from (`contentv.config.Presets`). `overrides` may add
     config folders (hydra.searchpath=[...])."""
@@ -396,7 +404,7 @@ def searchpath_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath=")]
 
 
-def get_runtime(backend_cfg, memory_name: str):
+def get_runtime(backend_cfg: BackendConfig, memory_name: str) -> Runtime:
     import backends
     from backends import distributed
     from contentv.runtime import Runtime
@@ -419,7 +427,7 @@ def _gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def summary(result) -> str:
+def summary(result: RunResult) -> str:
     rec = result.record
     t = rec["timings_s"]
     stages = " | ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in t.items())
@@ -451,7 +459,22 @@ def console_output(verbose: bool) -> None:
             handler.addFilter(lambda r: r.name.split(".")[0] in ours or r.levelno >= logging.ERROR)
 
 
-def task(dcfg) -> None:
+def _serve_ui(cfg: RunConfig) -> None:
+    """mode=ui: the web page, until Ctrl-C; a bad setting prints one line and exits with status 2."""
+    import backends
+    from contentv import ui
+    from contentv.errors import ConfigError
+
+    try:
+        ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
+    except ConfigError as exc:
+        if cfg.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def task(dcfg: DictConfig) -> None:
     """One Hydra job: build (or reuse) the runtime and generate the video(s)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -465,16 +488,7 @@ def task(dcfg) -> None:
     cfg = OmegaConf.to_object(dcfg)
     console_output(cfg.verbose)
     if cfg.mode == "ui":
-        import backends
-        from contentv import ui
-
-        try:
-            ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
-        except ConfigError as exc:
-            if cfg.debug:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        _serve_ui(cfg)
         return
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -519,7 +533,7 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     Callback = object
 
 
-def sweep_jobs(config) -> list[tuple[Path, object]]:
+def sweep_jobs(config: DictConfig) -> list[tuple[Path, object]]:
     """(folder, RunConfig) of each job of the multirun, as Hydra's basic sweeper and config loader make them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -547,7 +561,7 @@ class SweepSummary(Callback):
     jobs: int | None = None
     done: tuple[int, ...] = ()
 
-    def on_multirun_start(self, config, **kwargs) -> None:
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from contentv import sweep
 
         states = [sweep.job_state(folder, cfg) for folder, cfg in sweep_jobs(config)]
@@ -555,7 +569,7 @@ class SweepSummary(Callback):
         self.done = tuple(num for num, state in enumerate(states) if state.done)
         print(sweep.count_line(states), file=sys.stderr)
 
-    def on_multirun_end(self, config, **kwargs) -> None:
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from contentv import sweep
 
         sweep_dir, baseline = Path(config.hydra.sweep.dir), config.sweep.baseline

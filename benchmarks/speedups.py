@@ -15,6 +15,7 @@ looks: judge quality on real weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,7 +35,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench", help="bench (small random ContentV, CPU) or a conf/model name")
     parser.add_argument("--backend", default="cpu")
@@ -46,7 +47,52 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--frames", type=int, default=13)
     parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def denoise(pipe, backend, args: argparse.Namespace) -> tuple[float, np.ndarray]:
+    """One generation at the benchmark's size: the denoising loop's seconds, and the frames."""
+    stages = {}
+
+    @contextlib.contextmanager
+    def stage(n):
+        backend.synchronize()
+        start = time.perf_counter()
+        yield
+        backend.synchronize()
+        stages[n] = time.perf_counter() - start
+
+    out = pipe(
+        prompt="a red fox walks in snow",
+        negative_prompt="low quality",
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        stage_context=stage,
+    ).frames
+    return stages["denoising"], out
+
+
+def report(rows: list[dict], record: bool) -> None:
+    """The table on stdout; the rows appended to benchmarks/results/speedups.jsonl if `record`."""
+    print(f"{'setting':18s} {'denoise s':>10s} {'speed-up':>9s} {'PSNR vs plain':>14s}")
+    for r in rows:
+        print(
+            f"{r['setting']:18s} {r['denoising_s_median']:10.3f} {r['speedup_vs_plain']:9.2f} {r['psnr_db_vs_plain']:14.2f}"
+        )
+    if record:
+        path = ROOT / "benchmarks" / "results" / "speedups.jsonl"
+        with path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"recorded in {path}")
+
+
+def main() -> int:
+    args = parse_args()
 
     import backends
     from benchmarks.cpu_reference import small_checkpoint
@@ -79,39 +125,13 @@ def main() -> int:
         pipe.set_progress_bar_config(disable=True)
         pipes[name] = pipe
 
-    def run(pipe):
-        stages = {}
-
-        import contextlib
-
-        @contextlib.contextmanager
-        def stage(n):
-            backend.synchronize()
-            start = time.perf_counter()
-            yield
-            backend.synchronize()
-            stages[n] = time.perf_counter() - start
-
-        out = pipe(
-            prompt="a red fox walks in snow",
-            negative_prompt="low quality",
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-            stage_context=stage,
-        ).frames
-        return stages["denoising"], out
-
     for pipe in pipes.values():  # warm-up (and compilation)
-        run(pipe)
+        denoise(pipe, backend, args)
     times = {n: [] for n in pipes}
     frames = {}
     for _ in range(args.repeats):
         for n, pipe in pipes.items():
-            t, out = run(pipe)
+            t, out = denoise(pipe, backend, args)
             times[n].append(t)
             frames[n] = out
     base = statistics.median(times["plain"])
@@ -132,17 +152,7 @@ def main() -> int:
                 "psnr_db_vs_plain": round(psnr(frames[n], frames["plain"]), 2),
             }
         )
-    print(f"{'setting':18s} {'denoise s':>10s} {'speed-up':>9s} {'PSNR vs plain':>14s}")
-    for r in rows:
-        print(
-            f"{r['setting']:18s} {r['denoising_s_median']:10.3f} {r['speedup_vs_plain']:9.2f} {r['psnr_db_vs_plain']:14.2f}"
-        )
-    if not args.no_record:
-        path = ROOT / "benchmarks" / "results" / "speedups.jsonl"
-        with path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(f"recorded in {path}")
+    report(rows, record=not args.no_record)
     return 0
 
 

@@ -262,6 +262,17 @@ def read_header(path: str, component: str, file: Path, option: str = OPTION) -> 
     if not isinstance(header, dict):
         raise fail("has a damaged header")
     header.pop("__metadata__", None)
+    end = _data_end(header, fail)
+    data = size - 8 - n
+    if end > data:
+        raise fail(f"is truncated: its header needs {end + 8 + n} bytes, the file has {size}")
+    if end < data:
+        raise fail(f"has {data - end} bytes after its last tensor (damaged or not a safetensors file)")
+    return header
+
+
+def _data_end(header: dict, fail: Callable[[str], CheckpointError]) -> int:
+    """Where the last tensor's data ends (bytes after the header), each tensor's entry checked against its shape."""
     end = 0
     for name, info in header.items():
         try:
@@ -276,12 +287,7 @@ def read_header(path: str, component: str, file: Path, option: str = OPTION) -> 
         if stop < begin or (width is not None and stop - begin != count * width):
             raise fail(f"has a damaged header (tensor {name!r}: {stop - begin} bytes for shape {shape})")
         end = max(end, stop)
-    data = size - 8 - n
-    if end > data:
-        raise fail(f"is truncated: its header needs {end + 8 + n} bytes, the file has {size}")
-    if end < data:
-        raise fail(f"has {data - end} bytes after its last tensor (damaged or not a safetensors file)")
-    return header
+    return end
 
 
 def compare_shapes(path: str, part: Part, config: dict, tensors: dict[str, dict], option: str = OPTION) -> None:

@@ -22,18 +22,18 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from contentv import memory_policy, progress, speedup
 from contentv.attention import AttentionKernel
-from contentv.config import MemoryConfig, RunConfig, SamplingConfig
+from contentv.config import MemoryConfig, ModelConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, OutOfMemory, first_line
 from contentv.parallel import World
 from contentv.parallel.context import apply as apply_parallel
@@ -42,7 +42,13 @@ from contentv.stats import StageRecorder
 from contentv.validation import CheckedRun, is_hub_id, read_prompt_file, validate_run
 from contentv.video import slugify, staged_mp4
 
+if TYPE_CHECKING:
+    from contentv.planner import Plan, Strategy
+
 log = logging.getLogger(__name__)
+
+# diffusers' callback_on_step_end: (pipeline, step index, timestep, requested tensors) -> tensors to replace.
+StepCallback = Callable[[Any, int, torch.Tensor, dict], dict]
 
 
 class DeviceBackend(Protocol):
@@ -100,7 +106,7 @@ def process_start() -> float:
     return psutil.Process().create_time()
 
 
-def checkpoint_record(model, path: str) -> dict:
+def checkpoint_record(model: ModelConfig, path: str) -> dict:
     """Where the weights came from: the configured path, the local folder it resolved to (a hub id's snapshot in the
     local cache), and for a tiny model its build hash (the folder name's suffix)."""
     from contentv.models.common import local_config_folder
@@ -168,7 +174,7 @@ class Runtime:
         """Every check that needs no weights, on this backend (ConfigError on the first failure)."""
         return validate_run(cfg, self.backend, world_size=self.world.size)
 
-    def plan(self, cfg: RunConfig):
+    def plan(self, cfg: RunConfig) -> Plan:
         """The memory plan for cfg on this backend (contentv.planner.Plan); loads no weights."""
         from contentv.planner import host_available, plan
 
@@ -244,7 +250,7 @@ class Runtime:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
+    def generate(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
         """Validate, load (cached), generate. Returns frames and statistics; writes nothing.
 
         If the device runs out of memory: under memory=auto the runtime frees it and retries once with the next
@@ -294,7 +300,7 @@ class Runtime:
             "fewer frames or a smaller size"
         )
 
-    def lighter_strategy(self, cfg: RunConfig):
+    def lighter_strategy(self, cfg: RunConfig) -> Strategy | None:
         """The fastest strategy predicted to need less device memory than cfg's (and to fit the host), or None."""
         from contentv.planner import host_available, plan
 
@@ -330,7 +336,7 @@ class Runtime:
             self._budget = self.backend.free_memory()
         return self._budget
 
-    def _generate(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
+    def _generate(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
         checked = self.validate(cfg)
         spec, sampling = checked.spec, checked.sampling
         if cfg.memory.vae_tiling is None:  # only where the untiled decode won't fit (tiling changes the frames)
@@ -374,7 +380,7 @@ class Runtime:
             ran=ran,
         )
 
-    def run_all(self, cfg: RunConfig, callback_on_step_end=None) -> list[RunResult]:
+    def run_all(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> list[RunResult]:
         """Every video the config asks for: one, or one per line of sampling.prompt_file (weights load once).
 
         In a multi-process launch (or with parallel.seeds) the work is shared out (contentv.parallel.data): every
@@ -397,7 +403,7 @@ class Runtime:
             results.append(self.run(one, callback_on_step_end))
         return results
 
-    def run(self, cfg: RunConfig, callback_on_step_end=None) -> RunResult:
+    def run(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
         """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
         started = time.time()
         # The first video of a process also pays for starting it (interpreter, imports, pre-flight checks).

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from contentv import _diffusers
 from contentv.config import SpeedupConfig
 from contentv.errors import ConfigError
+
+if TYPE_CHECKING:  # torch and diffusers load with the pipeline, not with this module
+    import torch
+    from diffusers import DiffusionPipeline, ModelMixin
+    from diffusers.hooks import ModelHook
 
 log = logging.getLogger(__name__)
 CACHES = ("none", "first_block")
@@ -22,7 +28,7 @@ def check(cfg: SpeedupConfig) -> None:
         raise ConfigError("speedup.cache_threshold", cfg.cache_threshold, "a number > 0 (e.g. 0.05)")
 
 
-def first_block_cache(denoiser, threshold: float) -> None:
+def first_block_cache(denoiser: ModelMixin, threshold: float) -> None:
     """diffusers' FirstBlockCache, applied to every block but a final context-pre-only one.
 
     diffusers' own `apply_first_block_cache` fails on SD3-style models: their last block returns no
@@ -52,11 +58,11 @@ class SkipCounter:
     """Counts the transformer's forwards and those a step cache served from its cache (every block after the first
     skipped), as a forward hook; `reset()` before each video."""
 
-    def __init__(self, head_hook):
+    def __init__(self, head_hook: ModelHook) -> None:
         self.head = head_hook
         self.forwards = self.skipped = 0
 
-    def __call__(self, module, args, output) -> None:
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         self.forwards += 1
         if not self.head.state_manager.get_state().should_compute:
             self.skipped += 1
@@ -68,7 +74,7 @@ class SkipCounter:
         return {"forwards": self.forwards, "skipped": self.skipped}
 
 
-def apply(pipe, cfg: SpeedupConfig) -> dict:
+def apply(pipe: DiffusionPipeline, cfg: SpeedupConfig) -> dict:
     """Apply the configured speed-ups to a prepared pipeline; returns what was applied."""
     check(cfg)
     applied = {}

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contentv.config import (
     BackendConfig,
@@ -46,6 +46,10 @@ from contentv.jobqueue import Job, JobQueue
 from contentv.runtime import Runtime
 from contentv.served import GALLERY_LIMIT, ServedFiles
 from contentv.validation import is_hub_id
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +361,7 @@ class Studio:
         start = time.perf_counter()
         marks: list[float] = []
 
-        def on_step_end(pipe, i, t, tensors):
+        def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
             marks.append(time.perf_counter())
             done = i + 1
             if len(marks) > 1:  # per-step time from step ends (the first includes loading and encoding)

@@ -14,6 +14,10 @@ import string
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers loads when a tiny checkpoint is built
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel, T5TokenizerFast
 
 # A few frequent English words, so tiny tokenizers give realistic (not one-token-per-letter) lengths.
 _WORDS = (
@@ -25,7 +29,7 @@ _WORDS = (
 _PUNCT = string.punctuation
 
 
-def tiny_clip_tokenizer(model_max_length: int = 77):
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over letters, digits, punctuation and a few whole words."""
     from transformers import CLIPTokenizer
 
@@ -55,7 +59,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     return tok
 
 
-def tiny_t5_tokenizer(model_max_length: int = 512):
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
     """A T5-style Unigram (SentencePiece-like) tokenizer: <pad>=0, </s>=1, <unk>=2, no extra ids."""
     from transformers import T5TokenizerFast
 
@@ -75,7 +79,7 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return tok
 
 
-def tiny_t5_encoder(tok, **dims):
+def tiny_t5_encoder(tok: PreTrainedTokenizerBase, **dims: int) -> T5EncoderModel:
     """A random T5 encoder (gated-GELU, like T5-v1.1) whose vocabulary and special ids match `tok`."""
     from transformers import T5Config, T5EncoderModel
 

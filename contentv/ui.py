@@ -25,9 +25,10 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from contentv.config import BackendConfig, MemoryConfig, Presets, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, first_line
@@ -44,6 +45,9 @@ from contentv.memory_policy import QUANTIZATIONS
 from contentv.served import RouteGuard
 from contentv.studio import Studio
 from contentv.validation import check_ui
+
+if TYPE_CHECKING:
+    import gradio
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +142,7 @@ def plan_markdown(text: str | None, title: str = "Memory plan") -> str:
     return "" if not text else f"**{title}**\n\n```\n{text}\n```"
 
 
-def _field_widget(gr, schema: type, name: str, value: Any):
+def _field_widget(gr: ModuleType, schema: type, name: str, value: Any):
     """A widget for a config field, by its type: text box, integer/number box or checkbox."""
     label, elem_id = LABELS[name]
     kind = field_kind(schema, name)
@@ -161,7 +165,7 @@ def _field_widget(gr, schema: type, name: str, value: Any):
     return gr.Number(value, label=label, precision=None, elem_id=elem_id)
 
 
-def _dropdown(gr, choices: list, value: Any, label: str, elem_id: str, **kw):
+def _dropdown(gr: ModuleType, choices: list, value: Any, label: str, elem_id: str, **kw):
     """A dropdown whose value the Studio checks (allow_custom_value): a raw API call with a value that is not
     offered gets the command line's line naming the option, like every other bad value."""
     return gr.Dropdown(choices, value=value, label=label, elem_id=elem_id, allow_custom_value=True, **kw)
@@ -173,7 +177,7 @@ def _who(request: Any) -> tuple[str | None, str | None]:
     return getattr(request, "session_hash", None), getattr(client, "host", None)
 
 
-def build_blocks(studio: Studio):
+def build_blocks(studio: Studio) -> "gradio.Blocks":
     """Lay out the page and wire its events; returns the gradio Blocks (not yet served).
 
     Every handler takes the form as keyword inputs named after the options (`prompt`, `num_frames`, `model`,
@@ -248,92 +252,8 @@ def build_blocks(studio: Studio):
         sampling_outputs = [fields[k] for k in MODEL_DEFAULT_FIELDS]
         memory_outputs = [offload, *(fields[k] for k in MEMORY_FIELDS)]
 
-        def form_of(values: dict) -> Form:
-            return Form(
-                model=values["model"],
-                model_path=values["model_path"] or "",
-                backend=values["backend"],
-                memory=values["memory"],
-                offload=values["offload"],
-                random_seed=values["random_seed"],
-                sampling={k: values[k] for k in SAMPLING_FIELDS},
-                memory_fields={k: values[k] for k in MEMORY_FIELDS},
-            )
-
-        def on_model(name):
-            values = studio.sampling_defaults(name)
-            return [gr.update(value=values[k]) if k in values else gr.update() for k in MODEL_DEFAULT_FIELDS]
-
-        def on_memory(name):
-            values = studio.memory_fields(name)
-            if values.get("budget_gb", 0) is None:
-                values["budget_gb"] = ""  # the text box's empty
-            return [gr.update(value=values[k]) if k in values else gr.update() for k in ("offload", *MEMORY_FIELDS)]
-
-        def on_predict(**values):
-            try:
-                return plan_markdown(studio.plan(form_of(values)))
-            except ConfigError as exc:
-                return plan_markdown(f"error: {exc}")
-            except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
-                log.exception("memory plan failed")
-                return plan_markdown(f"error: {first_line(exc, with_type=True)}")
-
-        def on_auto_plan(**values):  # shown by itself only for memory=auto
-            return on_predict(**values) if values["memory"] == "auto" else ""
-
-        def on_check(request: gr.Request, **values):
-            # Runs at once (not queued): a bad form is answered here, before anything waits or loads.
-            refused = studio.refusal(*_who(request))
-            if refused:
-                return status_html(refused), gr.skip()
-            try:
-                cfg, plan_text = studio.resolve(form_of(values))
-            except ConfigError as exc:
-                return status_html(f"error: {exc}"), gr.skip()
-            except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
-                log.exception("checking the form failed")
-                return status_html(f"error: {first_line(exc, with_type=True)}"), gr.skip()
-            waiting = "queued: waiting for the generation in progress" if studio.busy() else "starting"
-            if plan_text is None:
-                return status_html(waiting), gr.skip()
-            return status_html(f"{waiting} (memory=auto: {cfg.memory.name})"), plan_markdown(plan_text)
-
-        def on_run(request: gr.Request, progress=gr.Progress(), **values):  # noqa: B008 - found by its default
-            # The Studio admits or refuses the job here, whoever calls (the page after on_check, or an API client
-            # directly), then it waits for its turn in the Studio's queue.
-            job, message = studio.prepare(form_of(values), *_who(request))
-            if job is None:
-                return status_html(message), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            plan_md = plan_markdown(job.plan, f"Memory plan (memory=auto ran {job.cfg.memory.name})") or gr.skip()
-            outcome = studio.generate(job, lambda i, n, text: progress((i, n), desc=text, unit="steps"))
-            if not outcome.ok:
-                return status_html(outcome.status), gr.skip(), gr.skip(), gr.skip(), gr.skip(), plan_md
-            downloads = [studio.serve(p) for p in (outcome.video, outcome.sidecar) if p is not None]
-            return (
-                status_html(outcome.status),
-                downloads[0],
-                outcome.metadata,
-                downloads,
-                studio.served_gallery(),
-                plan_md,
-            )
-
-        async def on_cancel(request: gr.Request):
-            # gradio stops showing this page's run (cancels=); the Studio drops its waiting jobs and stops the
-            # running one after its current step. Wait (without holding a thread) to show how it ended.
-            jobs = studio.cancel_jobs(_who(request)[0])
-            if not jobs:
-                yield status_html("cancelled: nothing of this page was waiting or running")
-                return
-            yield status_html("cancelling: stops after the current step; no video is written")
-            for _ in range(int(CANCEL_WAIT_S / 0.2)):
-                if all(j.finished.is_set() for j in jobs):
-                    break
-                await asyncio.sleep(0.2)
-            ended = [j.outcome.status for j in jobs if j.outcome is not None]
-            if ended:
-                yield status_html(ended[-1])
+        on_model, on_memory, on_predict, on_auto_plan = _form_handlers(gr, studio)
+        on_check, on_run, on_cancel = _run_handlers(gr, studio)
 
         model.change(on_model, [model], sampling_outputs, queue=False, api_name="model_defaults")
         memory.change(on_memory, [memory], memory_outputs, queue=False, api_name="memory_defaults").then(
@@ -358,6 +278,117 @@ def build_blocks(studio: Studio):
         refresh.click(studio.served_gallery, None, [gallery], queue=False, api_name="gallery")
         blocks.load(on_auto_plan, None, [plan], inputs_kwargs=form_inputs, queue=False, api_visibility="private")
     return blocks
+
+
+def _form_of(values: dict) -> Form:
+    """The form from the handlers' keyword inputs (named after the options)."""
+    return Form(
+        model=values["model"],
+        model_path=values["model_path"] or "",
+        backend=values["backend"],
+        memory=values["memory"],
+        offload=values["offload"],
+        random_seed=values["random_seed"],
+        sampling={k: values[k] for k in SAMPLING_FIELDS},
+        memory_fields={k: values[k] for k in MEMORY_FIELDS},
+    )
+
+
+def _form_handlers(gr: ModuleType, studio: Studio) -> tuple[Callable, Callable, Callable, Callable]:
+    """(on_model, on_memory, on_predict, on_auto_plan): the widgets a preset fills, and the memory plan."""
+
+    def on_model(name: str):
+        values = studio.sampling_defaults(name)
+        return [gr.update(value=values[k]) if k in values else gr.update() for k in MODEL_DEFAULT_FIELDS]
+
+    def on_memory(name: str):
+        values = studio.memory_fields(name)
+        if values.get("budget_gb", 0) is None:
+            values["budget_gb"] = ""  # the text box's empty
+        return [gr.update(value=values[k]) if k in values else gr.update() for k in ("offload", *MEMORY_FIELDS)]
+
+    def on_predict(**values):
+        try:
+            return plan_markdown(studio.plan(_form_of(values)))
+        except ConfigError as exc:
+            return plan_markdown(f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
+            log.exception("memory plan failed")
+            return plan_markdown(f"error: {first_line(exc, with_type=True)}")
+
+    def on_auto_plan(**values):  # shown by itself only for memory=auto
+        return on_predict(**values) if values["memory"] == "auto" else ""
+
+    return on_model, on_memory, on_predict, on_auto_plan
+
+
+def _run_handlers(gr: ModuleType, studio: Studio) -> tuple[Callable, Callable, Callable]:
+    """(on_check, on_run, on_cancel): check the form at once, run it in the Studio's queue, cancel."""
+
+    def on_check(request: gr.Request, **values):
+        # Runs at once (not queued): a bad form is answered here, before anything waits or loads.
+        refused = studio.refusal(*_who(request))
+        if refused:
+            return status_html(refused), gr.skip()
+        try:
+            cfg, plan_text = studio.resolve(_form_of(values))
+        except ConfigError as exc:
+            return status_html(f"error: {exc}"), gr.skip()
+        except Exception as exc:  # noqa: BLE001 - one line in the page, traceback in the log
+            log.exception("checking the form failed")
+            return status_html(f"error: {first_line(exc, with_type=True)}"), gr.skip()
+        waiting = "queued: waiting for the generation in progress" if studio.busy() else "starting"
+        if plan_text is None:
+            return status_html(waiting), gr.skip()
+        return status_html(f"{waiting} (memory=auto: {cfg.memory.name})"), plan_markdown(plan_text)
+
+    def on_run(
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - found by its default
+        **values,
+    ):
+        # The Studio admits or refuses the job here, whoever calls (the page after on_check, or an API client
+        # directly), then it waits for its turn in the Studio's queue.
+        job, message = studio.prepare(_form_of(values), *_who(request))
+        if job is None:
+            return status_html(message), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        plan_md = plan_markdown(job.plan, f"Memory plan (memory=auto ran {job.cfg.memory.name})") or gr.skip()
+        outcome = studio.generate(job, lambda i, n, text: progress((i, n), desc=text, unit="steps"))
+        if not outcome.ok:
+            return status_html(outcome.status), gr.skip(), gr.skip(), gr.skip(), gr.skip(), plan_md
+        downloads = [studio.serve(p) for p in (outcome.video, outcome.sidecar) if p is not None]
+        return (
+            status_html(outcome.status),
+            downloads[0],
+            outcome.metadata,
+            downloads,
+            studio.served_gallery(),
+            plan_md,
+        )
+
+    async def on_cancel(request: gr.Request):
+        # gradio stops showing this page's run (cancels=); the Studio drops its waiting jobs and stops the
+        # running one after its current step. Wait (without holding a thread) to show how it ended.
+        async for line in _cancel(studio, _who(request)[0]):
+            yield line
+
+    return on_check, on_run, on_cancel
+
+
+async def _cancel(studio: Studio, session: str | None) -> AsyncIterator[str]:
+    """The status boxes of a Cancel for the browser session `session`: what it stopped, then how it ended."""
+    jobs = studio.cancel_jobs(session)
+    if not jobs:
+        yield status_html("cancelled: nothing of this page was waiting or running")
+        return
+    yield status_html("cancelling: stops after the current step; no video is written")
+    for _ in range(int(CANCEL_WAIT_S / 0.2)):
+        if all(j.finished.is_set() for j in jobs):
+            break
+        await asyncio.sleep(0.2)
+    ended = [j.outcome.status for j in jobs if j.outcome is not None]
+    if ended:
+        yield status_html(ended[-1])
 
 
 @dataclass

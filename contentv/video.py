@@ -25,8 +25,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 # Partials of writers on other hosts (shared folders) can't be asked whether they are alive: removed after a
 # day, far longer than any encode; their mtime moves while ffmpeg writes.
@@ -52,7 +56,7 @@ def slugify(text: str, max_len: int = 48) -> str:
     return slug[:max_len].rstrip("-") or "video"
 
 
-def to_uint8(frames) -> np.ndarray:
+def to_uint8(frames: ArrayLike) -> np.ndarray:
     """(F, H, W, 3) float in [0, 1] (or uint8) -> uint8."""
     arr = np.asarray(frames)
     if arr.dtype == np.uint8:
@@ -335,7 +339,7 @@ class StagedVideo:
 
 @contextlib.contextmanager
 def staged_mp4(
-    frames,
+    frames: ArrayLike,
     folder: str | os.PathLike,
     fps: int,
     metadata: dict[str, str] | None = None,
@@ -359,7 +363,7 @@ def staged_mp4(
 
 
 def write_mp4(
-    frames,
+    frames: ArrayLike,
     folder: str | os.PathLike,
     stem: str,
     fps: int,
@@ -372,7 +376,7 @@ def write_mp4(
 
 
 def write_video(
-    frames,
+    frames: ArrayLike,
     folder: str | os.PathLike,
     stem: str,
     fps: int,
@@ -401,7 +405,7 @@ def write_json(data: dict, path: Path) -> Path:
     return path
 
 
-def write_frames(frames, path: Path) -> Path:
+def write_frames(frames: ArrayLike, path: Path) -> Path:
     """A lossless copy of (F, H, W, 3) frames as uint8 (`.npz`, key "frames", zlib-compressed), written
     atomically; fails if `path` exists. Sweeps compare these, not the lossy H.264 video."""
     with _staged(path.parent, ".npz") as tmp:

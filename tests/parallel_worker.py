@@ -290,6 +290,36 @@ def run_runtime(out_dir: Path, world: parallel.World, mode: str, backend, memory
 # ------------------------------------------------------------------------------------------ main
 
 
+def run_wrong_plan(mode: str, world: parallel.World) -> dict:
+    """A wrong plan (text tokens not split): the comparison must catch it."""
+    right = get_spec("contentv")
+    wrong = dataclasses.replace(
+        right, cp_plan=lambda r=right: {k: v for k, v in r.cp_plan().items() if k != "context_embedder"}
+    )
+    return run_transformer(sd3_transformer, mode, world, spec=wrong)
+
+
+# Scenario kind (before the ":" of a scenario) -> its run(mode, world, out, backend), returning this rank's result.
+SCENARIOS = {
+    "sd3": lambda mode, world, out, backend: run_transformer(sd3_transformer, mode, world),
+    # 8 heads, 336 text and 60 video tokens: even splits for 2 and 4 ranks
+    "sd3even": lambda mode, world, out, backend: run_transformer(
+        lambda: sd3_transformer(heads=8, text_tokens=336, frames=4), mode, world
+    ),
+    "control": lambda mode, world, out, backend: run_wrong_plan(mode, world),
+    # Ulysses through diffusers' "_native_npu" on the strict torch_npu stand-in, bf16
+    "npu": lambda mode, world, out, backend: run_npu_standin(mode, world),
+    "cog5b": lambda mode, world, out, backend: run_transformer(lambda: cog_transformer(rope=True), mode, world),
+    "cog2b": lambda mode, world, out, backend: run_transformer(lambda: cog_transformer(rope=False), mode, world),
+    "pipe": lambda mode, world, out, backend: run_pipeline("tiny_contentv", mode, world),
+    "pipecog": lambda mode, world, out, backend: run_pipeline("tiny_cogvideox_5b", mode, world),
+    "data": lambda mode, world, out, backend: run_data(out, world, mode or None, backend),
+    "runtime": lambda mode, world, out, backend: run_runtime(out, world, mode, backend),
+    "model_offload": lambda mode, world, out, backend: run_runtime(out, world, mode, backend, memory="model_offload"),
+    "group_offload": lambda mode, world, out, backend: run_runtime(out, world, mode, backend, memory="group_offload"),
+}
+
+
 def main(out_dir: str, scenarios: list[str]) -> int:
     torch.set_num_threads(1)
     out = Path(out_dir)
@@ -303,32 +333,10 @@ def main(out_dir: str, scenarios: list[str]) -> int:
         kind, _, mode = scenario.partition(":")
         start = time.perf_counter()
         try:
-            if kind == "sd3":
-                result = run_transformer(sd3_transformer, mode, world)
-            elif kind == "sd3even":  # 8 heads, 336 text and 60 video tokens: even splits for 2 and 4 ranks
-                result = run_transformer(lambda: sd3_transformer(heads=8, text_tokens=336, frames=4), mode, world)
-            elif kind == "control":  # a wrong plan (text tokens not split) must be caught by the comparison
-                right = get_spec("contentv")
-                wrong = dataclasses.replace(
-                    right, cp_plan=lambda r=right: {k: v for k, v in r.cp_plan().items() if k != "context_embedder"}
-                )
-                result = run_transformer(sd3_transformer, mode, world, spec=wrong)
-            elif kind == "npu":  # Ulysses through diffusers' "_native_npu" on the strict torch_npu stand-in, bf16
-                result = run_npu_standin(mode, world)
-            elif kind in ("cog5b", "cog2b"):
-                result = run_transformer(lambda k=kind: cog_transformer(rope=k == "cog5b"), mode, world)
-            elif kind == "pipe":
-                result = run_pipeline("tiny_contentv", mode, world)
-            elif kind == "pipecog":
-                result = run_pipeline("tiny_cogvideox_5b", mode, world)
-            elif kind == "data":
-                result = run_data(out, world, mode or None, backend)
-            elif kind == "runtime":
-                result = run_runtime(out, world, mode, backend)
-            elif kind in ("model_offload", "group_offload"):
-                result = run_runtime(out, world, mode, backend, memory=kind)
-            else:
+            run = SCENARIOS.get(kind)
+            if run is None:
                 raise ValueError(f"unknown scenario {scenario}")
+            result = run(mode, world, out, backend)
         except Exception as exc:  # noqa: BLE001 - reported per scenario; a hang would be worse than going on
             result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         world.barrier()

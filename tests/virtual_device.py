@@ -109,6 +109,23 @@ def _owns_dispatch(cls: type) -> bool:
     return owns
 
 
+def _virtual_args(args: tuple, kwargs: dict) -> bool | None:
+    """Whether an op's arguments include a tensor of the virtual device; None when another wrapper subclass
+    (torchao) runs the op, calling back with its parts."""
+    has_virtual = False
+    for a in (*args, *kwargs.values()):
+        for b in a if type(a) in (list, tuple) else (a,):
+            t = type(b)
+            if t is VirtualTensor:
+                has_virtual = True
+            elif isinstance(b, torch.Tensor):
+                if "_vowner" in b.__dict__:
+                    has_virtual = True  # a Parameter / buffer moved here by `.data =`
+                elif t not in _PLAIN and _owns_dispatch(t):
+                    return None
+    return has_virtual
+
+
 def _same_device_error(a: torch.device, b: torch.device) -> RuntimeError:
     return RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {a} and {b}!")
 
@@ -708,25 +725,15 @@ class VirtualDevice:
     def _dispatch(self, func, types, args: tuple, kwargs: dict) -> Any:
         device = kwargs.get("device")
         to_virtual = device is not None and device.type == self.device.type
-        has_virtual = False
-        for a in (*args, *kwargs.values()):
-            for b in a if type(a) in (list, tuple) else (a,):
-                t = type(b)
-                if t is VirtualTensor:
-                    has_virtual = True
-                elif isinstance(b, torch.Tensor):
-                    if "_vowner" in b.__dict__:
-                        has_virtual = True  # a Parameter / buffer moved here by `.data =`
-                    elif t not in _PLAIN and _owns_dispatch(t):
-                        return NotImplemented  # another wrapper subclass (torchao) runs it, calling back with parts
+        has_virtual = _virtual_args(args, kwargs)
+        if has_virtual is None:
+            return NotImplemented  # another wrapper subclass (torchao) runs it, calling back with parts
         if not has_virtual and not to_virtual:
             return func(*args, **kwargs)
         if to_virtual and (device.index or 0) != 0:
             raise RuntimeError(f"{device}: invalid device ordinal (the virtual device is {self.device})")
 
-        info = self._ops.get(func)
-        if info is None:
-            info = self._ops[func] = _op_info(func)
+        info = self._op_info(func)
         if info.composite:  # e.g. aten.to.dtype_layout from torchao: run its decomposition through the mode
             assert self._modes is not None
             with self._modes[1]:
@@ -740,17 +747,8 @@ class VirtualDevice:
         if to_virtual:
             kwargs = {**kwargs, "device": CPU}
         out_virtual = to_virtual or (has_virtual and device is None)
-        if out_virtual and info.has_generator:
-            gen = kwargs.get("generator")
-            if gen is None:
-                kwargs = {**kwargs, "generator": self.generator}
-            elif gen.device.type != self.device.type:
-                raise RuntimeError(
-                    f"Expected a '{self.device.type}' device type for generator but found '{gen.device.type}'"
-                )
-        elif out_virtual and info.generator_overload is not None:
-            func = info.generator_overload
-            kwargs = {**kwargs, "generator": self.generator}
+        if out_virtual:
+            func, kwargs = self._draw_here(func, info, kwargs)
 
         elems = {}
         cpu_args = tuple(self._unwrap(a, elems) for a in args)
@@ -770,6 +768,29 @@ class VirtualDevice:
         if is_virtual(t):
             return True
         return any((owner := elems.get(id(t))) is not None and _elem(owner) is t for elems in self._running)
+
+    def _op_info(self, func: Any) -> _OpInfo:
+        """What the device needs to know about an aten op (worked out once per op)."""
+        info = self._ops.get(func)
+        if info is None:
+            info = self._ops[func] = _op_info(func)
+        return info
+
+    def _draw_here(self, func: Any, info: _OpInfo, kwargs: dict) -> tuple[Any, dict]:
+        """The op and kwargs of a random op whose result lives here: it draws from this device's generator (a
+        generator of another device is refused, as on a real device)."""
+        if info.has_generator:
+            gen = kwargs.get("generator")
+            if gen is None:
+                return func, {**kwargs, "generator": self.generator}
+            if gen.device.type != self.device.type:
+                raise RuntimeError(
+                    f"Expected a '{self.device.type}' device type for generator but found '{gen.device.type}'"
+                )
+            return func, kwargs
+        if info.generator_overload is not None:
+            return info.generator_overload, {**kwargs, "generator": self.generator}
+        return func, kwargs
 
     @staticmethod
     def _unwrap(a: Any, elems: dict[int, torch.Tensor]) -> Any:

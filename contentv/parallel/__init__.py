@@ -25,6 +25,7 @@ from contentv.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+    from torch.distributed.device_mesh import DeviceMesh
 
     from contentv.config import MemoryConfig, SpeedupConfig
 
@@ -143,7 +144,7 @@ class World:
     splitter: Callable[[], Any] | None = None
     _meshes: dict = field(default_factory=dict, repr=False)
 
-    def mesh(self, lay: Layout):
+    def mesh(self, lay: Layout) -> DeviceMesh:
         """The (dp, cfg, ring, ulysses) DeviceMesh; created once per layout (a collective: every rank calls)."""
         if lay.shape not in self._meshes:
             if self.mesh_factory is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,13 @@ from contentv.errors import ConfigError
 from contentv.parallel import DIMS, Layout, World, layout
 from contentv.registry import ModelSpec
 
+if TYPE_CHECKING:
+    from diffusers import ContextParallelConfig, DiffusionPipeline
+    from diffusers import ParallelConfig as DiffusersParallelConfig
+    from diffusers.hooks import ModelHook
+    from diffusers.utils import BaseOutput
+    from torch.distributed.device_mesh import DeviceMesh
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +39,7 @@ def _no_backward(*args, **kwargs):
     raise NotImplementedError("context-parallel attention here is inference-only")
 
 
-def context_parallel_kernel(parallel_config, attention: str | Callable) -> AttentionKernel:
+def context_parallel_kernel(parallel_config: DiffusersParallelConfig, attention: str | Callable) -> AttentionKernel:
     """A (B, H, S, D) kernel running diffusers' context-parallel attention over `parallel_config`'s mesh.
 
     `attention`: a diffusers attention backend with context-parallel support ("native", "_native_cudnn",
@@ -79,7 +87,7 @@ def context_parallel_kernel(parallel_config, attention: str | Callable) -> Atten
 # ------------------------------------------------------------------------------------------ guidance
 
 
-def _guidance_hook(names: tuple[str, ...], mesh):
+def _guidance_hook(names: tuple[str, ...], mesh: DeviceMesh) -> ModelHook:
     """A diffusers ModelHook: this rank's half of the guidance batch in, the whole batch back out."""
     from diffusers.hooks import ModelHook
 
@@ -88,11 +96,11 @@ def _guidance_hook(names: tuple[str, ...], mesh):
     class GuidanceParallelHook(ModelHook):
         _is_stateful = False
 
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.split = False
 
-        def pre_forward(self, module, *args, **kwargs):
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict[str, Any]]:
             if args:
                 raise ValueError("guidance parallelism needs the transformer called with keyword arguments")
             batch = kwargs["hidden_states"].shape[0]
@@ -105,7 +113,9 @@ def _guidance_hook(names: tuple[str, ...], mesh):
                         kwargs[name] = EquipartitionSharder.shard(x, 0, mesh)
             return args, kwargs
 
-        def post_forward(self, module, output):
+        def post_forward(
+            self, module: torch.nn.Module, output: torch.Tensor | tuple | BaseOutput
+        ) -> torch.Tensor | tuple | BaseOutput:
             if not self.split:
                 return output
             if torch.is_tensor(output):
@@ -118,7 +128,7 @@ def _guidance_hook(names: tuple[str, ...], mesh):
     return GuidanceParallelHook()
 
 
-def _uneven_gather_hook(dim: int, cp_config):
+def _uneven_gather_hook(dim: int, cp_config: ContextParallelConfig) -> ModelHook:
     """ContextParallelOutput for uneven shards with any collective library: pad every shard to the longest,
     all-gather equal sizes, trim. (diffusers' `PartitionAnythingSharder.unshard_anything` all-gathers unequal
     sizes, which NCCL accepts and gloo rejects.)"""
@@ -130,7 +140,7 @@ def _uneven_gather_hook(dim: int, cp_config):
     class UnevenGatherHook(ModelHook):
         _is_stateful = False
 
-        def post_forward(self, module, output):
+        def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
             group = cp_config._flattened_mesh.get_group()
             x = output.contiguous()
             sizes = _diffusers.gather_size_by_comm(x.shape[dim], group)  # every rank's token count, in rank order
@@ -160,7 +170,7 @@ class Applied:
     record: dict = field(default_factory=dict)
 
 
-def apply(pipe, cfg: ParallelConfig, spec: ModelSpec, world: World) -> Applied:
+def apply(pipe: DiffusionPipeline, cfg: ParallelConfig, spec: ModelSpec, world: World) -> Applied:
     """Make `pipe.transformer` run one generation across its group of ranks. Call after loading and before any
     placement or offload; then install `Applied.kernel` with the family's `install_attention` (if not None).
 

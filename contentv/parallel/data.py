@@ -6,9 +6,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contentv.config import ParallelConfig
 from contentv.parallel import DIMS, Layout, World, layout
+
+if TYPE_CHECKING:
+    from contentv.config import RunConfig
+    from contentv.runtime import RunResult, Runtime, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,13 @@ def shard(items: list, world: World, lay: Layout) -> list:
     return split_evenly(list(items), world.rank // lay.group_size, lay.dp)
 
 
-def run_all(runtime, cfg, parallel: ParallelConfig, world: World, callback_on_step_end=None) -> list:
+def run_all(
+    runtime: Runtime,
+    cfg: RunConfig,
+    parallel: ParallelConfig,
+    world: World,
+    callback_on_step_end: StepCallback | None = None,
+) -> list[RunResult]:
     """`Runtime.run_all` for a launch of `world.size` ranks: each group generates its share of prompt_file lines
     x seeds; the first rank of each group writes its videos and sidecars (the others only compute); rank 0 writes
     `index.json` listing every output after all ranks are done. Returns this rank's results.

@@ -105,7 +105,9 @@ def plan(
         guidance = guidance_passes(memory, sampling.guidance_scale, batched)
         try:
             check(memory, caps)
-            strategy = predict_for_budget(model, with_defaults(memory, spec.quantize_default), guidance, streams, budget)
+            strategy = predict_for_budget(
+                model, with_defaults(memory, spec.quantize_default), guidance, streams, budget
+            )
             strategy.memory = memory
         except ConfigError as exc:
             strategy = Strategy(name=name, memory=memory, error=str(exc), time=math.inf)

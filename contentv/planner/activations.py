@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,9 @@ class LiveBytes:
         counter = self
 
         class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            def __torch_dispatch__(
+                self, func: torch._ops.OpOverload, types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+            ) -> Any:
                 out = func(*args, **(kwargs or {}))
                 inputs = {
                     a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)

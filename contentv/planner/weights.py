@@ -77,6 +77,15 @@ def _nf4_bytes(numel: int) -> int:
     return (numel + 1) // 2 + blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 16 * 4 + 4
 
 
+# Quantization method -> bytes of a quantized Linear weight of `rows` rows and `n` elements, scales included.
+_QUANTIZED_WEIGHT_BYTES: dict[str, Callable[[int, int], int]] = {
+    "bnb_int8": lambda rows, n: n + rows * 4,  # int8 rows + fp32 row scales (SCB)
+    "bnb_nf4": lambda rows, n: _nf4_bytes(n),
+    # torchao Int8Tensor: int8 data, fp32 row scale, int8 zero point
+    "torchao_int8": lambda rows, n: n + rows * 4 + rows,
+}
+
+
 def tensor_bytes(module: nn.Module, dtype: torch.dtype, quantization: str = "none") -> dict[int, int]:
     """id(tensor) -> bytes it takes once loaded in `dtype` and quantized; one entry per unique tensor.
 
@@ -108,15 +117,10 @@ def tensor_bytes(module: nn.Module, dtype: torch.dtype, quantization: str = "non
         if not quantizable(name, m, skip):
             continue
         w = m.weight
-        rows, n = w.shape[0], w.numel()
-        if quantization == "bnb_int8":
-            out[id(w)] = n + rows * 4  # int8 rows + fp32 row scales (SCB)
-        elif quantization == "bnb_nf4":
-            out[id(w)] = _nf4_bytes(n)
-        elif quantization == "torchao_int8":
-            out[id(w)] = n + rows * 4 + rows  # torchao Int8Tensor: int8 data, fp32 row scale, int8 zero point
-        else:
+        size = _QUANTIZED_WEIGHT_BYTES.get(quantization)
+        if size is None:
             raise ConfigError("memory.quantization", quantization, QUANTIZATIONS)
+        out[id(w)] = size(w.shape[0], w.numel())
     return out
 
 

@@ -122,27 +122,35 @@ def job_state(job_dir: Path, cfg: RunConfig) -> JobState:
     if record.get("items") != items:
         return redo("config changed: the prompts or seeds")
     expected = expected_config(cfg)
-    multi = len(items) > 1
     for row in rows:
-        video = _path(row.get("video") or "", job_dir)
-        if not row.get("video") or not video.is_file():
-            return redo(f"video missing: {video.name}")
-        if not row.get("sidecar"):
-            return redo("no sidecar (output.sidecar=false): nothing records what made the video")
-        sidecar = _path(row["sidecar"], job_dir)
-        try:
-            rec = json.loads(sidecar.read_text())
-            recorded = rec["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return redo(f"sidecar missing or unreadable: {sidecar.name}")
-        if rec.get("video") != video.name:
-            return redo(f"sidecar {sidecar.name} names another video")
-        changed = differences(recorded, expected, PER_VIDEO if multi else ())
-        if multi and [rec.get("prompt"), rec.get("seed")] not in items:
-            changed.append(f"prompt/seed {rec.get('prompt')!r}/{rec.get('seed')} no longer asked for")
-        if changed:
-            return redo("config changed: " + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else ""))
+        reason = _row_outdated(row, job_dir, expected, items)
+        if reason is not None:
+            return redo(reason)
     return JobState(True)
+
+
+def _row_outdated(row: dict, job_dir: Path, expected: dict, items: list[list]) -> str | None:
+    """Why one row's video can't be reused (missing, unrecorded, or made with another config), or None."""
+    multi = len(items) > 1
+    video = _path(row.get("video") or "", job_dir)
+    if not row.get("video") or not video.is_file():
+        return f"video missing: {video.name}"
+    if not row.get("sidecar"):
+        return "no sidecar (output.sidecar=false): nothing records what made the video"
+    sidecar = _path(row["sidecar"], job_dir)
+    try:
+        rec = json.loads(sidecar.read_text())
+        recorded = rec["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"sidecar missing or unreadable: {sidecar.name}"
+    if rec.get("video") != video.name:
+        return f"sidecar {sidecar.name} names another video"
+    changed = differences(recorded, expected, PER_VIDEO if multi else ())
+    if multi and [rec.get("prompt"), rec.get("seed")] not in items:
+        changed.append(f"prompt/seed {rec.get('prompt')!r}/{rec.get('seed')} no longer asked for")
+    if changed:
+        return "config changed: " + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+    return None
 
 
 def set_aside(job_dir: Path, state: JobState) -> str:

@@ -22,7 +22,7 @@ STAGES = ("load", "text_encoding", "denoising", "decoding", "writing")
 GENERATE_STAGES = ("text_encoding", "denoising", "decoding")
 
 
-def _gib(n) -> float | None:
+def _gib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 
 

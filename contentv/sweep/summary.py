@@ -9,9 +9,14 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from contentv.sweep.fidelity import add_fidelity
 from contentv.sweep.rows import STAGES, collect
+
+if TYPE_CHECKING:  # matplotlib is optional and loads only to draw the chart
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 COLUMNS = (
@@ -94,7 +99,7 @@ def label(row: dict, base: dict | None) -> str:
     return textwrap.fill(f"{row['job']}: " + (" ".join(changed) or "(same overrides)"), 44)
 
 
-def _plain_chart(plt, done: list[dict], mem_key: str, mem_label: str, total: int):
+def _plain_chart(plt: ModuleType, done: list[dict], mem_key: str, mem_label: str, total: int) -> Figure:
     """Nothing comparable to a baseline: time against memory, as a plain speed sweep."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in done:
@@ -111,7 +116,7 @@ def _plain_chart(plt, done: list[dict], mem_key: str, mem_label: str, total: int
     return fig
 
 
-def _fidelity_chart(plt, done: list[dict], mem_key: str, mem_label: str, baseline: int):
+def _fidelity_chart(plt: ModuleType, done: list[dict], mem_key: str, mem_label: str, baseline: int) -> Figure:
     """Two panels, generate time and peak memory against PSNR; each point labelled with its job's changes."""
     base = next((r for r in done if r["job"] == baseline and r.get("fidelity") == "baseline"), None)
     placed = [r for r in done if r.get("psnr_db") is not None]

@@ -6,6 +6,7 @@ Heavy imports happen inside the functions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contentv import checkpoint
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
@@ -14,6 +15,10 @@ from contentv.models.cogvideox import architecture
 from contentv.models.cogvideox.tiny import TINY_SPECS
 from contentv.registry import ModelSpec
 from contentv.validation import check_common_sampling, check_local_checkpoint, check_size, diffusers_call_kwargs
+
+if TYPE_CHECKING:  # torch and diffusers load with the pipeline
+    from contentv.attention import AttentionKernel
+    from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
 
 # Files every CogVideoX checkpoint folder has (tokenizer files vary: spiece.model or tokenizer.json).
 REQUIRED_FILES = {
@@ -102,7 +107,7 @@ def load(cfg: ModelConfig, path: str):
     return CogVideoXRuntimePipeline.from_pretrained(path, **load_kwargs(cfg))
 
 
-def install_attention(pipe, kernel) -> None:
+def install_attention(pipe: CogVideoXRuntimePipeline, kernel: AttentionKernel) -> None:
     from contentv.models.cogvideox.attention import CogVideoXKernelAttnProcessor
 
     pipe.transformer.set_attn_processor(CogVideoXKernelAttnProcessor(kernel))

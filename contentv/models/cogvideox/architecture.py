@@ -86,7 +86,7 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict:
     return {n: (build_on_meta(*CLASSES[n], configs[n], dtypes[n]), dtypes[n]) for n in CLASSES}
 
 
-def workload(components: dict, s: SamplingConfig):
+def workload(components: dict, s: SamplingConfig) -> Workload:
     c = components["transformer"][0].config
     t = (s.num_frames - 1) // 4 + 1
     h, w = s.height // 8, s.width // 8

@@ -7,10 +7,15 @@ calling SDPA directly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from contentv.attention import AttentionKernel, sdpa
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 
 class CogVideoXKernelAttnProcessor:
@@ -26,7 +31,7 @@ class CogVideoXKernelAttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,

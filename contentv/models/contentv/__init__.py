@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from contentv import checkpoint
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
@@ -14,6 +16,10 @@ from contentv.validation import (
     check_size,
     diffusers_call_kwargs,
 )
+
+if TYPE_CHECKING:  # torch and diffusers load with the pipeline
+    from contentv.attention import AttentionKernel
+    from contentv.models.contentv.pipeline import ContentVPipeline
 
 # Files every ContentV checkpoint folder has (tokenizer files vary: tokenizer.json or vocab/spiece).
 REQUIRED_FILES = {
@@ -87,7 +93,7 @@ def load(cfg: ModelConfig, path: str):
     return ContentVPipeline.from_pretrained(path, **load_kwargs(cfg))
 
 
-def install_attention(pipe, kernel) -> None:
+def install_attention(pipe: ContentVPipeline, kernel: AttentionKernel) -> None:
     from contentv.models.contentv.attention import ContentVJointAttnProcessor
 
     pipe.transformer.set_attn_processor(ContentVJointAttnProcessor(kernel))

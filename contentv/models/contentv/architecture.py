@@ -130,7 +130,7 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, tuple[nn
     return {name: (build_on_meta(*CLASSES[name], configs[name], dtypes[name]), dtypes[name]) for name in CLASSES}
 
 
-def workload(components: dict[str, tuple[nn.Module, torch.dtype]], s: SamplingConfig):
+def workload(components: dict[str, tuple[nn.Module, torch.dtype]], s: SamplingConfig) -> Workload:
     """Token counts and latent shape of one video at sampling settings `s` (resolved, no nulls)."""
     transformer = components["transformer"][0]
     p = transformer.config.patch_size

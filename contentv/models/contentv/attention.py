@@ -6,9 +6,14 @@ injected, because SD3's processor calls SDPA directly and diffusers' attention d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from contentv.attention import AttentionKernel, sdpa
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 
 class ContentVJointAttnProcessor:
@@ -23,7 +28,7 @@ class ContentVJointAttnProcessor:
 
     def __call__(
         self,
-        attn,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
 from contentv.models.common import RuntimePlacement, StageContext, null_stage
 from contentv.models.contentv.transformer import SD3Transformer3DModel
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 # Subfolders of a ContentV checkpoint, each loaded by its own class (model_index.json is not trusted).
@@ -93,7 +96,7 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
         self.patch_size = transformer.config.patch_size
         self.default_sample_size = None
 
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
         # StableDiffusion3Pipeline's override reads `image_encoder`, which ContentV doesn't have.
         DiffusionPipeline.enable_sequential_cpu_offload(self, *args, **kwargs)
 
@@ -156,7 +159,7 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
 
     def check_video_inputs(
         self, height: int, width: int, num_frames: int, steps: int, guidance_mode: str, output_type: str
-    ):
+    ) -> None:
         """Raise ValueError naming the argument, the value and what is allowed."""
         mult = self.vae_scale_factor_spatial * self.patch_size
         for name, value in (("height", height), ("width", width)):
@@ -208,7 +211,7 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     ) -> torch.Tensor:
         """One guided velocity prediction; cond/uncond are (prompt_embeds, pooled_embeds)."""
 
-        def forward(x, embeds, pooled, context):
+        def forward(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, context: str) -> torch.Tensor:
             # cache_context keeps step-cache state (e.g. FirstBlockCache) apart per kind of pass
             with self.transformer.cache_context(context):
                 return self.transformer(
@@ -248,7 +251,9 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
             self._latent_stats = cached = (key, (mean, std))
         return cached[1]
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str):
+    def decode_latents(
+        self, latents: torch.Tensor, output_type: str
+    ) -> np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]:
         """Un-normalise per channel (latents * std + mean), decode in the VAE's dtype, post-process."""
         latents = latents.to(self.vae.dtype)
         mean, std = self.latent_stats(latents.device, latents.dtype)
