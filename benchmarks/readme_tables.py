@@ -242,6 +242,27 @@ def speedups_block(path: Path = RESULTS / "speedups.jsonl") -> str:
     return "\n".join(lines) + "\n"
 
 
+def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
+    """benchmarks/startup.py's latest run: wall time per command and checkout, and the tiny run's start-up share."""
+    rows = read_jsonl(path) if path.exists() else []
+    latest = [r for r in rows if r["time"] == rows[-1]["time"]] if rows else []
+    lines = [
+        "Recorded by `python benchmarks/startup.py --compare <older checkout>` in `benchmarks/results/startup.jsonl` "
+        "(fresh processes, interleaved; wall seconds, median and fastest; start-up share = the part of a tiny run "
+        "outside text encoding, denoising, decoding and writing):",
+        "",
+        "| commit | command | median s | fastest s | exit | start-up share |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in latest:
+        share = r.get("startup_share_median")
+        lines.append(
+            f"| {r['commit'][:8]} | `{' '.join(r['args'])}` | {r['median_s']:.2f} | {r['fastest_s']:.2f} | "
+            f"{','.join(map(str, r['exit_status']))} | {'-' if share is None else f'{share:.0%}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ the README
 
 
@@ -249,6 +270,7 @@ BLOCKS = {
     "memory-tables": memory_block,
     "cpu-figures": cpu_block,
     "speedup-figures": speedups_block,
+    "startup-figures": startup_block,
 }
 
 

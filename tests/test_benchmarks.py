@@ -329,3 +329,15 @@ def test_speedups_smoke(cache_dir):
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[-2:]}
     assert set(rows) == {"plain", "first_block"}, out
     assert rows["plain"][-1] == "inf"  # the plain run against itself
+
+
+@pytest.mark.slow
+def test_startup_smoke(cache_dir):
+    """Each command in a fresh process: help and a finished tiny run exit 0, a bad setting exits 2, and the tiny
+    run's start-up share is a fraction."""
+    out = run("startup.py", "--repeats", "1", "--no-record", cache_dir=cache_dir)
+    rows = {ln.split()[1]: ln for ln in out.splitlines() if ln.split()[1:2] and " fastest " in ln}
+    assert set(rows) == {"help", "preflight_error", "tiny_run"}, out
+    assert "exit [0]" in rows["help"] and "exit [2]" in rows["preflight_error"] and "exit [0]" in rows["tiny_run"]
+    share = float(rows["tiny_run"].rsplit("start-up share ", 1)[1].rstrip("%")) / 100
+    assert 0 < share < 1
