@@ -263,6 +263,30 @@ def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
     return "\n".join(lines) + "\n"
 
 
+def limits_block() -> str:
+    """The hard limits every run is checked against (contentv/validation.py), whatever the memory."""
+    from contentv import validation as v
+
+    rows = [
+        (
+            "`sampling.height`, `sampling.width`",
+            f"16 .. {v.MAX_SIDE} (the H.264 encoder's limit), and the model's multiple",
+        ),
+        ("`sampling.num_frames`", f"1 .. {v.MAX_FRAMES}, and the model's form (4k+1, 8k+1)"),
+        ("`sampling.num_inference_steps`", f"1 .. {v.MAX_STEPS} (schedulers are trained on 1000 timesteps)"),
+        ("`sampling.fps`", f"1 .. {v.MAX_FPS}"),
+        ("`sampling.guidance_scale`", f"a finite number in 0 .. {v.MAX_GUIDANCE:g} (<= 1 disables guidance)"),
+        ("`sampling.seed`", f"an integer in {v.SEED_RANGE[0]} .. {v.SEED_RANGE[1]} (the generator's range)"),
+        (
+            "`sampling.prompt`, `negative_prompt`, prompt files",
+            f"UTF-8 text without NUL, at most {v.MAX_PROMPT_CHARS} characters",
+        ),
+        ("`output.name`", f"a file name: no separators, not `.`/`..`, at most {v.MAX_STEM_BYTES} bytes"),
+    ]
+    lines = ["| option | allowed |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ the README
 
 
@@ -271,6 +295,7 @@ BLOCKS = {
     "cpu-figures": cpu_block,
     "speedup-figures": speedups_block,
     "startup-figures": startup_block,
+    "limits": limits_block,
 }
 
 
