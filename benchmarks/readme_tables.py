@@ -279,7 +279,7 @@ def limits_block() -> str:
         ("`sampling.seed`", f"an integer in {v.SEED_RANGE[0]} .. {v.SEED_RANGE[1]} (the generator's range)"),
         (
             "`sampling.prompt`, `negative_prompt`, prompt files",
-            f"UTF-8 text without NUL, at most {v.MAX_PROMPT_CHARS} characters",
+            f"UTF-8 text, no NUL or other control characters (newlines, tabs allowed), at most {v.MAX_PROMPT_CHARS} characters",
         ),
         ("`output.name`", f"a file name: no separators, not `.`/`..`, at most {v.MAX_STEM_BYTES} bytes"),
     ]
