@@ -28,16 +28,8 @@ SAMPLING_FIELDS = (
 MEMORY_FIELDS = ("vae_slicing", "vae_tiling", "attention_slicing", "quantization", "budget_gb")
 # memory.vae_tiling on the page: null is a choice of its own (tile only where the budget needs it), not a blank.
 VAE_TILING = {"auto": None, "on": True, "off": False}
-# Sampling fields the page refills from a model's defaults when the model preset changes.
-MODEL_DEFAULT_FIELDS = (
-    "negative_prompt",
-    "num_frames",
-    "fps",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-)
+# Sampling fields the page refills from a model's defaults when the model preset changes (not what the user wrote).
+MODEL_DEFAULT_FIELDS = tuple(f for f in SAMPLING_FIELDS if f not in ("prompt", "seed"))
 
 
 @dataclass
