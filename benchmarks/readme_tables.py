@@ -263,6 +263,25 @@ def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
     return "\n".join(lines) + "\n"
 
 
+def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:
+    """benchmarks/reference_parity.py's latest run: max |difference| from the reference code per guidance mode."""
+    rows = read_jsonl(path) if path.exists() else []
+    lines = [
+        "Recorded by `python benchmarks/reference_parity.py --reference <ContentV checkout>` in "
+        "`benchmarks/results/reference_parity.jsonl` (latest run):",
+        "",
+        "| run | reference commit | size | guidance mode | latents max \\|Δ\\| | frames max \\|Δ\\| | verdict |",
+        "| --- | --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for r in rows[-1:]:
+        for mode, d in r["modes"].items():
+            lines.append(
+                f"| {r['date'][:16].replace('T', ' ')} | {r['reference_commit'][:7]} | {r['size']} | {mode} | "
+                f"{d['latents_max_abs']:.2g} | {d['frames_max_abs']:.2g} | {'pass' if r['passed'] else 'FAIL'} (<= 1e-4) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def limits_block() -> str:
     """The hard limits every run is checked against (contentv/validation.py), whatever the memory."""
     from contentv import validation as v
@@ -296,6 +315,7 @@ BLOCKS = {
     "speedup-figures": speedups_block,
     "startup-figures": startup_block,
     "limits": limits_block,
+    "parity-figures": parity_block,
 }
 
 

@@ -3,7 +3,8 @@
 The reference code is not part of this project: point --reference at a checkout of
 bytedance/ContentV (it needs `pip install einops`). Both pipelines load the same tiny checkpoint,
 run fp32 on the CPU with the same prompt, seed (CPU generator), size, frames and steps, and the
-maximum absolute differences of final latents and frames are printed (target: <= 1e-4).
+maximum absolute differences of final latents and frames are printed (target: <= 1e-4) and recorded, with
+the reference checkout's commit, in benchmarks/results/reference_parity.jsonl (--no-record: print only).
 
     python benchmarks/reference_parity.py --reference ../ContentV
 """
@@ -11,7 +12,10 @@ maximum absolute differences of final latents and frames are printed (target: <=
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=13)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
     from diffusers import AutoencoderKLWan
@@ -69,15 +74,32 @@ def main() -> int:
     same_keys = set(ours.transformer.state_dict()) == set(ref_t.state_dict())
     print(f"checkpoint: {ckpt}\nstate-dict keys identical: {same_keys}")
     worst = 0.0
+    modes = {}
     for mode in ("sequential", "batched"):
         latents = ours(**call, guidance_mode=mode, generator=gen(), output_type="latent").frames
         frames = ours(**call, guidance_mode=mode, generator=gen(), output_type="np").frames
         d_lat = (latents - ref_latents).abs().max().item()
         d_fr = float(np.abs(frames - ref_frames).max())
         worst = max(worst, d_lat, d_fr)
+        modes[mode] = {"latents_max_abs": d_lat, "frames_max_abs": d_fr}
         print(f"guidance_mode={mode:10s} latents max|d| = {d_lat:.3g}   frames max|d| = {d_fr:.3g}")
-    print("PASS" if worst <= 1e-4 and same_keys else "FAIL", f"(worst {worst:.3g}, target <= 1e-4)")
-    return 0 if worst <= 1e-4 and same_keys else 1
+    passed = worst <= 1e-4 and same_keys
+    print("PASS" if passed else "FAIL", f"(worst {worst:.3g}, target <= 1e-4)")
+    if not args.no_record:
+        commit = subprocess.run(["git", "-C", args.reference, "rev-parse", "HEAD"], capture_output=True, text=True)
+        row = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "reference_commit": commit.stdout.strip() or "unknown",
+            "size": f"{args.height}x{args.width}x{args.frames}, {args.steps} steps, seed {args.seed}, fp32, cpu",
+            "state_dict_keys_identical": same_keys,
+            "modes": modes,
+            "passed": passed,
+        }
+        out = ROOT / "benchmarks" / "results" / "reference_parity.jsonl"
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"recorded: {out.relative_to(ROOT)}")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
