@@ -580,6 +580,25 @@ class SweepSummary(Callback):
             raise SystemExit(1)  # not an Exception: Hydra would only warn; every launcher runs this in the main process
 
 
+# Hydra's mode flags: it takes at most one of them per command line (and raises a bare ValueError otherwise).
+HYDRA_MODES = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "-c": "--cfg", "--cfg": "--cfg"}
+HYDRA_MODES |= {
+    "-i": "--info",
+    "--info": "--info",
+    "-sc": "--shell-completion",
+    "--shell-completion": "--shell-completion",
+}
+
+
+def check_hydra_modes(argv: Sequence[str]) -> None:
+    """UsageError (one line) when the command line asks Hydra for two modes at once, e.g. `-m ... --cfg job`."""
+    modes = sorted({HYDRA_MODES[a] for a in argv if a in HYDRA_MODES})
+    if len(modes) > 1:
+        raise UsageError(
+            f"{' and '.join(modes)} can't be combined: Hydra runs one of -m, --run, --cfg, --info at a time"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # two sweep folders side by side; before the imports below (no torch needed)
@@ -602,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.export_slurm_env()
     register_configs()
     try:
+        check_hydra_modes(argv)
         if any(a in ("--help", "-h") for a in argv):
             print(help_text([a for a in argv if a not in ("--help", "-h")]))
             return 0

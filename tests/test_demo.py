@@ -193,3 +193,11 @@ def test_hub_id_without_network_fails_with_one_clear_line(tmp_path, cache_dir):
     assert last.startswith("error: model.path='nobody/no-such-model' is not valid: a checkpoint this machine can load")
     assert "model.path=<folder>" in last and "model=tiny_contentv" in last and "offline" in last
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["-m", "--cfg", "job"], ["--multirun", "--info"], ["-c", "job", "--run"]])
+def test_two_hydra_modes_are_one_line_exit_2(flags, capsys):
+    """Hydra takes one of -m, --run, --cfg, --info per command line; two are a usage error, not its traceback."""
+    assert demo.main(["model=tiny_contentv", "backend=cpu", "sampling.seed=1,2", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "can't be combined" in err and "\n" not in err

@@ -1,0 +1,121 @@
+"""Ordinary prompts on the command line: `sampling.prompt=<any text>` and `sampling.negative_prompt=<any text>`
+are taken exactly as typed (shell quoting aside) in a single run, whatever characters they hold; under -m a
+free-text prompt stays one job, and prompts are swept with an explicit `choice(...)` or a prompt file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny_contentv", "backend=cpu"]
+
+# One prompt per class of character that Hydra's override grammar or OmegaConf would otherwise interpret.
+PROMPTS = {
+    "comma": "a red fox, walking in snow, at dusk",
+    "apostrophe": "the fox's den, the hunters' path",
+    "double_quotes": 'a sign that says "open"',
+    "mixed_quotes": "it's \"fine\", isn't it?'",
+    "brackets": "a cat (sleeping) on [a red] cushion",
+    "braces": "json-like {key: value} and {}",
+    "colon": "style: watercolor; mood: calm",
+    "equals": "speed = fast, size=large",
+    "interpolation": "literally ${oops} and $HOME and \\${x}",
+    "backslashes": "a path C:\\temp\\ and a trailing backslash\\",
+    "unicode": "une forêt enneigée, 雪の森, снежный лес",
+    "emoji": "a fox 🦊 under the moon 🌙",
+    "spaces": "  leading and trailing spaces  ",
+    "sweep_words": "choice of words, range(1,3) and glob(*)",
+    "multi_line": "first line\nsecond line\twith a tab",
+}
+
+
+@pytest.mark.parametrize("key", ["sampling.prompt", "sampling.negative_prompt"])
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_any_text_composes_exactly(name: str, key: str):
+    """load_config (the command line's composition, in-process) gives back the text exactly."""
+    text = PROMPTS[name]
+    cfg = demo.load_config([*TINY, f"{key}={text}"])
+    assert getattr(cfg.sampling, key.split(".")[1]) == text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_any_text_from_the_command_line(name: str, tmp_path: Path):
+    """A real process: the composed job config (`--cfg job`) holds the text exactly, and nothing fails."""
+    text = PROMPTS[name]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), *TINY, f"sampling.prompt={text}", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    composed = OmegaConf.create(proc.stdout)
+    assert composed.sampling.prompt == text
+
+
+@pytest.mark.slow
+def test_a_video_from_a_prompt_with_every_class(tmp_path: Path, cache_dir: Path):
+    """One real generation: the sidecar records the prompt and negative prompt exactly as typed."""
+    prompt = " | ".join(PROMPTS[n] for n in ("comma", "mixed_quotes", "brackets", "braces", "colon", "emoji"))
+    negative = PROMPTS["interpolation"] + " " + PROMPTS["equals"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "demo.py"),
+            *TINY,
+            f"sampling.prompt={prompt}",
+            f"sampling.negative_prompt={negative}",
+            "sampling.height=32",
+            "sampling.width=48",
+            "sampling.num_frames=5",
+            "sampling.num_inference_steps=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sidecar,) = (tmp_path / "run").rglob("*.json")
+    record = json.loads(sidecar.read_text())
+    assert record["prompt"] == prompt and record["negative_prompt"] == negative
+    assert sidecar.with_suffix(".mp4").is_file()
+
+
+def composed_prompts(jobs: list[list[str]]) -> set[str]:
+    """Each job's prompt as the sweep's pre-flight composes it."""
+    with demo.hydra_context():
+        return {demo._compose_job(job)[0].sampling.prompt for job in jobs}
+
+
+def test_a_free_text_prompt_under_m_stays_one_job():
+    """Under -m, commas in a prompt are text, not a sweep: the seeds make the jobs."""
+    argv = [*TINY, "sampling.prompt=a red fox, walking in snow", "sampling.seed=1,2"]
+    jobs = demo.expand_jobs(demo.literal_prompts(argv, multirun=True), multirun=True)
+    assert len(jobs) == 2
+    assert composed_prompts(jobs) == {"a red fox, walking in snow"}
+
+
+def test_prompts_are_swept_with_an_explicit_choice():
+    argv = [*TINY, 'sampling.prompt=choice("a cat, sleeping","the dog\'s bowl")']
+    jobs = demo.expand_jobs(demo.literal_prompts(argv, multirun=True), multirun=True)
+    assert composed_prompts(jobs) == {"a cat, sleeping", "the dog's bowl"}
+
+
+def test_a_sweep_without_m_is_a_usage_error_naming_m():
+    with pytest.raises(demo.UsageError, match="a sweep needs -m"):
+        demo.expand_jobs([*TINY, "sampling.seed=1,2"], multirun=False)
