@@ -180,9 +180,12 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
             for v in values:
                 if v not in allowed:
                     raise UsageError(f"{o.key_or_group}={v!r} is not valid: one of: {', '.join(allowed)}")
-        elif types.get(o.key_or_group) is bool and not o.is_sweep_override() and not isinstance(o.value(), bool):
-            # OmegaConf would turn 2 or "yes" into True: a switch takes exactly true or false.
-            raise UsageError(f"{o.key_or_group}={o.get_value_element_as_str()!r} is not valid: true or false")
+        elif types.get(o.key_or_group) in (bool, bool | None) and not o.is_sweep_override():
+            # OmegaConf would turn 2 or "yes" into True: a switch takes exactly true or false (or null if optional).
+            optional = types[o.key_or_group] is not bool
+            if not isinstance(o.value(), bool) and not (optional and o.value() is None):
+                allowed = "true, false or null" if optional else "true or false"
+                raise UsageError(f"{o.key_or_group}={o.get_value_element_as_str()!r} is not valid: {allowed}")
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in itertools.product(*choices)] or [[]]
 

@@ -47,6 +47,7 @@ CASES = [
     ("backend.device_index=-1", "backend.device_index"),
     ("backend.attention=magic", "backend.attention"),
     ("debug=2", "debug"),
+    ("memory.vae_tiling=maybe", "memory.vae_tiling"),  # true, false or null
     ("dry_run=yes", "dry_run"),
     ("mode=serve", "mode"),
     ("output.crf=52", "output.crf"),

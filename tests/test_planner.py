@@ -603,3 +603,10 @@ def test_repo_presets_turn_lossy_options_on_only_where_their_card_needs_them():
     for name in ("low_vram_24g", "low_vram_16g", "low_vram_8g"):
         assert presets[name].vae_tiling is None, name
         assert predicted(presets[name], budget_gb=80).vae_tiling is False
+
+
+def test_the_plan_header_names_the_guidance_this_backend_runs():
+    """auto guidance is sequential where the backend prefers it (the CPU): the plan says what will run."""
+    cpu_like = Capabilities("cpu-like", False, False, memory_policy.QUANTIZATIONS)
+    assert planner.plan(full_size_run(), PRESETS, cpu_like).guidance == "sequential"
+    assert planner.plan(full_size_run(), PRESETS, GPU).guidance == "batched"

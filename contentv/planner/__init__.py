@@ -123,7 +123,9 @@ def plan(
     result = Plan(
         model=cfg.model.name,
         sampling=sampling,
-        guidance=guidance_passes(cfg.memory if cfg.memory.name != "auto" else MemoryConfig(), sampling.guidance_scale),
+        guidance=guidance_passes(
+            cfg.memory if cfg.memory.name != "auto" else MemoryConfig(), sampling.guidance_scale, batched
+        ),
         weights={n: model.bytes(n) for n in components},
         activations={
             "text_encoding": model.text_bytes(),
