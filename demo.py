@@ -371,6 +371,11 @@ def preflight(argv: list[str]) -> bool:
                 world_size = int(launcher.tasks_per_node) * int(launcher.get("nodes") or 1)
             check_settings(cfg, world_size=world_size)
             configs.append((cfg, hydra_cfg, world_size))
+        if args.multirun and configs[0][0].sweep.baseline >= len(jobs):
+            from contentv.errors import ConfigError
+
+            baseline = configs[0][0].sweep.baseline
+            raise ConfigError("sweep.baseline", baseline, f"a job number of this sweep: 0..{len(jobs) - 1}")
         built: dict = {}
         presets = None
         dry = False

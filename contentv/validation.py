@@ -146,6 +146,8 @@ def check_settings(
         raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
     check_output(cfg.output)
     check_ui(cfg.ui)
+    if cfg.sweep.baseline < 0:
+        raise ConfigError("sweep.baseline", cfg.sweep.baseline, "a job number >= 0 (0 = the sweep's first job)")
     return CheckedRun(spec=spec, sampling=sampling, prompts=prompts)
 
 

@@ -48,6 +48,7 @@ CASES = [
     ("backend.attention=magic", "backend.attention"),
     ("debug=2", "debug"),
     ("memory.vae_tiling=maybe", "memory.vae_tiling"),  # true, false or null
+    ("sweep.baseline=-1", "sweep.baseline"),
     ("dry_run=yes", "dry_run"),
     ("mode=serve", "mode"),
     ("output.crf=52", "output.crf"),
@@ -131,3 +132,11 @@ def test_a_real_process_exits_2_with_one_line_on_stderr(tmp_path, cache_dir, ove
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []  # not even outputs/ or a Hydra log
+
+
+def test_a_sweep_baseline_beyond_the_sweep_is_one_line(capsys, tmp_path, cache_dir):
+    """sweep.baseline names a job of this sweep: checked against the number of jobs before any job runs."""
+    code = demo.main(["-m", *BASE, f"hydra.sweep.dir={tmp_path / 'sweep'}", "sampling.seed=1,2", "sweep.baseline=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: sweep.baseline=2 is not valid: a job number of this sweep: 0..1"
+    assert list(tmp_path.iterdir()) == []
