@@ -98,7 +98,8 @@ class MemoryConfig:
     # the hooks place them). auto: offload under model/sequential offload, release under group offload,
     # else device.
     text_encoders: str = "auto"
-    # Weight quantization: none | bnb_int8 | bnb_nf4 | fp8 | torchao_int8.
+    # Weight quantization: none | bnb_int8 | bnb_nf4 | fp8 | torchao_int8. Anything but none CHANGES THE OUTPUT
+    # (smaller or faster weights, slightly different frames; the sidecar lists it under output_changes).
     quantization: str = "none"
     # Components the quantization applies to; null = the model family's default (ContentV: transformer and
     # text_encoder_3 (T5); CogVideoX: transformer and text_encoder (T5)).
@@ -154,11 +155,13 @@ class OutputConfig:
 
 @dataclass
 class SpeedupConfig:
-    # torch.compile the transformer's repeated blocks (regional compilation; first steps are slower).
+    # torch.compile the transformer's repeated blocks (regional compilation; first steps are slower; the same
+    # math, though fused kernels may round differently in the last bits).
     compile: bool = False
     # torch.compile mode: default | reduce-overhead | max-autotune.
     compile_mode: str = "default"
-    # Step caching through diffusers' cache hooks: none | first_block (FirstBlockCache).
+    # Step caching through diffusers' cache hooks: none | first_block (FirstBlockCache). first_block CHANGES THE
+    # OUTPUT (steps reuse cached residuals; the sidecar lists it under output_changes).
     cache: str = "none"
     # first_block: reuse the cached residual while the first block's output changes less than this.
     cache_threshold: float = 0.05

@@ -350,6 +350,10 @@ class Runtime:
             pipe = self.pipeline(cfg)
         reused = self.loads == loads
         self._prepared["vae_tiling"] = set_vae_tiling(pipe, cfg.memory.vae_tiling)
+        # what changes this video's frames, with vae_tiling as decided for it
+        self._prepared["output_changes"] = memory_policy.output_changes(cfg.memory) + speedup.output_changes(
+            cfg.speedup
+        )
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         counter = getattr(pipe, "cache_counter", None)  # a step cache's skip counter (contentv.speedup)
         if counter is not None:

@@ -74,6 +74,16 @@ class SkipCounter:
         return {"forwards": self.forwards, "skipped": self.skipped}
 
 
+def output_changes(cfg: SpeedupConfig) -> list[str]:
+    """The speed-ups in `cfg` that change the output, each with what it changes (compilation runs the same math)."""
+    if cfg.cache == "first_block":
+        return [
+            f"speedup.cache=first_block (steps whose first-block residual changes less than {cfg.cache_threshold} "
+            "reuse cached residuals: frames change)"
+        ]
+    return []
+
+
 def apply(pipe: DiffusionPipeline, cfg: SpeedupConfig) -> dict:
     """Apply the configured speed-ups to a prepared pipeline; returns what was applied."""
     check(cfg)

@@ -556,6 +556,8 @@ def test_vae_tiling_null_is_decided_per_video_and_recorded(cache_dir, tmp_path, 
             result.prepared["vae_tiling"],
             runtime._pipe.vae.use_tiling,
         )
+        tiling_noted = any(c.startswith("vae_tiling") for c in record["prepared"]["output_changes"])
+        assert tiling_noted == (height == 256), record["prepared"]["output_changes"]  # what changed this video
     assert ran == {256: (True, True, True), 32: (False, False, False)}
     assert runtime.loads == 1
     assert "memory.vae_tiling=null: tiled for this video" in caplog.text

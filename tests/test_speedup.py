@@ -59,3 +59,10 @@ def test_compile_marks_the_repeated_blocks(tiny_pipe, monkeypatch):
     assert applied["compile"] == "repeated blocks, mode max-autotune"
     assert [name for name, _ in compiled] == ["JointTransformerBlock"] * 3
     assert compiled[0][1]["mode"] == "max-autotune"
+
+
+def test_the_step_cache_says_it_changes_the_output_and_compile_does_not():
+    assert speedup.output_changes(SpeedupConfig()) == []
+    assert speedup.output_changes(SpeedupConfig(compile=True)) == []
+    (change,) = speedup.output_changes(SpeedupConfig(cache="first_block", cache_threshold=0.1))
+    assert change.startswith("speedup.cache=first_block") and "0.1" in change and "frames change" in change
