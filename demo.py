@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import contentv  # first, and light (no torch): a run's start-up is measured from here (contentv.IMPORTED_AT)
+
 if TYPE_CHECKING:  # Hydra, OmegaConf and the runtime (torch) load lazily: `--help` and pre-flight errors don't
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig
@@ -458,7 +460,6 @@ def console_output(verbose: bool) -> None:
     if verbose:
         return
     import backends
-    import contentv
 
     ours = (contentv.__name__, backends.__name__, __name__, "__main__")
     for handler in logging.getLogger().handlers:

@@ -11,9 +11,14 @@ package; this library never imports Hydra).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from contentv.tiny import tiny_checkpoint
+
+# When this library was first imported: where a run's "startup" begins (demo.py imports it before anything heavy).
+# Not the process's own start: a process exec'd by a shell (`bash -c`, `exec`) inherits the shell's start time.
+IMPORTED_AT = time.time()
 
 __all__ = ["CogVideoXRuntimePipeline", "ContentVPipeline", "RunConfig", "Runtime", "tiny_checkpoint"]
 

@@ -100,10 +100,11 @@ def library_versions() -> dict[str, str]:
 
 
 def process_start() -> float:
-    """When this process started (epoch seconds)."""
-    import psutil
+    """When this process started running the runtime (epoch seconds): the first `import contentv` (demo.py does it
+    before anything heavy). The OS's process start would count a shell's time when the shell exec'd Python."""
+    import contentv
 
-    return psutil.Process().create_time()
+    return contentv.IMPORTED_AT
 
 
 def checkpoint_record(model: ModelConfig, path: str) -> dict:

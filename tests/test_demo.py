@@ -201,3 +201,24 @@ def test_two_hydra_modes_are_one_line_exit_2(flags, capsys):
     assert demo.main(["model=tiny_contentv", "backend=cpu", "sampling.seed=1,2", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "can't be combined" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_startup_counts_from_python_not_from_the_shell_that_exec_d_it(tmp_path, cache_dir):
+    """`bash -c '...; exec python demo.py'` runs Python in the shell's process, whose OS start time is the shell's:
+    the recorded start-up must not include what the shell did first (here: sleeping 8 s)."""
+    stamp = tmp_path / "exec_at"
+    args = " ".join([*TINY, "sampling.height=32", "sampling.width=48", "sampling.num_frames=5"])
+    script = (
+        f"sleep 8; {sys.executable} -c 'import time; print(time.time())' > {stamp}; "
+        f"exec {sys.executable} {ROOT / 'demo.py'} {args} sampling.num_inference_steps=1 hydra.run.dir={tmp_path / 'run'}"
+    )
+    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir)}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    import time
+
+    ended = time.time()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sidecar,) = (tmp_path / "run").glob("*.json")
+    timings = json.loads(sidecar.read_text())["timings_s"]
+    assert 0 < timings["startup"] < ended - float(stamp.read_text())
