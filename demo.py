@@ -426,7 +426,9 @@ def get_runtime(backend_cfg: BackendConfig, memory_name: str) -> Runtime:
             _STATE["runtime"].release()
         backend = backends.build_backend(backend_cfg)
         backend.setup()  # before joining the process group: NCCL/HCCL bind to the current device
-        _STATE.update(key=key, runtime=Runtime(backend, world=distributed.init_world(backend)))
+        # Bars only on a terminal: in a log file their redraws pile up on one line (the summary has the times).
+        runtime = Runtime(backend, world=distributed.init_world(backend), progress=sys.stderr.isatty())
+        _STATE.update(key=key, runtime=runtime)
     runtime = _STATE["runtime"]
     if memory_name == "auto" and not runtime.presets:
         runtime.presets = load_presets(("memory",), searchpath_overrides()).memories

@@ -46,3 +46,17 @@ def own_bars_only() -> None:
     import transformers.utils.logging
 
     transformers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """transformers' own bars ("Writing model shards", "Loading weights") off for a while, then as they were."""
+    import transformers.utils.logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()

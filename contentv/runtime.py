@@ -154,12 +154,11 @@ class Runtime:
         progress: bool = True,
     ):
         self.backend = backend
-        # One bar per long stage (loading, text encoding, denoising, decoding); the libraries' own bars off.
+        # One bar per long stage (loading, text encoding, denoising, decoding); the libraries' own bars always off.
         self.progress = progress
-        if progress:
-            from contentv import progress as bars
+        from contentv import progress as bars  # (the argument shadows the module here)
 
-            bars.own_bars_only()
+        bars.own_bars_only()
         backend.setup()  # process-wide switches (TF32/HF32, current device); idempotent
         self.presets = dict(presets or {})
         self.world = world or World(device=backend.device)

@@ -125,7 +125,10 @@ def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Pat
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
-        build(tmp)
+        from contentv.progress import library_bars_off
+
+        with library_bars_off():  # a build is seconds: no per-shard bars from transformers
+            build(tmp)
         (tmp / "tiny_spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         try:
             os.rename(tmp, final)
