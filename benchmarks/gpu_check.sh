@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one go and within 8 minutes (PERFORMANCE.md): install the carried wheels, run the
+# The GPU check, in one go and within 8 minutes: install the carried wheels, run the
 # `cuda`-marked tests, then benchmark full-size random-weight ContentV-8B (432x768x125) under none,
 # low_vram_24g, low_vram_16g, low_vram_8g and model_offload, and CogVideoX-5B (720x480x49) under none and
 # low_vram_24g, each preset in its own time-boxed process. Every result is written the moment it is measured.

@@ -1,4 +1,4 @@
-"""GPU benchmark: full-size random-weight ContentV-8B / CogVideoX-5B under memory presets (PERFORMANCE.md).
+"""GPU benchmark: full-size random-weight ContentV-8B / CogVideoX-5B under memory presets.
 
 Speed and memory don't depend on weight values, so each model is built from its published configs on the meta
 device, allocated on the host in its load dtypes and filled with random numbers in place (no download, no
@@ -118,7 +118,7 @@ def predict(model: str, backend_name: str, sampling) -> dict:
 
 
 def tokens_and_flops(pipe, model: str, sampling) -> tuple[int, float]:
-    """Transformer tokens per sequence and FLOPs per denoising step (PERFORMANCE.md): linear layers
+    """Transformer tokens per sequence and FLOPs per denoising step: linear layers
     24*d^2*N and attention 4*N^2*d per block and pass; two passes per step with guidance (batched or not)."""
     from contentv.models.common import generic_workload
     from contentv.registry import get_spec

@@ -32,7 +32,7 @@ GiB = 2**30
 
 # Dense bf16 tensor-core TFLOP/s by the vendors' datasheets (SXM unless named); first match wins.
 SPEC_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-# PERFORMANCE.md's targets, stated for full-size ContentV-8B at 432x768, 125 frames, bf16.
+# The project's performance targets, stated for full-size ContentV-8B at 432x768, 125 frames, bf16.
 TARGET_RUN = ("contentv_8b", "432x768x125")
 TARGETS = {"low_vram_24g": (22.0, 1.10), "low_vram_16g": (15.0, 1.30), "low_vram_8g": (7.5, 1.60)}
 MIN_FRACTION_OF_SPEC = 0.50
@@ -120,7 +120,7 @@ def derive(rows: list[dict]) -> list[dict]:
 
 
 def targets(r: dict) -> list[tuple[str, bool]]:
-    """(what, met) for each target that applies to this row (PERFORMANCE.md)."""
+    """(what, met) for each target that applies to this row."""
     out: list[tuple[str, bool]] = []
     if r.get("status") != "ok":
         return out

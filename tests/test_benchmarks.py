@@ -19,7 +19,7 @@ from benchmarks.random_weights import materialize
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 
-# What every measured row carries (PERFORMANCE.md "How to record", plus the planner beside each measurement).
+# What every measured row carries (what a benchmark row must record, plus the planner beside each measurement).
 ROW_FIELDS = (
     "run_id",
     "date",

@@ -363,7 +363,7 @@ def test_nothing_fits_names_memory_budget_gb():
 
 def test_plan_with_this_repo_s_presets():
     """Whatever conf/memory holds: every preset gets a row, the choice is the fastest that fits, and the
-    low-VRAM presets meet PERFORMANCE.md's peak targets for their cards (as predicted)."""
+    low-VRAM presets meet the project's peak targets for their cards (as predicted)."""
     presets = demo.load_presets(("memory",)).memories
     for budget in (80, 24, 16, 8):
         try:
@@ -376,7 +376,7 @@ def test_plan_with_this_repo_s_presets():
         assert not [s for s in p.strategies if s.fits and s.time < p.chosen.time]
     p = planner.plan(full_size_run(), presets, GPU)
     assert p.strategies[0].name == "none"
-    targets = {"low_vram_24g": 22, "low_vram_16g": 15, "low_vram_8g": 7.5}  # GiB, PERFORMANCE.md
+    targets = {"low_vram_24g": 22, "low_vram_16g": 15, "low_vram_8g": 7.5}  # GiB, benchmarks/gpu_tables.py TARGETS
     for s in p.strategies:
         if s.name in targets:
             assert s.device_bytes <= targets[s.name] * GiB, (s.name, s.device_bytes / GiB)

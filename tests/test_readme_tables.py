@@ -51,7 +51,7 @@ def test_readme_blocks_read_and_replace(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf" / "memory").glob("*.yaml")), ids=lambda p: p.stem)
 def test_memory_preset_comments_state_no_figures_of_their_own(path):
-    """A preset's comment may name its card size and its target (PERFORMANCE.md's, as benchmarks/gpu_tables.py
+    """A preset's comment may name its card size and its target (the project's targets, as benchmarks/gpu_tables.py
     checks them); predicted peaks, weights and times belong to the README's generated memory table, which each
     preset points to."""
     name = path.stem
