@@ -242,44 +242,66 @@ def speedups_block(path: Path = RESULTS / "speedups.jsonl") -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_table(source: str, header: list[str], align: list[str], rows: list[list[str]]) -> str:
+    """A block of recorded figures: where they come from, then the table."""
+    lines = [source, "", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
 def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
     """benchmarks/startup.py's latest run: wall time per command and checkout, and the tiny run's start-up share."""
     rows = read_jsonl(path) if path.exists() else []
     latest = [r for r in rows if r["time"] == rows[-1]["time"]] if rows else []
-    lines = [
+    source = (
         "Recorded by `python benchmarks/startup.py --compare <older checkout>` in `benchmarks/results/startup.jsonl` "
         "(fresh processes, interleaved; wall seconds, median and fastest; start-up share = the part of a tiny run "
-        "outside text encoding, denoising, decoding and writing):",
-        "",
-        "| commit | command | median s | fastest s | exit | start-up share |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "outside text encoding, denoising, decoding and writing):"
+    )
+    table = [
+        [
+            r["commit"][:8],
+            f"`{' '.join(r['args'])}`",
+            f"{r['median_s']:.2f}",
+            f"{r['fastest_s']:.2f}",
+            ",".join(map(str, r["exit_status"])),
+            "-" if r.get("startup_share_median") is None else f"{r['startup_share_median']:.0%}",
+        ]
+        for r in latest
     ]
-    for r in latest:
-        share = r.get("startup_share_median")
-        lines.append(
-            f"| {r['commit'][:8]} | `{' '.join(r['args'])}` | {r['median_s']:.2f} | {r['fastest_s']:.2f} | "
-            f"{','.join(map(str, r['exit_status']))} | {'-' if share is None else f'{share:.0%}'} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["commit", "command", "median s", "fastest s", "exit", "start-up share"]
+    return recorded_table(source, header, ["---", "---", "---:", "---:", "---:", "---:"], table)
 
 
 def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:
     """benchmarks/reference_parity.py's latest run: max |difference| from the reference code per guidance mode."""
     rows = read_jsonl(path) if path.exists() else []
-    lines = [
+    source = (
         "Recorded by `python benchmarks/reference_parity.py --reference <ContentV checkout>` in "
-        "`benchmarks/results/reference_parity.jsonl` (latest run):",
-        "",
-        "| run | reference commit | size | guidance mode | latents max \\|Δ\\| | frames max \\|Δ\\| | verdict |",
-        "| --- | --- | --- | --- | ---: | ---: | --- |",
+        "`benchmarks/results/reference_parity.jsonl` (latest run):"
+    )
+    table = [
+        [
+            r["date"][:16].replace("T", " "),
+            r["reference_commit"][:7],
+            r["size"],
+            mode,
+            f"{d['latents_max_abs']:.2g}",
+            f"{d['frames_max_abs']:.2g}",
+            f"{'pass' if r['passed'] else 'FAIL'} (<= 1e-4)",
+        ]
+        for r in rows[-1:]
+        for mode, d in r["modes"].items()
     ]
-    for r in rows[-1:]:
-        for mode, d in r["modes"].items():
-            lines.append(
-                f"| {r['date'][:16].replace('T', ' ')} | {r['reference_commit'][:7]} | {r['size']} | {mode} | "
-                f"{d['latents_max_abs']:.2g} | {d['frames_max_abs']:.2g} | {'pass' if r['passed'] else 'FAIL'} (<= 1e-4) |"
-            )
-    return "\n".join(lines) + "\n"
+    header = [
+        "run",
+        "reference commit",
+        "size",
+        "guidance mode",
+        "latents max \\|Δ\\|",
+        "frames max \\|Δ\\|",
+        "verdict",
+    ]
+    return recorded_table(source, header, ["---", "---", "---", "---", "---:", "---:", "---"], table)
 
 
 def limits_block() -> str:
