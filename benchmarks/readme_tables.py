@@ -251,7 +251,8 @@ def recorded_table(source: str, header: list[str], align: list[str], rows: list[
 def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
     """benchmarks/startup.py's latest run: wall time per command and checkout, and the tiny run's start-up share."""
     rows = read_jsonl(path) if path.exists() else []
-    latest = [r for r in rows if r["time"] == rows[-1]["time"]] if rows else []
+    latest = [r for r in rows if r["time"] == rows[-1]["time"] and r["command"] != "import_breakdown"] if rows else []
+    split = [r for r in rows if r["time"] == rows[-1]["time"] and r["command"] == "import_breakdown"] if rows else []
     source = (
         "Recorded by `python benchmarks/startup.py --compare <older checkout>` in `benchmarks/results/startup.jsonl` "
         "(fresh processes, interleaved; wall seconds, median and fastest; start-up share = the part of a tiny run "
@@ -269,7 +270,14 @@ def startup_block(path: Path = RESULTS / "startup.jsonl") -> str:
         for r in latest
     ]
     header = ["commit", "command", "median s", "fastest s", "exit", "start-up share"]
-    return recorded_table(source, header, ["---", "---", "---:", "---:", "---:", "---:"], table)
+    text = recorded_table(source, header, ["---", "---", "---:", "---:", "---:", "---:"], table)
+    for r in split:  # where a tiny run's import time goes (python -X importtime, self times by package)
+        top = ", ".join(f"{k} {v:.2f} s" for k, v in r["top_s"].items())
+        text += (
+            f"\nImports of one tiny run at {r['commit'][:8]}: {r['total_s']:.2f} s in all, of which this runtime's own "
+            f"modules {r['ours_s']:.2f} s ({r['ours_s'] / r['total_s']:.0%}); the largest: {top}.\n"
+        )
+    return text
 
 
 def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:

@@ -3,7 +3,8 @@ video with the cached tiny model, and what share of that tiny run is start-up (i
 tiny weights) rather than work (text encoding, denoising, decoding, writing).
 
 Runs each command in a fresh process, interleaved across repeats (and across checkouts with --compare), and
-reports the fastest and the median wall time. One JSON object per (checkout, command) goes to
+reports the fastest and the median wall time, then splits one tiny run's import time by package
+(`python -X importtime`: how much is this runtime's own). One JSON object per (checkout, command) goes to
 benchmarks/results/startup.jsonl.
 
     python benchmarks/startup.py                              # this checkout
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -75,6 +77,37 @@ def measure(checkouts: list[Path], repeats: int) -> tuple[dict, dict, dict]:
     return walls, status, shares
 
 
+OURS = ("contentv", "backends", "demo")
+
+
+def import_breakdown(checkout: Path) -> dict:
+    """Seconds of import per top-level package in one cached tiny run (`python -X importtime`, self times)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", str(checkout / "demo.py"), *TINY, f"hydra.run.dir={out}"],
+            cwd=out,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    by_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+        if m:
+            package = m.group(2).split(".")[0]
+            by_package[package] = by_package.get(package, 0.0) + int(m.group(1)) / 1e6
+    total = sum(by_package.values())
+    ours = sum(v for k, v in by_package.items() if k in OURS)
+    top = dict(sorted(by_package.items(), key=lambda kv: -kv[1])[:6])
+    return {
+        "total_s": round(total, 3),
+        "ours_s": round(ours, 3),
+        "top_s": {k: round(v, 3) for k, v in top.items()},
+        "exit_status": [proc.returncode],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", type=Path, action="append", default=[], help="another checkout to time")
@@ -107,6 +140,20 @@ def main() -> int:
             f"{row['commit'][:8]}  {name:<16} fastest {row['fastest_s']:6.2f} s  median {row['median_s']:6.2f} s  "
             f"exit {row['exit_status']}{share}"
         )
+    breakdown = import_breakdown(ROOT)
+    rows.append(
+        {
+            "checkout": str(ROOT),
+            "commit": _commit(ROOT),
+            "command": "import_breakdown",
+            "args": TINY,
+            **breakdown,
+            "cpu_count": os.cpu_count(),
+            "time": stamp,
+        }
+    )
+    top = ", ".join(f"{k} {v:.2f}" for k, v in breakdown["top_s"].items())
+    print(f"imports of a tiny run: {breakdown['total_s']:.2f} s, this runtime's own {breakdown['ours_s']:.2f} s; {top}")
     for name in COMMANDS:
         base = statistics.median(walls[(str(checkouts[0]), name)])
         for other in checkouts[1:]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,6 @@ def test_startup_smoke(cache_dir):
     assert "exit [0]" in rows["help"] and "exit [2]" in rows["preflight_error"] and "exit [0]" in rows["tiny_run"]
     share = float(rows["tiny_run"].rsplit("start-up share ", 1)[1].rstrip("%")) / 100
     assert 0 < share < 1
+    (split,) = [ln for ln in out.splitlines() if ln.startswith("imports of a tiny run: ")]
+    total, ours = (float(x) for x in re.findall(r"([\d.]+) s", split)[:2])
+    assert 0 < ours < total and "torch" in split  # the runtime's own modules are a part of what torch and co. take
