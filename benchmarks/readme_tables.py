@@ -199,47 +199,48 @@ def _runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def cpu_block(path: Path = RESULTS / "cpu_reference.jsonl") -> str:
     """benchmarks/cpu_reference.py's runs: each method's total time against the reference algorithm's."""
-    lines = [
+    source = (
         "Recorded by `python benchmarks/cpu_reference.py` in `benchmarks/results/cpu_reference.jsonl` (a small "
-        "random-weight ContentV; ratios of total time, the median over repeats and, in brackets, the minimum):",
-        "",
-        "| run | device | size, steps | repeats | reference s (median) | runtime ÷ reference | batched guidance ÷ "
-        "reference |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+        "random-weight ContentV; ratios of total time, the median over repeats and, in brackets, the minimum):"
+    )
+    table = []
     for (date, size), rows in _runs(read_jsonl(path)).items():
         by = {r["method"]: r for r in rows}
-        ref = by.get("reference", {})
 
         def ratio(method: str, by: dict = by) -> str:
             r = by.get(method)
             return "-" if r is None else f"{r['ratio_vs_reference']:.3f} ({r['ratio_min_vs_reference']:.3f})"
 
-        lines.append(
-            f"| {date[:16].replace('T', ' ')} | {rows[0]['device']} | {size} | {rows[0]['repeats']} | "
-            f"{ref.get('total_s_median', '-')} | {ratio('runtime')} | {ratio('batched')} |"
+        reference = str(by.get("reference", {}).get("total_s_median", "-"))
+        first = rows[0]
+        table.append(
+            [_when(date), first["device"], size, str(first["repeats"]), reference, ratio("runtime"), ratio("batched")]
         )
-    return "\n".join(lines) + "\n"
+    header = ["run", "device", "size, steps", "repeats", "reference s (median)", "runtime ÷ reference"]
+    header.append("batched guidance ÷ reference")
+    return recorded_table(source, header, ["---", "---", "---", "---:", "---:", "---:", "---:"], table)
 
 
 def speedups_block(path: Path = RESULTS / "speedups.jsonl") -> str:
     """benchmarks/speedups.py's runs: each setting's denoising time and PSNR against the plain run."""
-    lines = [
+    source = (
         "Recorded by `python benchmarks/speedups.py` in `benchmarks/results/speedups.jsonl` (a small random-weight "
-        "ContentV on the CPU; denoising time, median over repeats; PSNR of the frames against the plain run's):",
-        "",
-        "| run | size, steps | setting | denoising s | speed-up | PSNR dB vs plain |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
-    ]
+        "ContentV on the CPU; denoising time, median over repeats; PSNR of the frames against the plain run's):"
+    )
+    table = []
     for (date, size), rows in _runs(read_jsonl(path)).items():
         for r in rows:
             psnr = r["psnr_db_vs_plain"]
             shown = "identical" if psnr is None or math.isinf(psnr) else f"{psnr:.1f}"
-            lines.append(
-                f"| {date[:16].replace('T', ' ')} | {size} | {r['setting']} | {r['denoising_s_median']:.3f} | "
-                f"{r['speedup_vs_plain']:.2f}× | {shown} |"
-            )
-    return "\n".join(lines) + "\n"
+            speed = [f"{r['denoising_s_median']:.3f}", f"{r['speedup_vs_plain']:.2f}×"]
+            table.append([_when(date), size, r["setting"], *speed, shown])
+    header = ["run", "size, steps", "setting", "denoising s", "speed-up", "PSNR dB vs plain"]
+    return recorded_table(source, header, ["---", "---", "---", "---:", "---:", "---:"], table)
+
+
+def _when(date: str) -> str:
+    """A recorded ISO time as the tables show it: to the minute."""
+    return date[:16].replace("T", " ")
 
 
 def recorded_table(source: str, header: list[str], align: list[str], rows: list[list[str]]) -> str:
@@ -289,7 +290,7 @@ def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:
     )
     table = [
         [
-            r["date"][:16].replace("T", " "),
+            _when(r["date"]),
             r["reference_commit"][:7],
             r["size"],
             mode,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,10 +85,11 @@ def main() -> int:
     passed = worst <= 1e-4 and same_keys
     print("PASS" if passed else "FAIL", f"(worst {worst:.3g}, target <= 1e-4)")
     if not args.no_record:
-        commit = subprocess.run(["git", "-C", args.reference, "rev-parse", "HEAD"], capture_output=True, text=True)
+        from benchmarks.startup import git_commit
+
         row = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "reference_commit": commit.stdout.strip() or "unknown",
+            "reference_commit": git_commit(Path(args.reference)),
             "size": f"{args.height}x{args.width}x{args.frames}, {args.steps} steps, seed {args.seed}, fp32, cpu",
             "state_dict_keys_identical": same_keys,
             "modes": modes,

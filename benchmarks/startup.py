@@ -122,7 +122,7 @@ def main() -> int:
     for (checkout, name), values in walls.items():
         row = {
             "checkout": checkout,
-            "commit": _commit(Path(checkout)),
+            "commit": git_commit(Path(checkout)),
             "command": name,
             "args": COMMANDS[name],
             "exit_status": sorted(status[(checkout, name)]),
@@ -144,7 +144,7 @@ def main() -> int:
     rows.append(
         {
             "checkout": str(ROOT),
-            "commit": _commit(ROOT),
+            "commit": git_commit(ROOT),
             "command": "import_breakdown",
             "args": TINY,
             **breakdown,
@@ -158,7 +158,7 @@ def main() -> int:
         base = statistics.median(walls[(str(checkouts[0]), name)])
         for other in checkouts[1:]:
             ratio = statistics.median(walls[(str(other), name)]) / base
-            print(f"{name:<16} {_commit(other)[:8]} takes {ratio:.2f}x this checkout's median")
+            print(f"{name:<16} {git_commit(other)[:8]} takes {ratio:.2f}x this checkout's median")
     if not args.no_record:
         out = ROOT / "benchmarks" / "results" / "startup.jsonl"
         with out.open("a") as f:
@@ -168,7 +168,8 @@ def main() -> int:
     return 0
 
 
-def _commit(checkout: Path) -> str:
+def git_commit(checkout: Path) -> str:
+    """The commit checked out in a git folder ("unknown" outside one)."""
     proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
     return proc.stdout.strip() or "unknown"
 
