@@ -1,9 +1,10 @@
-"""The one pre-flight check: everything knowable before weights load, for every entry point.
+"""The checks: everything knowable before weights load, for every entry point.
 
-`validate_run` is called by the command line (for every job of a sweep, before Hydra writes anything), by the
-web page (before a job is queued) and by `Runtime` (Python users). Every field of every group is checked,
-whatever the other choices; each failure is one ConfigError line naming the option, the value and what is
-allowed. Device-specific parts (kernels, quantizations the device can run) are asked of the backend.
+`contentv.resolve.resolve_run` calls them once per run (the command line for every job of a sweep before Hydra
+writes anything, the web page before a job is queued, `Runtime` for Python users): `check_settings` (every field
+of every group, whatever the other choices) and `check_run_files` (output folder, checkpoint). Each failure is one
+ConfigError line naming the option, the value and what is allowed. Device-specific parts (kernels, quantizations
+the device can run) are asked of the backend.
 """
 
 from __future__ import annotations
@@ -81,34 +82,45 @@ def validate_run(
     world_size: int = 1,
     output_dir: str | os.PathLike | None = None,
     output_option: str = "output.dir",
-) -> CheckedRun:
-    """Check everything knowable before anything loads; returns what the run needs to know.
+    presets: Any = None,
+) -> Any:
+    """The pre-flight check and every decision about the run: `contentv.resolve.resolve_run` (which see); returns
+    its `ResolvedRun`. `backend=None` skips the device-specific parts."""
+    from contentv.resolve import resolve_run
 
-    Two phases: `check_settings` (every field of every group, the model's sampling rules, the launch layout; no
-    device, no files beyond the prompt file: fast, run first for every job of a sweep) and then what needs the device
-    and the files: output folders, the attention kernel and quantizations `backend` can run, the checkpoint, and
-    whether the planner predicts the run fits this machine. `backend=None` skips the device-specific parts.
-    `world_size`: ranks of a torchrun/SLURM launch. `output_dir`: where files go when output.dir is null (the entry
-    point's run folder), reported as `output_option`.
-    """
-    checked = check_settings(cfg, backend, world_size=world_size)
-    spec = checked.spec
+    budget = backend.free_memory() if backend is not None else None
+    return resolve_run(
+        cfg,
+        backend,
+        presets=presets,
+        world_size=world_size,
+        budget_bytes=budget,
+        output_dir=output_dir,
+        output_option=output_option,
+    )
+
+
+def check_run_files(
+    cfg: RunConfig,
+    spec: ModelSpec,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    output_option: str = "output.dir",
+) -> str | None:
+    """The files a run needs: the output folder can be written (output.dir, else `output_dir`, reported as
+    `output_option`), and a checkpoint that is not built in code exists and is one of this family's. Returns the
+    checkpoint folder or hub id (None for a tiny model)."""
     if cfg.output.dir is not None:
         check_writable_dir("output.dir", cfg.output.dir)
     elif output_dir is not None:
         check_writable_dir(output_option, output_dir)
-    if backend is not None:
-        backend.attention_kernel()  # an unknown, missing or unusable kernel fails here
-    if not cfg.model.tiny:
-        checked.path = spec.resolve_path(cfg.model)
-        if is_hub_id(checked.path):
-            check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
-        spec.check_checkpoint(checked.path)
-    if backend is not None and cfg.memory.name != "auto" and cfg.memory.check_fit and not cfg.dry_run:
-        from contentv.planner import check_fits, host_available
-
-        check_fits(cfg, backend, backend.free_memory(), host_available(), device=str(backend.device))
-    return checked
+    if cfg.model.tiny:
+        return None
+    path = spec.resolve_path(cfg.model)
+    if is_hub_id(path):
+        check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
+    spec.check_checkpoint(path)
+    return path
 
 
 def check_settings(

@@ -1,0 +1,102 @@
+"""Sweeps (-m) under Hydra: the sweeper that expands jobs with the command line's one expansion, and the callback that
+reports how many jobs are done at the start and writes the summary at the end (exit status 1 if a job failed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.experimental.callback import Callback
+
+from contentv.cli.compose import expand_jobs, expand_parsed
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+    from omegaconf import DictConfig
+
+# Hydra instantiates sweepers only from its plugin namespace: this name is registered by `install_sweeper`, and
+# conf/hydra/sweeper/contentv.yaml (the default) names it.
+SWEEPER = "hydra_plugins.contentv_sweeper.ContentVSweeper"
+
+
+class Sweeper(BasicSweeper):
+    """Hydra's basic sweeper with the command line's job expansion (`contentv.cli.compose.expand_jobs`): the jobs
+    the pre-flight check resolved are the jobs that run, in the same order, and prompt values (choice() items
+    included) reach each job exactly as typed."""
+
+    @staticmethod
+    def split_arguments(overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
+        jobs = expand_parsed(overrides, multirun=True)
+        size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+def install_sweeper() -> None:
+    """Register `Sweeper` under its plugin name (Hydra looks plugins up by class name; private table, hydra < 1.4)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().class_name_to_class[SWEEPER] = Sweeper
+
+
+def sweep_jobs(config: DictConfig) -> list[tuple[Path, Any]]:
+    """(folder, RunConfig) of each job of the multirun: the jobs the sweeper runs (the same expansion), each
+    composed as Hydra's config loader composes it."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    jobs = []
+    for num, overrides in enumerate(expand_jobs(list(config.hydra.overrides.task), True, params)):
+        job = GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
+        with open_dict(job):
+            job.hydra.job.num = job.hydra.job.id = num
+            folder = Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
+            del job.hydra
+        jobs.append((folder, OmegaConf.to_object(job)))
+    return jobs
+
+
+class SweepSummary(Callback):
+    """Hydra callback. At the start of a multirun: how many jobs are done already (a resumed sweep skips them).
+    At the end: every job's rows into summary.csv/.md/.png, and exit status 1 if a job failed or the summary could
+    not be written. Hydra turns an exception in a callback into a warning, so every failure here leaves as
+    SystemExit (one line on stderr), never as an exception."""
+
+    jobs: int | None = None
+    done: tuple[int, ...] = ()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from contentv import sweep
+
+        try:
+            states = [sweep.job_state(folder, cfg) for folder, cfg in sweep_jobs(config)]
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            _exit(f"error: the sweep's jobs could not be checked: {_line(exc)}", 2)
+        self.jobs = len(states)
+        self.done = tuple(num for num, state in enumerate(states) if state.done)
+        print(sweep.count_line(states), file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from contentv import sweep
+
+        sweep_dir, baseline = Path(config.hydra.sweep.dir), config.sweep.baseline
+        try:
+            result = sweep.write_summary(sweep_dir, baseline=baseline, reused=self.done, jobs=self.jobs)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            _exit(f"error: sweep: the summary in {sweep_dir} could not be written: {_line(exc)}", 1)
+        print("sweep summary: " + ", ".join(str(p) for p in result.paths.values()))
+        if result.failed:
+            _exit(result.failure_line(), 1)  # every launcher runs this in the main process
+
+
+def _line(exc: BaseException) -> str:
+    from contentv.errors import first_line
+
+    return first_line(exc, with_type=not isinstance(exc, OSError))
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    raise SystemExit(status)  # not an Exception: Hydra would only warn
