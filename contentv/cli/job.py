@@ -154,7 +154,9 @@ def task(dcfg: DictConfig) -> None:
         if result.record:  # ranks that don't write have no record
             print(summary(result))
     if multirun:
-        sweep.finish_job(job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank)
+        sweep.finish_job(
+            job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank, prompts=list(run.prompts)
+        )
 
 
 def _resolved(runtime: Runtime, cfg: RunConfig, job: int | None, overrides: list[str]):

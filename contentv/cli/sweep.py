@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.experimental.callback import Callback
 
 from contentv.cli.compose import expand_jobs, expand_parsed
@@ -21,23 +20,28 @@ if TYPE_CHECKING:
 SWEEPER = "hydra_plugins.contentv_sweeper.ContentVSweeper"
 
 
-class Sweeper(BasicSweeper):
-    """Hydra's basic sweeper with the command line's job expansion (`contentv.cli.compose.expand_jobs`): the jobs
-    the pre-flight check resolved are the jobs that run, in the same order, and prompt values (choice() items
+def split_jobs(overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
+    """The sweeper's batches of jobs: the command line's one expansion (`contentv.cli.compose.expand_jobs`), so the
+    jobs the pre-flight check resolved are the jobs that run, in the same order, and prompt values (choice() items
     included) reach each job exactly as typed."""
-
-    @staticmethod
-    def split_arguments(overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        jobs = expand_parsed(overrides, multirun=True)
-        size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
-        return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+    jobs = expand_parsed(overrides, multirun=True)
+    size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
 
 def install_sweeper() -> None:
-    """Register `Sweeper` under its plugin name (Hydra looks plugins up by class name; private table, hydra < 1.4)."""
+    """Register Hydra's basic sweeper with `split_jobs` under its plugin name (Hydra looks plugins up by class name in
+    a private table, hydra < 1.4). Made after Hydra's plugin scan, which re-imports its core plugins."""
     from hydra.core.plugins import Plugins
 
-    Plugins.instance().class_name_to_class[SWEEPER] = Sweeper
+    plugins = Plugins.instance()
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    sweeper = type(
+        "ContentVSweeper", (BasicSweeper,), {"split_arguments": staticmethod(split_jobs), "__module__": __name__}
+    )
+    globals()["ContentVSweeper"] = sweeper  # Hydra instantiates a class by its dotted name
+    plugins.class_name_to_class[SWEEPER] = sweeper
 
 
 def sweep_jobs(config: DictConfig) -> list[tuple[Path, Any]]:

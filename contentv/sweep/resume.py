@@ -38,12 +38,14 @@ class JobState:
     leftovers: list[Path] = field(default_factory=list)
 
 
-def job_items(cfg: RunConfig) -> list[list]:
-    """The [prompt, seed] pairs a job makes: the prompt (or each line of sampling.prompt_file) x its seed(s)."""
+def job_items(cfg: RunConfig, prompts: list[str] | None = None) -> list[list]:
+    """The [prompt, seed] pairs a job makes: the prompt (or each line of sampling.prompt_file) x its seed(s).
+    `prompts`: the job's prompts as its resolved run read them (the file is then not read again)."""
     from contentv.validation import read_prompt_file
 
     s = cfg.sampling
-    prompts = read_prompt_file(s.prompt_file) if s.prompt_file else [s.prompt]
+    if prompts is None:
+        prompts = read_prompt_file(s.prompt_file) if s.prompt_file else [s.prompt]
     return [[p, seed] for p in prompts for seed in (cfg.parallel.seeds or [s.seed])]
 
 
@@ -101,8 +103,9 @@ def _path(value: str, job_dir: Path) -> Path:
     return p if p.is_absolute() else job_dir / p
 
 
-def job_state(job_dir: Path, cfg: RunConfig) -> JobState:
-    """Is the job with config `cfg` (as composed: null sampling fields allowed) done in `job_dir`?"""
+def job_state(job_dir: Path, cfg: RunConfig, prompts: list[str] | None = None) -> JobState:
+    """Is the job with config `cfg` (as composed: null sampling fields allowed) done in `job_dir`? `prompts`: as
+    its resolved run read them (see job_items)."""
     job_dir = Path(job_dir)
     left = leftovers(job_dir)
 
@@ -118,7 +121,7 @@ def job_state(job_dir: Path, cfg: RunConfig) -> JobState:
     rows = record["rows"]
     if not rows or any(r.get("status") != "ok" for r in rows):
         return redo("failed")
-    items = job_items(cfg)
+    items = job_items(cfg, prompts)
     if record.get("items") != items:
         return redo("config changed: the prompts or seeds")
     expected = expected_config(cfg)
