@@ -73,7 +73,8 @@ def _main(argv: list[str]) -> int:
         if prepared is not None and prepared.dry:
             return 0
         if prepared is not None and prepared.run_dir:  # this run's own folder, even if others start this second
-            argv = [*argv, f"hydra.run.dir={quote_text(reserve_run_dir(prepared.run_dir))}"]
+            prepared.run_dir = reserve_run_dir(prepared.run_dir)
+            argv = [*argv, f"hydra.run.dir={quote_text(prepared.run_dir)}"]
     except (UsageError, ConfigError) as exc:
         if "debug=true" in argv:
             raise
@@ -83,7 +84,10 @@ def _main(argv: list[str]) -> int:
     install_sweeper()
     sys.argv = [sys.argv[0], *argv]
     try:
-        hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(job.task)()
+        if prepared is not None and prepared.composed is not None:
+            job.run_single(prepared)  # composed once, above
+        else:  # a sweep, or Hydra's own flags
+            hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(job.task)()
     finally:
         distributed.destroy()
     return 0

@@ -31,6 +31,11 @@ def adopt(prepared: Prepared | None) -> None:
     _STATE["prepared"] = prepared
 
 
+def prepared() -> Prepared | None:
+    """The pre-flight check's work in this process (None in a launcher's worker process)."""
+    return _STATE["prepared"]
+
+
 def searchpath_overrides() -> list[str]:
     """The running job's `hydra.searchpath=...` override, if any (extra config folders)."""
     from hydra.core.hydra_config import HydraConfig
@@ -113,6 +118,38 @@ def _serve_ui(cfg: RunConfig) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_single(prepared: Prepared) -> None:
+    """A single run (not -m) with the config the pre-flight check composed, as Hydra's own run mode does it
+    (its run folder, .hydra/ files, logging and callbacks), without composing it again."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import open_dict
+
+    from contentv.cli.compose import hydra_context
+
+    cfg = prepared.composed
+    with hydra_context(), open_dict(cfg):
+        if prepared.run_dir:
+            cfg.hydra.run.dir = prepared.run_dir
+        cfg.hydra.mode = RunMode.RUN
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name="config")
+        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks)
+        ret = run_job(
+            hydra_context=context,
+            task_function=task,
+            config=cfg,
+            job_dir_key="hydra.run.dir",
+            job_subdir_key=None,
+            configure_logging=True,
+        )
+        callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+    _ = ret.return_value  # raises the job's exception, as Hydra does
 
 
 def task(dcfg: DictConfig) -> None:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from contentv.config import RunConfig
     from contentv.resolve import ResolvedRun
 
+# Hydra's flags that choose other configs than ours: a run with them is composed by Hydra itself.
+HYDRA_SOURCES = ("config_path", "config_name", "config_dir", "experimental_rerun")
 # Hydra's own flags that print something and exit; they skip our pre-flight checks.
 PASSTHROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve")
 # Hydra's mode flags: it takes at most one of them per command line (and raises a bare ValueError otherwise).
@@ -53,6 +55,7 @@ class Prepared:
     backend_key: str | None = None
     dry: bool = False  # dry_run=true: the plans were printed, nothing runs
     run_dir: str | None = None  # the single run's own folder, reserved here
+    composed: Any = None  # a single run's composed config (with Hydra's node), run as it is by job.run_single
 
     def take(self, num: int | None, overrides: Sequence[str]) -> ResolvedRun | None:
         """The resolved run of job `num` (None for a single run), if its overrides are the ones checked here."""
@@ -60,7 +63,8 @@ class Prepared:
         if index >= len(self.jobs):
             return None
         job = self.jobs[index]
-        return job.run if sorted(job.overrides) == sorted(overrides) or num is None else None
+        mine = sorted(o for o in job.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
+        return job.run if mine == sorted(overrides) or num is None else None
 
 
 def check_hydra_modes(argv: Sequence[str]) -> None:
@@ -72,15 +76,17 @@ def check_hydra_modes(argv: Sequence[str]) -> None:
         )
 
 
-def _compose_job(job: list[str]) -> tuple[Any, Any]:
-    """(RunConfig, Hydra's config) for one job's overrides; UsageError naming the option otherwise."""
+def _compose_job(job: list[str]) -> tuple[Any, Any, Any]:
+    """(RunConfig, Hydra's config node, the whole composed config) for one job's overrides; UsageError naming the
+    option otherwise."""
     from omegaconf import OmegaConf
 
     try:
-        dcfg = _compose(job, hydra=True)
-        hydra_cfg = dcfg.hydra
+        full = _compose(job, hydra=True)
+        dcfg = full.copy()
+        hydra_cfg = full.hydra
         del dcfg.hydra
-        return OmegaConf.to_object(dcfg), hydra_cfg
+        return OmegaConf.to_object(dcfg), hydra_cfg, full
     except Exception as exc:  # noqa: BLE001 - composition errors are usage errors
         raise UsageError(compose_error(exc, job)) from exc
 
@@ -131,6 +137,8 @@ def preflight(argv: list[str]) -> Prepared | None:
         if params:  # sweeps set in a config file: expand again with them, as the sweeper will
             jobs = expand_jobs(args.overrides, True, params)
             composed = [(job, *_compose_job(job)) for job in jobs]
+        if not args.multirun and not any(getattr(args, a, None) for a in HYDRA_SOURCES):
+            prepared.composed = composed[0][3]  # a single run is composed once: run_single runs this config
         first = composed[0][1]
         if args.multirun and first.sweep.baseline >= len(jobs):
             from contentv.errors import ConfigError
@@ -139,7 +147,7 @@ def preflight(argv: list[str]) -> Prepared | None:
         if not args.multirun and not any(o.startswith("hydra.run.dir=") for o in args.overrides):
             prepared.run_dir = str(composed[0][2].run.dir)  # ${now:...} read once: checked, then reserved
         presets = None
-        for job, cfg, hydra_cfg in composed:
+        for job, cfg, hydra_cfg, _ in composed:
             _mode_checks(cfg, args.multirun)
             if cfg.memory.name == "auto" or cfg.dry_run:
                 presets = presets or load_presets(("memory",), args.overrides)

@@ -37,19 +37,34 @@ def install_sweeper() -> None:
     plugins = Plugins.instance()
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    sweeper = type(
-        "ContentVSweeper", (BasicSweeper,), {"split_arguments": staticmethod(split_jobs), "__module__": __name__}
-    )
+    members = {"split_arguments": staticmethod(split_jobs), "__module__": __name__}
+    members["validate_batch_is_legal"] = _validate_batch
+    sweeper = type("ContentVSweeper", (BasicSweeper,), members)
     globals()["ContentVSweeper"] = sweeper  # Hydra instantiates a class by its dotted name
     plugins.class_name_to_class[SWEEPER] = sweeper
 
 
+def _validate_batch(self: Any, batch: Any) -> None:
+    """Hydra's sweeper composes every job once more to check it; the pre-flight check composed and resolved each
+    job already (in this process), so that is skipped. Without one (a caller of Hydra's API), Hydra's check runs."""
+    from contentv.cli import job
+
+    if job.prepared() is None:
+        type(self).__mro__[1].validate_batch_is_legal(self, batch)
+
+
 def sweep_jobs(config: DictConfig) -> list[tuple[Path, Any]]:
-    """(folder, RunConfig) of each job of the multirun: the jobs the sweeper runs (the same expansion), each
-    composed as Hydra's config loader composes it."""
+    """(folder, RunConfig) of each job of the multirun: the jobs the sweeper runs (the same expansion): those the
+    pre-flight check composed in this process, else each composed as Hydra's config loader composes it."""
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
+    from contentv.cli import job as jobs_module
+
+    prepared = jobs_module.prepared()
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    if prepared is not None and prepared.multirun and subdir == "${hydra.job.num}":
+        return [(Path(str(config.hydra.sweep.dir)) / str(n), j.cfg) for n, j in enumerate(prepared.jobs)]
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     jobs = []
     for num, overrides in enumerate(expand_jobs(list(config.hydra.overrides.task), True, params)):
