@@ -477,9 +477,14 @@ def convert_main(args: Sequence[str]) -> int:
         return 2
     src = Path(args[0])
     dst = Path(args[1]) if len(args) > 1 else src.with_name(f"{src.name}-diffusers")
+    existed = dst.exists()
     try:
         written = convert(src, dst)
     except CheckpointError as exc:
+        if not existed:  # a pickle found damaged halfway: no half-written copy left behind
+            import shutil
+
+            shutil.rmtree(dst, ignore_errors=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for file in written:

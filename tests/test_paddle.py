@@ -232,9 +232,17 @@ def test_convert_writes_the_diffusers_copy(tmp_path, capsys):
     assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKLCogVideoX"]
 
 
-def test_convert_refuses_a_damaged_folder_in_one_line(copy, tmp_path, capsys):
-    truncated_safetensors(copy)
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (truncated_safetensors, "vae/diffusion_paddle_model.safetensors is truncated"),  # found by the check
+        (lambda c: os.truncate(c / T5_SHARD, 100), f"{T5_SHARD} is truncated or not a Paddle state dict"),  # on reading
+    ],
+    ids=["safetensors", "pickle"],
+)
+def test_convert_refuses_a_damaged_folder_in_one_line(copy, tmp_path, capsys, damage, words):
+    damage(copy)
     assert checkpoint.main(["convert", str(copy), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "vae/diffusion_paddle_model.safetensors is truncated" in err
-    assert not (tmp_path / "out").exists()
+    assert "\n" not in err and words in err
+    assert not (tmp_path / "out").exists()  # nothing half-written left behind
