@@ -432,10 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("       python -m contentv.checkpoint convert <PaddleNLP-layout folder> [<new folder>]", file=sys.stderr)
         return 2
     # --- PaddleNLP/ppdiffusers folders: a diffusers-layout copy (contentv.paddle_format) ---
-    from contentv import paddle_format
+    from contentv import paddle_convert, paddle_format
 
     if paddle_format.detect_layout(args[1]) == paddle_format.LAYOUT_PADDLE:
-        return paddle_format.convert_main(args[1:])
+        return paddle_convert.convert_main(args[1:])
     # --- end PaddleNLP ---
     for arg in args[1:]:
         root = Path(arg)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,8 @@ class PaddlePart(Part):
         return self.stem
 
 
-def _library(part: Part) -> str:
+def library_of(part: Part) -> str:
+    """The part's library: "transformers" (PaddleNLP's models) or "diffusers" (ppdiffusers')."""
     return part.cls[0] if part.cls else ""
 
 
@@ -81,7 +81,7 @@ def part_source(folder: Path, part: Part) -> str | None:
     """How a model part's weights are stored: "paddle-safetensors", "pdparams", or None (diffusers/transformers
     files, or nothing at all). The library's own safetensors win when both kinds are present."""
     sub = folder / part.name
-    if _library(part) == "transformers":
+    if library_of(part) == "transformers":
         first = _first_file(sub, "model")
         if first is not None and first.is_file():
             return "paddle-safetensors" if _safetensors_format(first) in PADDLE_FORMATS else None
@@ -104,12 +104,13 @@ def detect_layout(path: str | Path | None, parts: Sequence[Part] | None = None) 
     if parts is None:
         parts = []
         for sub in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
-            is_t5 = (
-                (sub / PICKLE).is_file()
-                or (sub / f"{PICKLE}.index.json").is_file()
-                or (sub / "model.safetensors").is_file()
-            )
-            parts.append(checkpoint.model(sub.name, sub.name, ("transformers" if is_t5 else "diffusers", "")))
+            try:  # ppdiffusers' (and diffusers') configs name their class; PaddleNLP's (transformers') don't
+                library = (
+                    "diffusers" if "_class_name" in json.loads((sub / "config.json").read_text()) else "transformers"
+                )
+            except (OSError, ValueError, TypeError):
+                continue
+            parts.append(checkpoint.model(sub.name, sub.name, (library, "")))
     found = any(part.kind == "model" and part_source(folder, part) for part in parts)
     return LAYOUT_PADDLE if found else LAYOUT_DIFFUSERS
 
@@ -184,13 +185,15 @@ def mapped_infos(tensors: dict[str, dict], module: Any, paddle_convention: bool)
     return out
 
 
-def _config(path: str, part: Part, option: str) -> dict:
+def read_config(path: str, part: Part, option: str) -> dict:
+    """The part's config.json without PaddleNLP's/ppdiffusers' version keys."""
     config = checkpoint.read_json(path, part.name, "config.json", option, required=True)
     # PaddleNLP's own keys; transformers' T5Config takes the same names for the rest (and the same aliases).
     return {k: v for k, v in config.items() if k not in ("paddlenlp_version", "_ppdiffusers_version")}
 
 
-def _meta_module(path: str, part: Part, config: dict, option: str) -> Any:
+def meta_module(path: str, part: Part, config: dict, option: str) -> Any:
+    """The part's torch class built from `config` on the meta device (a bad config is one line)."""
     import torch
 
     from contentv.errors import first_line
@@ -210,18 +213,18 @@ def check_part(path: str, part: Part, option: str = OPTION) -> None:
     shapes against the config, as checkpoint.check_folder does for diffusers folders. Pickles are read at load."""
     folder = Path(path).expanduser()
     source = part_source(folder, part)
-    config = _config(path, part, option)
+    config = read_config(path, part, option)
     if source == "pdparams":
         for file in _pickle_files(path, part, option):
             if not file.is_file():
                 raise CheckpointError(path, part.name, f"{part.name}/ has no weights ({file.name} is missing)", option)
-        _meta_module(path, part, config, option)
+        meta_module(path, part, config, option)
         return
-    stem = "model" if _library(part) == "transformers" else "diffusion_paddle_model"
+    stem = "model" if library_of(part) == "transformers" else "diffusion_paddle_model"
     tensors = checkpoint.read_weights(path, PaddlePart(**_fields(part), stem=stem), option)
     if "quantization_config" in config:
         return
-    module = _meta_module(path, part, config, option)
+    module = meta_module(path, part, config, option)
     first = _first_file(folder / part.name, stem)
     paddle_convention = first is not None and _safetensors_format(first) in PADDLE_FORMATS
     checkpoint.compare_shapes(path, part, config, mapped_infos(tensors, module, paddle_convention), option)
@@ -246,16 +249,19 @@ def check_folder(path: str, parts: Sequence[Part], option: str = OPTION) -> None
         return
     for part in paddle:
         check_part(path, part, option)
+    if len(_PASSED) > 32:
+        _PASSED.clear()
     _PASSED.add(tuple(stamp))
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _weight_files(path: str, part: Part, source: str, option: str) -> list[Path]:
+def weight_files(path: str, part: Part, source: str, option: str) -> list[Path]:
+    """Every weight file of a Paddle part: the pickle or safetensors file, or the shards its index names."""
     if source == "pdparams":
         return _pickle_files(path, part, option)
-    stem = "model" if _library(part) == "transformers" else "diffusion_paddle_model"
+    stem = "model" if library_of(part) == "transformers" else "diffusion_paddle_model"
     sub = Path(path).expanduser() / part.name
     single, index = sub / f"{stem}.safetensors", sub / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -284,7 +290,7 @@ def torch_tensors(
     import torch
 
     if files is None:
-        files = _weight_files(path, part, part_source(Path(path).expanduser(), part) or "", option)
+        files = weight_files(path, part, part_source(Path(path).expanduser(), part) or "", option)
     expected = module.state_dict()
     linear = linear_weights(module)
     out = {}
@@ -325,8 +331,8 @@ def load_model(path: str, part: Part, dtype: Any, option: str = OPTION) -> Any:
     from accelerate import init_empty_weights
 
     assert part.cls is not None
-    config = _config(path, part, option)
-    module = _meta_module(path, part, config, option)  # names, Linear modules and shapes from the config
+    config = read_config(path, part, option)
+    module = meta_module(path, part, config, option)  # names, Linear modules and shapes from the config
     state = torch_tensors(path, part, module, option=option)
     checkpoint.compare_shapes(path, part, config, {k: {"shape": list(v.shape)} for k, v in state.items()}, option)
     cls = getattr(importlib.import_module(part.cls[0]), part.cls[1])
@@ -358,100 +364,6 @@ def load_model(path: str, part: Part, dtype: Any, option: str = OPTION) -> Any:
     return model.eval()
 
 
-# ------------------------------------------------------------------------------------------ conversion
-
-
-def _check_present(path: str, part: Part, module: Any, shapes: dict[str, dict]) -> None:
-    """The tensors read so far have the config's shapes (the same line as checkpoint.compare_shapes)."""
-    expected = module.state_dict()
-    for name, info in shapes.items():
-        if name in expected and list(info["shape"]) != list(expected[name].shape):
-            raise CheckpointError(
-                path, part.name, f"{part.name}: weights don't match {part.name}/config.json: tensor {name!r} has "
-                f"shape {info['shape']} in the weights, {list(expected[name].shape)} from the config",
-            )  # fmt: skip
-
-
-def _part_of(sub: Path) -> Part | None:
-    """A model part from a subfolder's own config: ppdiffusers' _class_name, else PaddleNLP's architectures."""
-    try:
-        config = json.loads((sub / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if config.get("_class_name"):
-        return checkpoint.model(sub.name, sub.name, ("diffusers", str(config["_class_name"])))
-    archs = config.get("architectures") or []
-    return checkpoint.model(sub.name, sub.name, ("transformers", str(archs[0]))) if archs else None
-
-
-LIBRARIES = {"ppdiffusers": "diffusers", "paddlenlp.transformers": "transformers", "paddlenlp": "transformers"}
-
-
-def _rewrite_json(src: Path, dst: Path) -> None:
-    """Copy a JSON file with Paddle's library names and version keys replaced by diffusers'/transformers'."""
-    data = json.loads(src.read_text())
-    if isinstance(data, dict):
-        if "_ppdiffusers_version" in data:
-            data["_diffusers_version"] = data.pop("_ppdiffusers_version")
-        data.pop("paddlenlp_version", None)
-        for key, value in data.items():
-            if isinstance(value, list) and len(value) == 2 and value[0] in LIBRARIES:
-                data[key] = [LIBRARIES[value[0]], value[1]]
-    dst.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def convert(src: str | Path, dst: str | Path) -> list[Path]:
-    """Write the diffusers-layout copy of the PaddleNLP-layout folder `src` to `dst` (new or empty): safetensors in
-    torch's names and conventions, configs with diffusers' keys, other files copied. Checks the Paddle folder first
-    (CheckpointError on damage). Returns the weight files written."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if dst.exists() and any(dst.iterdir()):
-        raise CheckpointError(str(dst), None, f"{dst} is not empty (the converted copy needs a new folder)", "convert")
-    subs = sorted(p for p in src.iterdir() if p.is_dir())
-    parts = {s.name: _part_of(s) for s in subs}
-    paddle = {n: p for n, p in parts.items() if p is not None and part_source(src, p)}
-    for part in paddle.values():
-        check_part(str(src), part)
-    dst.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for file in src.iterdir():
-        if file.is_file():
-            (_rewrite_json if file.suffix == ".json" else shutil.copy2)(file, dst / file.name)
-    for sub in subs:
-        (dst / sub.name).mkdir()
-        part = paddle.get(sub.name)
-        weights = set(_weight_files(str(src), part, part_source(src, part) or "", OPTION)) if part else set()
-        for file in sub.iterdir():
-            if not file.is_file() or file in weights or (part and file.name.endswith(".index.json")):
-                continue
-            (_rewrite_json if file.suffix == ".json" else shutil.copy2)(file, dst / sub.name / file.name)
-        if part is None:
-            continue
-        module = _meta_module(str(src), part, _config(str(src), part, OPTION), OPTION)
-        stem = "model" if _library(part) == "transformers" else "diffusion_pytorch_model"
-        files = sorted(weights)
-        weight_map: dict[str, str] = {}
-        shapes: dict[str, dict] = {}
-        for i, file in enumerate(files):
-            name = f"{stem}.safetensors" if len(files) == 1 else f"{stem}-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            state = torch_tensors(str(src), part, module, files=[file])
-            shapes.update({k: {"shape": list(v.shape)} for k, v in state.items()})
-            _check_present(str(src), part, module, shapes)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(dst / sub.name / name), {"format": "pt"})
-            weight_map.update(dict.fromkeys(state, name))
-            written.append(dst / sub.name / name)
-        if len(files) > 1:
-            total = sum(f.stat().st_size for f in written[-len(files) :])
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (dst / sub.name / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        checkpoint.compare_shapes(str(src), part, _config(str(src), part, OPTION), shapes)  # none missing
-    return written
-
-
 def load_paddle_parts(path: str, parts: Sequence[Part], load_kwargs: dict) -> dict[str, Any]:
     """{part name: torch module} for the Paddle model parts of a local folder ({} for a diffusers folder or a hub
     id), in the dtypes of `load_kwargs` (torch_dtype; vae_dtype / text_encoder_dtype where given), each failure one
@@ -468,26 +380,3 @@ def load_paddle_parts(path: str, parts: Sequence[Part], load_kwargs: dict) -> di
             own = load_kwargs.get(f"{part.name}_dtype") or dtype
             out[part.name] = checkpoint.load_component(path, part.name, lambda p=part, d=own: load_model(path, p, d))
     return out
-
-
-def convert_main(args: Sequence[str]) -> int:
-    """`python -m contentv.checkpoint convert <PaddleNLP folder> [<new folder>]` (default: <folder>-diffusers)."""
-    if len(args) > 2:
-        print("usage: python -m contentv.checkpoint convert <PaddleNLP-layout folder> [<new folder>]", file=sys.stderr)
-        return 2
-    src = Path(args[0])
-    dst = Path(args[1]) if len(args) > 1 else src.with_name(f"{src.name}-diffusers")
-    existed = dst.exists()
-    try:
-        written = convert(src, dst)
-    except CheckpointError as exc:
-        if not existed:  # a pickle found damaged halfway: no half-written copy left behind
-            import shutil
-
-            shutil.rmtree(dst, ignore_errors=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for file in written:
-        print(f"wrote {file}")
-    print(f"converted {src} (PaddleNLP layout) -> {dst} (diffusers layout): model.path={dst}")
-    return 0
