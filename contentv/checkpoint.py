@@ -429,7 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "convert":
         print("usage: python -m contentv.checkpoint convert <checkpoint or component folder>...", file=sys.stderr)
+        print("       python -m contentv.checkpoint convert <PaddleNLP-layout folder> [<new folder>]", file=sys.stderr)
         return 2
+    # --- PaddleNLP/ppdiffusers folders: a diffusers-layout copy (contentv.paddle_format) ---
+    from contentv import paddle_convert, paddle_format
+
+    if paddle_format.detect_layout(args[1]) == paddle_format.LAYOUT_PADDLE:
+        return paddle_convert.convert_main(args[1:])
+    # --- end PaddleNLP ---
     for arg in args[1:]:
         root = Path(arg)
         for sub in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:

@@ -39,9 +39,11 @@ def checkpoint_record(model: ModelConfig, path: str) -> dict:
     """Where the weights came from: the configured path, the local folder it resolved to (a hub id's snapshot in the
     local cache), and for a tiny model its build hash (the folder name's suffix)."""
     from contentv.models.common import local_config_folder
+    from contentv.paddle_format import detect_layout
 
     folder = local_config_folder(path, "model_index.json", model.revision)
     out = {"path": model.path, "folder": str(Path(folder).absolute()) if folder else None}
+    out["layout"] = detect_layout(folder)  # "diffusers", or "paddle" for PaddleNLP's copies (None: not local)
     if model.tiny:
         out["tiny_hash"] = Path(path).name.rsplit("-", 1)[-1]
     return out
