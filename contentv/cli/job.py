@@ -220,7 +220,25 @@ def _failed(
         log.error("job %s failed: %s", job, message)
         sweep.finish_job(job_dir, job, overrides, cfg, [], error=message, note=note or "")
         return
-    if distributed.launch_env().rank == 0:  # under torchrun every rank knows; one line is enough
+    if _reports(exc, distributed.launch_env().rank):
         hint = "" if isinstance(exc, (ConfigError, OutOfMemory)) else " (debug=true for a traceback)"
         print(f"error: {message}{hint}", file=sys.stderr)
     sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+# What a collective raises on the ranks left waiting when another rank failed (gloo, NCCL, HCCL).
+PEER_FAILED = ("Connection closed by peer", "Connection reset by peer", "NCCL", "HCCL", "DistBackendError")
+
+
+def _reports(exc: BaseException, rank: int) -> bool:
+    """One line per launch: an out-of-memory error is its own rank's to report; a decision every rank received
+    (ConfigError) and any other error, rank 0's; a collective that failed because another rank stopped, nobody's
+    (that rank said why)."""
+    from contentv.errors import ConfigError, OutOfMemory
+
+    if isinstance(exc, OutOfMemory):
+        return True
+    if rank != 0:
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, ConfigError) or not any(marker in text for marker in PEER_FAILED)
