@@ -400,7 +400,8 @@ class Runtime:
         if not cfg.sampling.prompt_file:
             return [self.run(cfg, callback_on_step_end)]
         results = []
-        prompts = read_prompt_file(cfg.sampling.prompt_file)
+        prompts = read_prompt_file(cfg.sampling.prompt_file, cfg.sampling.max_prompts)
+        log.info("prompt file %s: %d prompts", cfg.sampling.prompt_file, len(prompts))
         for i, prompt in enumerate(prompts, 1):
             log.info("prompt %d of %d: %s", i, len(prompts), prompt)
             one = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, prompt=prompt, prompt_file=None))

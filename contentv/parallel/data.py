@@ -63,7 +63,7 @@ def run_all(
 
     lay = layout(parallel, world.size)
     s = cfg.sampling
-    prompts = read_prompt_file(s.prompt_file) if s.prompt_file else [s.prompt]
+    prompts = read_prompt_file(s.prompt_file, s.max_prompts) if s.prompt_file else [s.prompt]
     items = work_items(prompts, list(parallel.seeds or [s.seed]))
     mine = shard(items, world, lay)
     writer = world.is_writer(lay)

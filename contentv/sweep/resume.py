@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # contentv.config imports torch: the compare command doesn't 
 IGNORED = ("output.dir", "backend.device_index", "model.local_files_only", "sweep", "ui", "mode", "dry_run", "debug")
 # Set per video when a job makes several (a prompt file, parallel.seeds); `items` covers those.
 PER_VIDEO = ("sampling.prompt", "sampling.prompt_file", "sampling.seed", "output.name")
+# A limit on the run's size, not a setting of any video.
+IGNORED += ("sampling.max_prompts",)
 SUPERSEDED = "superseded"
 
 
@@ -43,7 +45,7 @@ def job_items(cfg: RunConfig) -> list[list]:
     from contentv.validation import read_prompt_file
 
     s = cfg.sampling
-    prompts = read_prompt_file(s.prompt_file) if s.prompt_file else [s.prompt]
+    prompts = read_prompt_file(s.prompt_file, s.max_prompts) if s.prompt_file else [s.prompt]
     return [[p, seed] for p in prompts for seed in (cfg.parallel.seeds or [s.seed])]
 
 
