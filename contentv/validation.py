@@ -9,6 +9,7 @@ allowed. Device-specific parts (kernels, quantizations the device can run) are a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -444,6 +445,8 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
     p = Path(path).expanduser().absolute()
     probe = p
     while not probe.exists():
+        if os.path.lexists(probe):  # a link to nowhere, or a loop: mkdir would fail there after the run
+            raise ConfigError(option, str(path), f"a folder ({_broken_link(probe)})")
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(option, str(path), f"a folder ({probe} is a file)")
@@ -452,6 +455,18 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(option, str(path), f"a folder that can be created and written ({probe}: {reason})") from exc
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+    try:
+        return f"{path} is a link to {os.readlink(path)}, which doesn't exist"
+    except OSError:
+        return f"{path} can't be reached"
 
 
 def read_prompt_file(path: str, max_prompts: int | None = None) -> list[str]:
