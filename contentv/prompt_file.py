@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 OPTION = "sampling.prompt_file"
 # Far more than any prompt list (1000 prompts of 20,000 characters is 20 MB of UTF-8 at most, usually < 1 MB).
 MAX_BYTES = 16 * 2**20
-DEFAULT_MAX_PROMPTS = 1000
 
 
 def _lines(text: str) -> list[str]:

@@ -169,3 +169,29 @@ def test_a_bad_use_ascend_npu_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("USE_ASCEND_NPU", "maybe")
     with pytest.raises(ConfigError, match=r"^USE_ASCEND_NPU='maybe' is not valid: 1/true/yes/on for the NPU"):
         backends.resolve_name("auto")
+
+
+def test_the_web_page_refuses_a_lone_surrogate_and_an_inexact_seed_before_queueing(cache_dir, tmp_path):
+    """JSON sent to the page can carry "\\ud800" and 1e17; both are refused by the page's pre-flight check."""
+    import copy
+    import json
+
+    import demo
+    from backends import build_backend
+    from contentv.config import BackendConfig, OutputConfig
+    from contentv.studio import Studio
+
+    presets = demo.load_presets()
+    cfg = RunConfig(model=copy.deepcopy(presets.models["tiny_contentv"]), backend=BackendConfig(name="cpu"))
+    cfg.output = OutputConfig(dir=str(tmp_path))
+    studio = Studio(cfg, presets, build_backend)
+    try:
+        form = studio.defaults()
+        form.sampling.update(prompt=json.loads('"a cat \\ud800"'), width=48, height=32, num_frames=5)
+        job, message = studio.prepare(form)
+        assert job is None and message.startswith("error: sampling.prompt=") and "UTF-8 text" in message
+        form.sampling.update(prompt="a cat", seed=json.loads("1e17"))
+        job, message = studio.prepare(form)
+        assert job is None and "sampling.seed=1e+17 is not valid: an integer of at most 2**53" in message
+    finally:
+        studio.close()
