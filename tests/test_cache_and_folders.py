@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,26 @@ def test_private_folders_go_at_exit_whatever_the_way_out(tmp_path):
     code = "from contentv.served import private_dir; private_dir('contentv-page-'); raise SystemExit(3)"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 3
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_web_page_leaves_nothing_private_in_tmpdir(tmp_path, cache_dir):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**ENV, "TMPDIR": str(tmp), "CONTENTV_CACHE": str(cache_dir)}
+    argv = ["mode=ui", "model=tiny_contentv", "backend=cpu", "ui.port=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "demo.py"), *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stderr:
+            if line.startswith("ContentV page on") or time.monotonic() > deadline:
+                break
+        assert sorted(p.name.split("-")[1] for p in tmp.glob("contentv-*")) == ["gradio", "page"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(tmp.glob("contentv-*")) == []
