@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 # Partials of writers on other hosts (shared folders) can't be asked whether they are alive: removed after a
 # day, far longer than any encode; their mtime moves while ffmpeg writes.
 STALE_AFTER_S = 24 * 3600
-_PARTIAL = re.compile(r"^\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[\w]+\.partial\.[a-z0-9]+$")
+# Suffixes: videos, sidecars and index files (here), frames files and sweep summaries (contentv.atomic).
+_PARTIAL = re.compile(
+    r"^\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[\w]+\.partial\.(?:mp4|json|npz|csv|md|png|tmp)$"
+)
 # errno -> the cause, in the words a user searches for (ffmpeg prints strerror's text).
 _CAUSES = {
     errno.ENOSPC: "no space left on device",

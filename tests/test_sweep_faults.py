@@ -84,11 +84,19 @@ def test_a_damaged_frames_file_redoes_the_job_and_never_breaks_the_summary(done)
     npz = sweep.frames_path(video_of(folder))
     os.truncate(npz, npz.stat().st_size - 40)
     state = sweep.job_state(folder, cfg)
-    assert not state.done and state.reason == f"frames file missing or damaged: {npz.name}"
+    assert not state.done and state.reason == f"frames file damaged: {npz.name}"
     summary = sweep.write_summary(folder.parent, jobs=1)  # no exception: the row says what is wrong
     assert summary.failed == [] and "damaged" in summary.rows[0]["fidelity"]
     npz.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: opens, but holds no frames
     assert "damaged" in sweep.write_summary(folder.parent, jobs=1).rows[0]["fidelity"]
+
+
+def test_a_job_run_without_a_frames_file_is_still_done(done):
+    """sweep.fidelity=false when it ran: no frames file; the summary says so, the video is not made again."""
+    folder, cfg = done
+    sweep.frames_path(video_of(folder)).unlink()
+    assert sweep.job_state(folder, cfg).done
+    assert sweep.write_summary(folder.parent, jobs=1).rows[0]["fidelity"].startswith("no frames file")
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 A job is done when its `job_result.json` exists (written last, atomically) and has the shape this package
 writes, every row is ok, every video it names plays to the frame count it records (ffmpeg counts them; a
-truncated file has fewer), its lossless frames file opens with that shape (when sweep.fidelity is on), every
+truncated file has fewer), its lossless frames file, if there is one, opens with that many frames, every
 sidecar parses, names that video and records a resolved config equal to the job's on every field that can
 change the output, and the checkpoint's files (names, sizes, modification times) are those the job used.
 Anything else, a damaged or oddly shaped file included, is redone; files of an earlier attempt are first moved
@@ -226,10 +226,11 @@ def _row_outdated(row: dict, job_dir: Path, expected: dict, items: list[list], f
     found = video_frames(video)
     if found != frames:
         return f"video incomplete: {video.name} plays {found if found is not None else 'no'} of {frames} frames"
-    if fidelity:
+    # a job run with sweep.fidelity=false has none (the summary says so); one that is there must open
+    if fidelity and os.path.lexists(frames_path(video)):
         shape = frames_shape(frames_path(video))
         if shape is None or len(shape) != 4 or shape[0] != frames:
-            return f"frames file missing or damaged: {frames_path(video).name}"
+            return f"frames file damaged: {frames_path(video).name}"
     return None
 
 
