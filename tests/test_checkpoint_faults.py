@@ -126,3 +126,27 @@ def test_memory_planning_reads_configs_with_limits(ckpt):
     (ckpt / "transformer" / "config.json").write_text("[" * 50_000)
     with pytest.raises(ConfigError, match="nested more than 100 levels"):
         component_configs(str(ckpt))
+
+
+@pytest.mark.parametrize("family", ["contentv", "cogvideox-2b", "cogvideox-5b"])
+def test_the_real_models_configs_pass_the_bounds(family):
+    """The published full-size configs against the tensor names their models hold: no false refusal."""
+    import torch
+
+    from contentv.checkpoint_limits import check_counts
+    from contentv.models.common import build_on_meta
+    from contentv.models.contentv import architecture as cv
+
+    if family == "contentv":
+        configs, classes = cv.FULL_SIZE, cv.CLASSES
+    else:
+        from contentv.models.cogvideox import architecture as cog
+
+        configs, classes = cog.FULL_SIZE[f"THUDM/CogVideoX-{family.split('-')[1]}"], cog.CLASSES
+
+    def fail(problem: str) -> Exception:
+        return AssertionError(problem)
+
+    for name, config in configs.items():
+        module = build_on_meta(*classes[name], dict(config), torch.bfloat16)
+        check_counts(dict(config), dict.fromkeys(module.state_dict()), fail, f"{name}/config.json")
