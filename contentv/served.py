@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -23,9 +22,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from contentv import untrusted
+
 VIDEO = ".mp4"
 SIDECAR = ".json"
 GALLERY_LIMIT = 24
+# A sidecar is a few KB; a gallery caption never needs more.
+MAX_SIDECAR_BYTES = 4 * 2**20
 # A form with a 20,000-character prompt is ~100 KB of JSON; anything far larger is refused unread.
 MAX_BODY_BYTES = 1 << 20
 
@@ -169,8 +172,8 @@ class ServedFiles:
             caption = video.stem
             sidecar = video.with_suffix(SIDECAR)
             if is_regular_file(sidecar):
-                try:
-                    record = json.loads(sidecar.read_text())
+                try:  # anyone may drop a file in the output folder: capped in size and nesting
+                    record = untrusted.load_file(sidecar, MAX_SIDECAR_BYTES)
                     caption = f"{str(record.get('prompt', ''))[:80]} (seed {record.get('seed')})"
                 except (OSError, ValueError, AttributeError):
                     pass

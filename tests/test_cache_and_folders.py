@@ -182,3 +182,16 @@ def test_sigterm_on_the_web_page_leaves_nothing_private_in_tmpdir(tmp_path, cach
         proc.kill()
         proc.wait()
     assert list(tmp.glob("contentv-*")) == []
+
+
+def test_the_gallery_reads_sidecars_with_limits(tmp_path):
+    """Anyone may drop files in the output folder: a sidecar nested 100,000 deep is a caption-less video."""
+    from contentv.served import ServedFiles
+
+    (tmp_path / "clip.mp4").write_bytes(b"\0")
+    (tmp_path / "clip.json").write_text("[" * 100_000 + "]" * 100_000)
+    files = ServedFiles(tmp_path)
+    try:
+        assert files.gallery() == [(str(tmp_path / "clip.mp4"), "clip")]
+    finally:
+        files.close()

@@ -120,9 +120,10 @@ def checkpoint_identity(cfg: RunConfig) -> str | None:
         return None
     from contentv.models.common import local_config_folder
 
-    folder = local_config_folder(m.path, "model_index.json", m.revision)
-    if folder is None:
-        return f"{m.path}@{m.revision or 'main'}" if m.path else None
+    local = Path(m.path).expanduser()
+    folder = local if local.is_dir() else local_config_folder(m.path, "model_index.json", m.revision)
+    if folder is None:  # a hub id not downloaded yet: its name and revision until it is
+        return f"{m.path}@{m.revision or 'main'}"
     entries = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
