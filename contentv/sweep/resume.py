@@ -238,8 +238,9 @@ def _row_outdated(row: dict, job_dir: Path, expected: dict, items: list[list], f
 def set_aside(job_dir: Path, state: JobState) -> str:
     """Before a job runs again: move what an earlier attempt wrote to `superseded-N/` (so it is kept but never
     counted) and drop hidden `.partial` temporaries of a writer that is gone (never a live one: see
-    contentv.video.clean_stale_partials). Returns a note for the job's rows."""
-    from contentv.video import clean_stale_partials
+    contentv.video.clean_stale_partials). Returns a note for the job's rows; VideoWriteError (one line) if the
+    folder can't be changed (a full disk, a read-only mount)."""
+    from contentv.video import _write_error, clean_stale_partials
 
     job_dir = Path(job_dir)
     # only the partials of writers that are gone: a live one may be another copy's video being encoded
@@ -251,9 +252,12 @@ def set_aside(job_dir: Path, state: JobState) -> str:
     while (job_dir / f"{SUPERSEDED}-{n}").exists():
         n += 1
     target = job_dir / f"{SUPERSEDED}-{n}"
-    target.mkdir()
-    for p in keep:
-        shutil.move(str(p), target / p.name)
+    try:
+        target.mkdir()
+        for p in keep:
+            shutil.move(str(p), target / p.name)
+    except OSError as exc:
+        raise _write_error(exc, job_dir) from exc
     return f"redone ({state.reason}); earlier files in {target.name}/"
 
 
