@@ -471,7 +471,7 @@ def _broken_link(path: Path) -> str:
 
 def read_prompt_file(path: str, max_prompts: int | None = None) -> list[str]:
     """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only (a BOM is dropped);
-    lines end at \n or \r\n only (U+2028 and the like stay inside their line); each line is checked as a
+    lines end at a line feed (or CR LF) only (U+2028 and the like stay inside their line); each line is checked as a
     prompt and a bad one is named by its number; the file's size is capped before it is read and the prompts
     at `max_prompts` (sampling.max_prompts)."""
     from contentv import prompt_file

@@ -346,3 +346,15 @@ def test_a_lock_file_that_is_a_link_is_refused(tmp_path):
     (tmp_path / ".sweep.lock").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(SweepError, match=r"can't lock the sweep folder .* \(.sweep.lock: it is a link\)"):
         sweep.lock_sweep(tmp_path)
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with sweep.lock_sweep(tmp_path) as lock:
+        assert lock.fd is None
+    assert "don't run two copies of this sweep" in caplog.text

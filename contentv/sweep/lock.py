@@ -4,11 +4,13 @@ Two copies of the same sweep would both resume the same jobs, both write their v
 folders) and both report success. The lock is taken with flock(LOCK_EX | LOCK_NB) at the start of the multirun and
 held until the process ends (the kernel releases it then, whatever the way: a crash or kill -9 leaves no stale
 lock). The second copy fails at once with one line naming the first's process; its exit status is 2 (nothing ran).
+On a file system without locks (some network mounts) the sweep runs unlocked, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +18,7 @@ from types import TracebackType
 
 from contentv.errors import SweepError
 
+log = logging.getLogger(__name__)
 LOCK_FILE = ".sweep.lock"
 
 
@@ -39,7 +42,7 @@ class SweepLock:
             raise SweepError(f"can't lock the sweep folder {self.folder} ({LOCK_FILE}: {why})", status=2) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        except BlockingIOError as exc:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise SweepError(
@@ -47,6 +50,10 @@ class SweepLock:
                 "this one another hydra.sweep.dir",
                 status=2,
             ) from exc
+        except OSError as exc:  # a file system without locks (some network mounts): run as before, and say so
+            os.close(fd)
+            log.warning("can't lock the sweep folder %s (%s): don't run two copies of this sweep", self.folder, exc)
+            return self
         with contextlib.suppress(OSError):  # who holds it, for the second copy's message
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
