@@ -27,7 +27,8 @@ class SweepLock:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.fd: int | None = None
+        self.fd: int | None = None  # None: not held (or held unlocked, where the file system has no locks)
+        self.acquired = False
 
     def acquire(self) -> SweepLock:
         """Take the lock, or raise SweepError (status 2) if another process holds it."""
@@ -53,21 +54,22 @@ class SweepLock:
         except OSError as exc:  # a file system without locks (some network mounts): run as before, and say so
             os.close(fd)
             log.warning("can't lock the sweep folder %s (%s): don't run two copies of this sweep", self.folder, exc)
+            self.acquired = True
             return self
         with contextlib.suppress(OSError):  # who holds it, for the second copy's message
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
+        self.fd, self.acquired = fd, True
         return self
 
     def release(self) -> None:
         """Let the next copy run (closing the file drops the lock); the lock file stays."""
         if self.fd is not None:
             os.close(self.fd)
-            self.fd = None
+        self.fd, self.acquired = None, False
 
     def __enter__(self) -> SweepLock:
-        return self if self.fd is not None else self.acquire()
+        return self if self.acquired else self.acquire()
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
