@@ -10,6 +10,7 @@ the device can run) are asked of the backend.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -49,6 +50,7 @@ MAX_GUIDANCE = 100.0
 # Far more frames than any model here was trained for; the memory check refuses long runs well before this.
 MAX_FRAMES = 100_000
 MAX_PROMPT_CHARS = 20_000
+MAX_PROMPTS = 1_000_000
 # A generator seed: torch.Generator.manual_seed takes -2**63 .. 2**64 - 1.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # File stems: bytes, leaving room for "-NNNN.json" within the 255-byte names of common file systems.
@@ -138,9 +140,11 @@ def check_settings(
     check_model_config(cfg.model)
     spec = get_spec(cfg.model.family)
     sampling = resolve_sampling(cfg.sampling, cfg.model)
-    prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
-    check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
     check_bounds(sampling)
+    prompts = (
+        read_prompt_file(sampling.prompt_file, sampling.max_prompts) if sampling.prompt_file else [sampling.prompt]
+    )
+    check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
     for prompt in prompts:
         check_text("sampling.prompt", prompt)
         spec.validate(dataclasses.replace(sampling, prompt=prompt))
@@ -261,13 +265,22 @@ def check_model_config(m: ModelConfig) -> None:
 
 
 def check_text(option: str, text: str | None, allow_empty: bool = False) -> None:
-    """Prompts: text without NUL or other control characters (newlines and tabs allowed), of a sane length."""
+    """Prompts: UTF-8 text without NUL or other control characters (newlines and tabs allowed), of a sane length."""
     if text is None and allow_empty:
         return
     if text is None or (not allow_empty and not str(text).strip()):
         raise ConfigError(option, text, "a non-empty text")
     if len(text) > MAX_PROMPT_CHARS:
         raise ConfigError(option, text, f"at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
+    try:  # a byte a Latin-1 terminal sent (0xE9 -> '\udce9' under surrogateescape), a lone surrogate from JSON
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            option,
+            text,
+            f"UTF-8 text (character {exc.start + 1} is {text[exc.start]!r}, an invalid byte or lone surrogate: "
+            "is the terminal's encoding UTF-8?)",
+        ) from None
     bad = next((c for c in text if ord(c) < 32 and c not in "\n\t\r"), None)
     if bad is not None:
         raise ConfigError(option, text, f"text without control characters (found {bad!r})")
@@ -294,6 +307,8 @@ def check_bounds(s: SamplingConfig) -> None:
         raise ConfigError("sampling.guidance_scale", g, f"a number in 0..{MAX_GUIDANCE:g} (<= 1 disables guidance)")
     if not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
         raise ConfigError("sampling.seed", s.seed, f"an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    if not 1 <= s.max_prompts <= MAX_PROMPTS:
+        raise ConfigError("sampling.max_prompts", s.max_prompts, f"an integer in 1..{MAX_PROMPTS}")
     if s.max_sequence_length is not None and s.max_sequence_length < 1:
         raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, "null or an integer >= 1")
 
@@ -442,6 +457,8 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
     p = Path(path).expanduser().absolute()
     probe = p
     while not probe.exists():
+        if os.path.lexists(probe):  # a link to nowhere, or a loop: mkdir would fail there after the run
+            raise ConfigError(option, str(path), f"a folder ({_broken_link(probe)})")
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(option, str(path), f"a folder ({probe} is a file)")
@@ -452,24 +469,26 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
         raise ConfigError(option, str(path), f"a folder that can be created and written ({probe}: {reason})") from exc
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError("sampling.prompt_file", path, "an existing text file with one prompt per line")
+def _broken_link(path: Path) -> str:
     try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("sampling.prompt_file", path, f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from exc
+        os.stat(path)
     except OSError as exc:
-        raise ConfigError("sampling.prompt_file", path, f"a readable file ({exc.strerror})") from exc
-    if "\0" in text:
-        raise ConfigError("sampling.prompt_file", path, "a text file (it contains NUL bytes: binary?)")
-    prompts = [ln.strip() for ln in text.splitlines()]
-    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
-    if not prompts:
-        raise ConfigError("sampling.prompt_file", path, "a file with at least one non-empty, non-comment line")
-    return prompts
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+    try:
+        return f"{path} is a link to {os.readlink(path)}, which doesn't exist"
+    except OSError:
+        return f"{path} can't be reached"
+
+
+def read_prompt_file(path: str, max_prompts: int | None = None) -> list[str]:
+    """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only (a BOM is dropped);
+    lines end at a line feed (or CR LF) only (U+2028 and the like stay inside their line); each line is checked as a
+    prompt and a bad one is named by its number; the file's size is capped before it is read and the prompts
+    at `max_prompts` (sampling.max_prompts)."""
+    from contentv import prompt_file
+
+    return prompt_file.read(path, max_prompts, check_text)
 
 
 def diffusers_call_kwargs(s: SamplingConfig) -> dict:

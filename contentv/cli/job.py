@@ -191,9 +191,13 @@ def task(dcfg: DictConfig) -> None:
         if result.record:  # ranks that don't write have no record
             print(summary(result))
     if multirun:
-        sweep.finish_job(
-            job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank, prompts=list(run.prompts)
-        )
+        try:
+            sweep.finish_job(
+                job_dir, job, overrides, cfg, results, note=note, rank=runtime.world.rank, prompts=list(run.prompts)
+            )
+        except OSError as exc:  # a full disk: one line; the job has no record, so it counts as failed and is redone
+            log.error("job %s: %s", job, exc)
+            print(f"error: job {job}: {exc}", file=sys.stderr)
 
 
 def _resolved(runtime: Runtime, cfg: RunConfig, job: int | None, overrides: list[str]):
@@ -218,7 +222,10 @@ def _failed(
     message = str(exc) if isinstance(exc, (ConfigError, OutOfMemory)) else first_line(exc, with_type=True)
     if multirun:
         log.error("job %s failed: %s", job, message)
-        sweep.finish_job(job_dir, job, overrides, cfg, [], error=message, note=note or "")
+        try:
+            sweep.finish_job(job_dir, job, overrides, cfg, [], error=message, note=note or "")
+        except OSError as write_error:  # nothing recorded: the sweep counts the job as failed all the same
+            print(f"error: job {job}: {write_error}", file=sys.stderr)
         return
     if _reports(exc, distributed.launch_env().rank):
         hint = "" if isinstance(exc, (ConfigError, OutOfMemory)) else " (debug=true for a traceback)"

@@ -78,19 +78,30 @@ def sweep_jobs(config: DictConfig) -> list[tuple[Path, Any]]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback. At the start of a multirun: how many jobs are done already (a resumed sweep skips them).
-    At the end: every job's rows into summary.csv/.md/.png, and exit status 1 if a job failed or the summary could
-    not be written. Hydra turns an exception in a callback into a warning, so every failure here leaves as
-    SystemExit (one line on stderr), never as an exception."""
+    """Hydra callback. At the start of a multirun: the sweep folder is locked (a second copy of the same sweep stops
+    with one line, exit 2) and it says how many jobs are done already (a resumed sweep skips them). At the end:
+    every job's rows into summary.csv/.md/.png, and exit status 1 if a job failed or the summary could not be
+    written. Hydra turns an exception in a callback into a warning, so every failure here leaves as SystemExit (one
+    line on stderr), never as an exception."""
 
     jobs: int | None = None
     done: tuple[int, ...] = ()
+    lock: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from backends import distributed
         from contentv import sweep
+        from contentv.errors import SweepError
 
+        if distributed.launch_env().rank == 0:  # under torchrun the ranks share the sweep: rank 0 holds it
+            try:
+                self.lock = sweep.lock_sweep(Path(config.hydra.sweep.dir))
+            except SweepError as exc:
+                _exit(f"error: {exc}", exc.status)
         try:
-            states = [sweep.job_state(folder, cfg) for folder, cfg in sweep_jobs(config)]
+            states = [
+                sweep.job_state(folder, cfg, _prompts(num)) for num, (folder, cfg) in enumerate(sweep_jobs(config))
+            ]
         except Exception as exc:  # noqa: BLE001 - see the class docstring
             _exit(f"error: the sweep's jobs could not be checked: {_line(exc)}", 2)
         self.jobs = len(states)
@@ -101,13 +112,25 @@ class SweepSummary(Callback):
         from contentv import sweep
 
         sweep_dir, baseline = Path(config.hydra.sweep.dir), config.sweep.baseline
-        try:
-            result = sweep.write_summary(sweep_dir, baseline=baseline, reused=self.done, jobs=self.jobs)
-        except Exception as exc:  # noqa: BLE001 - see the class docstring
-            _exit(f"error: sweep: the summary in {sweep_dir} could not be written: {_line(exc)}", 1)
-        print("sweep summary: " + ", ".join(str(p) for p in result.paths.values()))
-        if result.failed:
-            _exit(result.failure_line(), 1)  # every launcher runs this in the main process
+        end = sweep.end_sweep(sweep_dir, baseline=baseline, reused=self.done, jobs=self.jobs)  # never raises
+        for line in end.out:
+            print(line)
+        for line in end.err:
+            print(line, file=sys.stderr)
+        if self.lock is not None:
+            self.lock.release()
+        if end.status:
+            raise SystemExit(end.status)  # not an Exception: Hydra would only warn
+
+
+def _prompts(num: int) -> list[str] | None:
+    """Job `num`'s prompts as the pre-flight check read them (None: read them again)."""
+    from contentv.cli import job
+
+    prepared = job.prepared()
+    if prepared is None or not prepared.multirun or num >= len(prepared.jobs) or prepared.jobs[num].run is None:
+        return None
+    return list(prepared.jobs[num].run.prompts)
 
 
 def _line(exc: BaseException) -> str:
