@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import re
+import typing
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -135,9 +136,41 @@ def compose_error(exc: BaseException, job: list[str]) -> str:
             if f.default_factory is not dataclasses.MISSING
         }.get(group)
         known = ", ".join(f.name for f in dataclasses.fields(node)) if node is not None else ""
-        return f"{key}: no such option" + (f" (valid: {known})" if known else "")
+        return f"{key}: no such option" + suggestion(key, values.get(key)) + (f" (valid: {known})" if known else "")
     value = values.get(key)
     return f"{key}={value!r} is not valid: {message}" if value is not None else f"{key}: {message}"
+
+
+def suggestion(key: str, value: str | None = None) -> str:
+    """'; did you mean X?' for an unknown option or group: the group that has `value` as an option (modle=tiny_contentv
+    -> model), the field of that name in its group (prompt -> sampling.prompt), else the closest option or group
+    name, else nothing."""
+    import difflib
+
+    key = key.lstrip("+~")
+    if value:
+        groups = [g for g in GROUPS if value in group_options(g)]
+        groups.sort(key=lambda g: -difflib.SequenceMatcher(None, key, g).ratio())
+        if groups:
+            return f"; did you mean {groups[0]}={value}?"
+    fields = list(_field_types())
+    same_name = [f for f in fields if f.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and f != key]
+    close = same_name or difflib.get_close_matches(key, [*GROUPS, *fields], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_addition(o: Override, types: dict[str, type]) -> None:
+    """`+KEY=VALUE` adds a key: only where the schema takes free keys (a mapping field such as
+    model.sampling_defaults) or Hydra's own settings; anything else would be dropped without a word."""
+    key = o.key_or_group
+    if not o.is_add() or o.package is not None or key.startswith(("hydra.", "hydra/")) or key in GROUPS:
+        return
+    parts = key.split(".")
+    mappings = [k for k, t in types.items() if typing.get_origin(t) is dict or t is dict]
+    if any(".".join(parts[:n]) in mappings for n in range(1, len(parts))):
+        return
+    known = "" if key not in types else f" ({key} exists: set it without +)"
+    raise UsageError(f"+{key}: no such option to add{known or suggestion(key)}")
 
 
 def _field_types() -> dict[str, type]:
@@ -196,6 +229,7 @@ def expand_parsed(parsed: Sequence[Override], multirun: bool, searchpath: Sequen
             values = [o.get_value_element_as_str()]
             if key in PROMPT_KEYS and o.input_line:  # as the command line quoted it (literal_prompts)
                 values = [o.input_line.partition("=")[2]]
+        _check_addition(o, types)
         _check_choice(o, values, types, searchpath)
         choices[key] = [f"{key}={v}" for v in values]
     return [list(combo) for combo in itertools.product(*choices.values())] or [[]]
