@@ -23,12 +23,13 @@ log = logging.getLogger("demo")
 # What the pre-flight check prepared in this process (None in a launcher's own worker process), and one runtime per
 # backend config, kept across the jobs of a sweep so weights load once per (model, memory) key; replaced (and its
 # memory freed) when the backend changes.
-_STATE: dict = {"prepared": None, "key": None, "runtime": None}
+_STATE: dict = {"prepared": None, "key": None, "runtime": None, "typed": None}
 
 
-def adopt(prepared: Prepared | None) -> None:
-    """Hand the pre-flight check's work (resolved runs, the backend it built) to the jobs of this process."""
-    _STATE["prepared"] = prepared
+def adopt(prepared: Prepared | None, typed: list[str] | None = None) -> None:
+    """Hand the pre-flight check's work (resolved runs, the backend it built) and the command line as typed to the
+    jobs of this process."""
+    _STATE["prepared"], _STATE["typed"] = prepared, typed
 
 
 def prepared() -> Prepared | None:
@@ -201,12 +202,20 @@ def task(dcfg: DictConfig) -> None:
 
 
 def _resolved(runtime: Runtime, cfg: RunConfig, job: int | None, overrides: list[str]):
-    """The pre-flight check's resolved run for this job, else resolved now (every rank together under torchrun)."""
+    """The pre-flight check's resolved run for this job, else resolved now (every rank together under torchrun);
+    with how it was started, for its sidecar (and `contentv replay`)."""
+    import dataclasses
+    import os
+
     prepared = _STATE["prepared"]
     run = prepared.take(job, overrides) if prepared is not None and runtime.world.size == 1 else None
-    if run is None:
-        return runtime.resolve(cfg)
-    return run.with_output_dir(cfg.output.dir)
+    run = runtime.resolve(cfg) if run is None else run.with_output_dir(cfg.output.dir)
+    command = "contentv" if Path(sys.argv[0]).name == "contentv" else f"python {sys.argv[0]}"
+    typed = _STATE["typed"] if _STATE["typed"] is not None else sys.argv[1:]
+    invocation = {"command": command, "argv": list(typed), "overrides": list(overrides), "cwd": os.getcwd()}
+    if job is not None:
+        invocation["job"] = job
+    return dataclasses.replace(run, invocation=invocation)
 
 
 def _failed(
