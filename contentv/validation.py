@@ -19,7 +19,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from contentv import memory_policy
 from contentv.config import (
@@ -33,6 +33,7 @@ from contentv.config import (
     UIConfig,
     resolve_sampling,
 )
+from contentv.device import DeviceBackend
 from contentv.errors import ConfigError
 
 if typing.TYPE_CHECKING:
@@ -54,16 +55,6 @@ MAX_PROMPTS = 1_000_000
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # File stems: bytes, leaving room for "-NNNN.json" within the 255-byte names of common file systems.
 MAX_STEM_BYTES = 200
-
-
-class DeviceBackend(memory_policy.Capabilities, Protocol):
-    """What validation asks of a backend (backends.Backend has these)."""
-
-    device: Any
-
-    def attention_kernel(self) -> Any: ...
-    def check_memory(self, memory: Any) -> None: ...
-    def free_memory(self) -> int | None: ...
 
 
 @dataclass
