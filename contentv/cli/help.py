@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from contentv.cli.compose import (
     GROUPS,
@@ -37,7 +39,10 @@ def help_text(overrides: Sequence[str]) -> str:
     del composed.hydra
     values = OmegaConf.to_container(composed, resolve=True)
     chosen = {g: (values.get(g) or {}).get("name") for g in GROUPS}
-    lines = [help_cfg.header.rstrip(), "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
+    header = help_cfg.header.rstrip()
+    if Path(sys.argv[0]).name == "contentv":  # the installed command: its usage lines name it
+        header = header.replace("python demo.py", "contentv")
+    lines = [header, "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
     for group, options in groups.items():
         marked = ", ".join(f"{o}*" if o == chosen.get(group) else o for o in options)
         lines.append(f"  {group:<16}{marked}")
