@@ -79,16 +79,19 @@ def summary(result: RunResult) -> str:
     rec = result.record
     t = rec["timings_s"]
     stages = " | ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in t.items())
-    peak = rec["peak_memory"]
-    return "\n".join(
-        [
-            f"time:    {stages} ({rec['seconds_per_step']:.3f} s/step)",
-            f"memory:  peak device {_gib(peak['device_bytes'])} | peak host RSS {_gib(peak['host_rss_bytes'])}"
-            f" | {rec['prepared'].get('placement')} | attention {rec['prepared'].get('attention_kernel')}",
-            f"sidecar: {result.sidecar}" if result.sidecar else "sidecar: (off)",
-            f"video:   {result.video}",
-        ]
-    )
+    peak, prepared = rec["peak_memory"], rec["prepared"]
+    run = rec.get("run") or {}
+    strategy = f"memory {prepared.get('memory_preset')} ({run.get('memory_choice', 'as configured')})"
+    lines = [
+        f"time:    {stages} ({rec['seconds_per_step']:.3f} s/step)",
+        f"memory:  peak device {_gib(peak['device_bytes'])} | peak host RSS {_gib(peak['host_rss_bytes'])}"
+        f" | placement {prepared.get('placement')} | attention {prepared.get('attention_kernel')} | {strategy}",
+    ]
+    changes = prepared.get("output_changes") or []
+    if changes:  # quantization, VAE tiling, a step cache: every frame differs from everything resident
+        lines.append("changes: " + "; ".join(changes))
+    lines += [f"sidecar: {result.sidecar}" if result.sidecar else "sidecar: (off)", f"video:   {result.video}"]
+    return "\n".join(lines)
 
 
 def console_output(verbose: bool) -> None:
