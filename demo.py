@@ -367,6 +367,8 @@ def preflight(argv: list[str]) -> bool:
                 if args.multirun:
                     raise UsageError("mode=ui serves one page: drop -m")
                 ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
+            if cfg.mode == "serve" and args.multirun:
+                raise UsageError("mode=serve runs one server: drop -m")
             world_size = distributed.check_launch().world_size
             launcher = hydra_cfg.get("launcher") or {}
             if args.multirun and "tasks_per_node" in launcher:  # submitit: a job is nodes x tasks_per_node ranks
@@ -471,13 +473,15 @@ def console_output(verbose: bool) -> None:
 
 
 def _serve_ui(cfg: RunConfig) -> None:
-    """mode=ui: the web page, until Ctrl-C; a bad setting prints one line and exits with status 2."""
+    """mode=ui: the web page (mode=serve: the video API), until Ctrl-C; a bad setting prints one line and exits
+    with status 2."""
     import backends
-    from contentv import ui
+    from contentv import serve, ui
     from contentv.errors import ConfigError
 
+    launch = serve.main if cfg.mode == "serve" else ui.launch
     try:
-        ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
+        launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
     except ConfigError as exc:
         if cfg.debug:
             raise
@@ -498,7 +502,7 @@ def task(dcfg: DictConfig) -> None:
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
     console_output(cfg.verbose)
-    if cfg.mode == "ui":
+    if cfg.mode in ("ui", "serve"):
         _serve_ui(cfg)
         return
     hydra_cfg = HydraConfig.get()
