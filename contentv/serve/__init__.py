@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = "outputs/serve"
 
 
+def check_available() -> None:
+    """The serve extra is installed (one line naming what is missing otherwise)."""
+    import importlib.util
+
+    from contentv.errors import ConfigError
+
+    missing = [m for m in ("starlette", "uvicorn", "multipart", "prometheus_client") if not importlib.util.find_spec(m)]
+    if missing:
+        raise ConfigError("mode", "serve", f"the serve extra installed: pip install '.[serve]' (missing: {missing})")
+
+
 class _Budgeted:
     """The validation backend: the worker device's backend, planning with the memory it had free at start (the
     workers' loaded pipelines are theirs, not a reason to refuse)."""
@@ -132,6 +143,7 @@ def start(cfg: RunConfig, presets: Presets, build_backend: Callable) -> Server:
 
 def main(cfg: RunConfig, presets: Presets, build_backend: Callable) -> None:
     """mode=serve: run the server until SIGINT or SIGTERM, then stop the workers cleanly."""
+    check_available()
     done = threading.Event()
     old = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     server = start(cfg, presets, build_backend)

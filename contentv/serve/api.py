@@ -84,20 +84,26 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await self._refuse(413, self._too_large(), scope, receive, send)
-        seen = 0
+        seen, started = 0, False
 
         async def capped() -> dict:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise TooLarge
+                raise TooLarge(self._too_large())
             return message
 
+        async def sending(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, capped, send)
-        except TooLarge:
-            await self._refuse(413, self._too_large(), scope, receive, send)
+            await self.app(scope, capped, sending)
+        except TooLarge:  # the app's error handler answered 413 already, unless it never got to
+            if not started:
+                await self._refuse(413, self._too_large(), scope, receive, send)
 
     def _too_large(self) -> str:
         return f"request body larger than serve.max_body_bytes ({self.max_body} bytes)"
@@ -246,6 +252,8 @@ def own_file(videos: Path, row: dict, key: str) -> Path | None:
 
 
 async def _route_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, TooLarge):
+        return error(413, str(exc))
     status = getattr(exc, "status_code", 500)
     if status in (404, 405):
         return error(status, f"{request.method} {request.url.path}: no such route on this server")

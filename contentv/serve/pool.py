@@ -1,7 +1,7 @@
 """The worker pool: one dispatcher thread per worker takes jobs from the store and runs them on its worker.
 
 The worker is a local process (workers.LocalWorker) or a Ray actor (ray_pool.RayWorker): anything with `name`,
-`start()`, `run(payload, on_progress) -> (kind, value)`, `stop()`, `describe()`, `pid` and `restarts`. The
+`start()`, `run(payload, on_progress, cancelled) -> (kind, value)`, `stop()`, `describe()`, `pid` and `restarts`. The
 queue, the job states and the claim rule (prefer the loaded model, bounded wait for the others) are the same
 for both.
 """
@@ -63,7 +63,11 @@ class Dispatcher(threading.Thread):
                 store.set_progress(job["id"], pct)
 
         started = time.time()
-        kind, value = self.worker.run({"id": job["id"], "run": json.loads(job["run"])}, progress)
+
+        def cancelled() -> bool:  # deleted by its client meanwhile
+            return store.get(job["id"]) is None
+
+        kind, value = self.worker.run({"id": job["id"], "run": json.loads(job["run"])}, progress, cancelled)
         if kind == "stopped":  # the server is shutting down: the job goes back to the queue
             store.requeue(job["id"])
             return

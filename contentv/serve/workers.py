@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -74,14 +75,17 @@ def write_thumbnail(frames: Any, path: Path) -> Path:
     return path
 
 
-def run_job(runtime: Any, payload: dict, on_progress: Progress) -> dict:
+def run_job(runtime: Any, payload: dict, on_progress: Progress, cancel: Any = None) -> dict:
     """Run one job on `runtime`: the video and sidecar (the runtime's atomic writer, named after the job id), a
-    thumbnail, and the statistics the server records. Raises what the runtime raises."""
+    thumbnail, and the statistics the server records. `cancel` (an Event) stops it after the current step
+    (GenerationCancelled). Raises what the runtime raises."""
     cfg = run_from_dict(payload["run"])
     total = cfg.sampling.num_inference_steps or 1
 
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
         on_progress(min(99, int(100 * (i + 1) / total)))
+        if cancel is not None and cancel.is_set():
+            pipe._interrupt = True  # the pipeline raises GenerationCancelled after this step
         return {}
 
     loads = runtime.loads
@@ -122,7 +126,12 @@ def die_with_parent() -> None:
 
 
 def worker_main(
-    conn: Any, backend: BackendConfig, build_backend: Callable, memories: dict[str, MemoryConfig], parent: int
+    conn: Any,
+    cancel: Any,
+    backend: BackendConfig,
+    build_backend: Callable,
+    memories: dict[str, MemoryConfig],
+    parent: int,
 ) -> None:
     """A worker process: build the backend and a Runtime once, then run the jobs the pipe brings until None."""
     die_with_parent()
@@ -146,7 +155,7 @@ def worker_main(
             conn.send(("progress", pct))
 
         try:
-            conn.send(("done", run_job(runtime, payload, progress)))
+            conn.send(("done", run_job(runtime, payload, progress, cancel)))
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; the worker stays warm
             log.warning("job %s failed: %s", payload.get("id"), first_line(exc, with_type=True))
             conn.send(("failed", error_of(exc)))
@@ -181,17 +190,28 @@ class LocalWorker:
 
     def start(self) -> None:
         self.conn, child = self._ctx.Pipe()
+        self._cancel = self._ctx.Event()
         self.proc = self._ctx.Process(
-            target=worker_main, args=(child, *self._args, os.getpid()), name=f"contentv-{self.name}", daemon=True
+            target=worker_main,
+            args=(child, self._cancel, *self._args, os.getpid()),
+            name=f"contentv-{self.name}",
+            daemon=True,
         )
         self.proc.start()
         child.close()
 
-    def run(self, payload: dict, on_progress: Progress) -> tuple[str, dict]:
-        """("done", result) or ("failed", error); a dead worker is restarted and its job failed with the reason."""
+    def run(self, payload: dict, on_progress: Progress, cancelled: Callable[[], bool]) -> tuple[str, dict]:
+        """("done", result) or ("failed", error); a dead worker is restarted and its job failed with the reason.
+        `cancelled()` is asked every second: true stops the job after its current step."""
+        self._cancel.clear()
+        asked = time.monotonic()
         try:
             self.conn.send(payload)
             while True:
+                if time.monotonic() - asked > 1.0:
+                    asked = time.monotonic()
+                    if cancelled():
+                        self._cancel.set()
                 if self.conn.poll(0.2):
                     kind, value = self.conn.recv()
                     if kind == "progress":
