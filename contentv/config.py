@@ -208,6 +208,9 @@ class ServeConfig:
     workers: str = "local"
     # Ray cluster to join with serve.workers=ray (auto, ray://head:10001, ...); null = start a local Ray instance.
     ray_address: str | None = None
+    # Ray resources each worker actor reserves with serve.workers=ray: {GPU: 1} (a GPU), {NPU: 1} (an Ascend NPU,
+    # a custom resource), empty = one CPU.
+    ray_resources: dict[str, float] = field(default_factory=dict)
     # Seconds a job for another model may wait while a worker keeps taking jobs for the model it has loaded.
     max_wait_s: float = 30.0
     # Model presets clients may ask for (the request's `model`); empty = the server's model only.

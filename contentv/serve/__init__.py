@@ -72,6 +72,7 @@ class Server:
         for outcome, ids in recovered.items():
             if ids:
                 log.warning("after a restart, %d interrupted job(s) %s: %s", len(ids), outcome, ", ".join(ids))
+        self.ray = serve.workers == "ray"
         workers, check_backend = self._workers(cfg, presets, build_backend)
         self.admission = Admission(cfg, presets, self.videos, check_backend)
         self.pool: Pool = None  # type: ignore[assignment]
@@ -119,6 +120,10 @@ class Server:
         self._thread.join(10)
         self.pool.stop()
         self.sock.close()
+        if self.ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -147,6 +152,8 @@ def main(cfg: RunConfig, presets: Presets, build_backend: Callable) -> None:
     done = threading.Event()
     old = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     server = start(cfg, presets, build_backend)
+    for s in old:  # again: starting Ray installs handlers of its own
+        signal.signal(s, lambda *_: done.set())
     names = ", ".join(w["device"] for w in server.pool.status())
     print(f"serving the Videos API on {server.url}/v1 (workers: {names}; jobs in {server.folder})", flush=True)
     try:
