@@ -174,10 +174,9 @@ def check_parallel_split(cfg: RunConfig, lay: Any, sampling: SamplingConfig) -> 
 def check_types(cfg: Any, prefix: str = "") -> None:
     """Each dataclass field holds a value of its annotated type (Python users can put anything there; Hydra's
     own type checks stop at the command line). bool is not an int; floats must be finite."""
+    hints = typing.get_type_hints(type(cfg))  # once per class: it evaluates every annotation (slow)
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        option = f"{prefix}{f.name}"
-        hint = typing.get_type_hints(type(cfg))[f.name]
+        value, option, hint = getattr(cfg, f.name), f"{prefix}{f.name}", hints[f.name]
         if is_dataclass(value):
             check_types(value, f"{option}.")
             continue

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -158,7 +159,7 @@ class VideosAPI:
             if "input_reference" in fields:
                 raise ConfigError("input_reference", "<file>", "absent: this server generates video from text only")
             job_id = new_id()
-            job = self.admission.admit(fields, job_id)
+            job = await run_in_threadpool(self.admission.admit, fields, job_id)  # the check: off the event loop
         except ConfigError as exc:
             self.metrics.refused.labels("400").inc()
             return error(400, str(exc), param=exc.option, code="invalid_value")
@@ -173,7 +174,7 @@ class VideosAPI:
             "run": json.dumps(dataclasses.asdict(job.run)),
         }
         try:
-            row = self.store.add(row, self.serve.max_queue, self.serve.max_queue_per_key)
+            row = await run_in_threadpool(self.store.add, row, self.serve.max_queue, self.serve.max_queue_per_key)
         except QueueFull as exc:
             self.metrics.refused.labels("429").inc()
             return error(429, str(exc), param=exc.limit, code="queue_full")
