@@ -166,7 +166,7 @@ def warm_job(server: LiveServer) -> float:
         start = time.perf_counter()
         video_id = http.post(f"{server.api}/videos", json={**JOB, "prompt": "warm"}).json()["id"]
         while http.get(f"{server.api}/videos/{video_id}").json()["status"] not in TERMINAL:
-            time.sleep(0.02)
+            time.sleep(0.05)
         return time.perf_counter() - start
 
 
