@@ -142,3 +142,36 @@ def test_health_and_metrics(server, done):
     assert 'contentv_serve_jobs{state="completed"}' in text
     assert 'contentv_serve_stage_seconds_count{stage="denoising"}' in text
     assert "contentv_serve_peak_host_rss_bytes" in text
+
+
+def test_the_page_is_served_with_the_offered_models_and_no_inline_script(server):
+    r = httpx.get(server.url + "/", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert '<option value="tiny_contentv">tiny_contentv</option>' in r.text
+    assert '<script src="/page.js"></script>' in r.text and r.text.count("<script") == 1
+    js = httpx.get(server.url + "/page.js", timeout=10)
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in js.text  # received text is shown as text
+
+
+def test_the_page_submits_into_the_same_queue(server, client):
+    """The page's script, driven in Node with a minimal DOM stand-in (no browser on this machine): its form posts
+    a job, its table follows it to completed, and "play" fetches the video; the job is the API's like any other."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs node to run the page's script")
+    drive = Path(__file__).parent / "serve_page" / "drive.js"
+    out = subprocess.run([node, str(drive), server.url, "from the page"], capture_output=True, text=True, timeout=180)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, seen
+    assert seen["queued"] is not None  # in the table as soon as the form was sent
+    assert seen["state"] == "completed" and seen["error"] == ""
+    assert seen["video"].startswith("blob:") and seen["cells"][2] == "from the page"
+    video = client.videos.retrieve(seen["id"])
+    assert video.status == "completed" and video.prompt == "from the page"

@@ -72,6 +72,8 @@ def test_a_missing_or_wrong_key_is_401(server):
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
     assert "workers" not in httpx.get(server.url + "/health", timeout=10).json()  # open, but says little
     assert server.client(api_key=KEY).videos.list().data == []
+    page = httpx.get(server.url + "/", timeout=10)  # the page opens without a key, and asks for one
+    assert page.status_code == 200 and '<label id="keyrow">' in page.text
 
 
 @pytest.mark.slow

@@ -19,18 +19,23 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from contentv.errors import ConfigError, first_line
 from contentv.serve.admit import Admission
+from contentv.serve.page import CSP, SCRIPT, page_html
 from contentv.serve.pool import Pool, remove_files
 from contentv.serve.store import QueueFull, Store, new_id
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 ERROR_TYPES |= {405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 VARIANTS = {"video": ("video", "video/mp4"), "thumbnail": ("thumbnail", "image/png")}
-POLL_AFTER_MS = "250"  # the official client's poll() waits this long between retrievals (its default: 1000)
+POLL_AFTER_MS = "250"
+# Routes answered without a key: the health summary, and the page and its script (the key is typed into the page).
+OPEN = frozenset(
+    {"/health", "/", "/page.js"}
+)  # the official client's poll() waits this long between retrievals (its default: 1000)
 
 
 class TooLarge(Exception):
@@ -79,7 +84,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and not authorized(headers, self.api_key):
+        if self.api_key and scope["path"] not in OPEN and not authorized(headers, self.api_key):
             message = "incorrect or missing API key: send Authorization: Bearer <key>"
             return await self._refuse(401, message, scope, receive, send)
         length = headers.get("content-length")
@@ -238,6 +243,15 @@ class VideosAPI:
             body["workers"] = self.pool.status()
         return JSONResponse(body)
 
+    async def page(self, request: Request) -> Response:
+        models = list(self.admission.models)
+        text = page_html(models, self.serve.max_prompt_chars, keyed=bool(self.serve.api_key))
+        return HTMLResponse(text, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
+
+    async def script(self, request: Request) -> Response:
+        headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
+        return Response(SCRIPT, media_type="text/javascript", headers=headers)
+
     async def prometheus(self, request: Request) -> Response:
         data, kind = self.metrics.render()
         return Response(data, media_type=kind)
@@ -271,6 +285,8 @@ def build_app(store: Store, admission: Admission, pool: Pool, metrics: Any, vide
         Route("/v1/videos/{video_id}", api.delete, methods=["DELETE"]),
         Route("/v1/videos/{video_id}/content", api.content, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
+        Route("/", api.page, methods=["GET"]),
+        Route("/page.js", api.script, methods=["GET"]),
         Route("/metrics", api.prometheus, methods=["GET"]),
     ]
     handlers = {404: _route_error, 405: _route_error, 500: _route_error}
