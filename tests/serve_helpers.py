@@ -111,3 +111,18 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return True
+
+
+def steps_lasting(server: LiveServer, seconds: float = 3.0) -> int:
+    """Denoising steps that take about `seconds` on this machine (from the seconds per step the finished jobs'
+    sidecars recorded), so a job is reliably still running when a test kills something, on slow and fast
+    machines alike; 20..1000. Runs a one-step job first where none has finished yet."""
+    import json
+    import statistics
+
+    def per_step() -> list[float]:
+        return [json.loads(p.read_text())["seconds_per_step"] for p in (server.folder / "videos").glob("*.json")]
+
+    if not per_step():
+        server.client().videos.create_and_poll(prompt="a first job times a step", extra_body=FAST, **TINY)
+    return max(20, min(1000, round(seconds / statistics.median(per_step()))))

@@ -9,7 +9,7 @@ import pytest
 from contentv.config import RunConfig
 from contentv.errors import ConfigError
 from contentv.validation import check_serve
-from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, wait_for
+from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, steps_lasting, wait_for
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-0123456789"
@@ -99,7 +99,8 @@ def test_body_and_prompt_limits(server):
 @pytest.mark.slow
 def test_a_full_queue_is_429_and_deleting_frees_it(server):
     client = server.client(api_key=KEY, max_retries=0)
-    slow = {"num_inference_steps": 400}
+    client.videos.create_and_poll(prompt="a first job times a step", extra_body=FAST, **TINY)
+    slow = {"num_inference_steps": steps_lasting(server, 5.0)}
     first = client.videos.create(prompt="one", extra_body=slow, **TINY)
     second = client.videos.create(prompt="two", extra_body=slow, **TINY)
     with pytest.raises(openai.RateLimitError) as err:

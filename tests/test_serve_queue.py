@@ -11,7 +11,7 @@ import time
 import pytest
 
 from contentv.serve.store import MAX_ATTEMPTS, QueueFull, Store
-from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, pid_alive, wait_for
+from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, pid_alive, steps_lasting, wait_for
 
 # ------------------------------------------------------------------------------------------ the store alone
 
@@ -117,7 +117,8 @@ def test_sigkill_and_restart_loses_nothing_and_runs_nothing_twice(tmp_path, tiny
         client = first.client()
         finished = client.videos.create_and_poll(prompt="before the crash", extra_body=FAST, **TINY)
         before = client.videos.download_content(finished.id).read()
-        long = client.videos.create(prompt="interrupted", extra_body={"num_inference_steps": 60}, **TINY)
+        slow = {"num_inference_steps": steps_lasting(first)}
+        long = client.videos.create(prompt="interrupted", extra_body=slow, **TINY)
         waiting = [client.videos.create(prompt=f"waiting {i}", extra_body=FAST, **TINY).id for i in range(3)]
         wait_for(lambda: running(client, long.id), what="the long job to start")
         workers = first.worker_pids()
@@ -145,11 +146,12 @@ def test_sigkill_and_restart_loses_nothing_and_runs_nothing_twice(tmp_path, tiny
 @pytest.mark.slow
 @pytest.mark.filterwarnings(OPENAI_NOTICE)
 def test_a_killed_worker_fails_only_its_job_and_is_restarted_and_old_jobs_expire(tmp_path, tiny_ckpt):
-    # jobs expire 9 s after they finish
-    server = LiveServer(tmp_path, "sampling.num_inference_steps=1", "serve.job_ttl_hours=0.0025")
+    # jobs expire 5.4 s after they finish
+    server = LiveServer(tmp_path, "sampling.num_inference_steps=1", "serve.job_ttl_hours=0.0015")
     try:
         client = server.client()
-        victim = client.videos.create(prompt="victim", extra_body={"num_inference_steps": 150}, **TINY)
+        slow = {"num_inference_steps": steps_lasting(server)}
+        victim = client.videos.create(prompt="victim", extra_body=slow, **TINY)
         after = client.videos.create(prompt="queued behind it", extra_body=FAST, **TINY)
         wait_for(lambda: running(client, victim.id), what="the job to start")
         (pid,) = server.worker_pids()

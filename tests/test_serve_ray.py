@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, wait_for
+from tests.serve_helpers import FAST, OPENAI_NOTICE, TINY, LiveServer, steps_lasting, wait_for
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -43,7 +43,8 @@ def test_two_ray_workers_share_the_queue(server):
 
 def test_a_killed_ray_worker_fails_only_its_job_and_is_replaced(server):
     client = server.client()
-    victim = client.videos.create(prompt="victim", extra_body={"num_inference_steps": 150}, **TINY)
+    slow = {"num_inference_steps": steps_lasting(server, 5.0)}  # after the first test's jobs
+    victim = client.videos.create(prompt="victim", extra_body=slow, **TINY)
 
     def running():
         v = client.videos.retrieve(victim.id)
