@@ -30,6 +30,7 @@ from contentv.config import (
     OutputConfig,
     RunConfig,
     SamplingConfig,
+    ServeConfig,
     UIConfig,
     resolve_sampling,
 )
@@ -152,6 +153,7 @@ def check_settings(
         raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
     check_output(cfg.output)
     check_ui(cfg.ui)
+    check_serve(cfg.serve, serving=cfg.mode == "serve")
     if cfg.sweep.baseline < 0:
         raise ConfigError("sweep.baseline", cfg.sweep.baseline, "a job number >= 0 (0 = the sweep's first job)")
     return CheckedRun(spec=spec, sampling=sampling, prompts=prompts)
@@ -178,10 +180,9 @@ def check_parallel_split(cfg: RunConfig, lay: Any, sampling: SamplingConfig) -> 
 def check_types(cfg: Any, prefix: str = "") -> None:
     """Each dataclass field holds a value of its annotated type (Python users can put anything there; Hydra's
     own type checks stop at the command line). bool is not an int; floats must be finite."""
+    hints = typing.get_type_hints(type(cfg))  # once per class: it evaluates every annotation (slow)
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        option = f"{prefix}{f.name}"
-        hint = typing.get_type_hints(type(cfg))[f.name]
+        value, option, hint = getattr(cfg, f.name), f"{prefix}{f.name}", hints[f.name]
         if is_dataclass(value):
             check_types(value, f"{option}.")
             continue
@@ -359,6 +360,28 @@ def check_ui(u: UIConfig) -> None:
     for i, path in enumerate(u.allowed_paths):
         if not path.strip() or "\0" in path:
             raise ConfigError(f"ui.allowed_paths[{i}]", path, "a checkpoint folder path")
+
+
+def check_serve(s: ServeConfig, serving: bool = False) -> None:  # serving: only loopback without serve.api_key
+    for option, value, low, high in (
+        ("serve.port", s.port, 0, 65535),
+        ("serve.max_queue", s.max_queue, 1, 100_000),
+        ("serve.max_queue_per_key", s.max_queue_per_key, 1, s.max_queue),
+        ("serve.max_body_bytes", s.max_body_bytes, 1024, 1 << 30),
+        ("serve.max_prompt_chars", s.max_prompt_chars, 1, MAX_PROMPT_CHARS),
+        ("serve.job_ttl_hours", s.job_ttl_hours, 0, 10**6),
+        ("serve.max_wait_s", s.max_wait_s, 0, 10**6),
+    ):
+        if not low <= value <= high:
+            raise ConfigError(option, value, f"a value in {low}..{high}")
+    if not _is_host(s.host):
+        raise ConfigError("serve.host", s.host, "an interface address such as 127.0.0.1, 0.0.0.0, ::1 or a host name")
+    if s.api_key is not None and not re.fullmatch(r"[!-~]{8,}", s.api_key):  # printable ASCII, no spaces
+        raise ConfigError("serve.api_key", "<hidden>", "null or a key of at least 8 printable characters, no spaces")
+    if serving and not s.api_key and s.host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError("serve.host", s.host, "127.0.0.1, ::1 or localhost unless serve.api_key is set")
+    if s.workers not in ("local", "ray"):
+        raise ConfigError("serve.workers", s.workers, ("local", "ray"))
 
 
 def _is_host(host: str) -> bool:

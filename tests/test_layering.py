@@ -106,10 +106,9 @@ def test_one_backend_interface_every_backend_has_and_the_library_keeps_to():
     """contentv.device.DeviceBackend is the one interface: each backend has every member, and the library (outside
     its command line) touches no other member of a backend object (`backend.X`, `self.backend.X`, `caps.X`)."""
     import backends
+    from contentv.config import BackendConfig
     from contentv.device import MEMBERS
     from tests.virtual_backend import VirtualBackend
-
-    from contentv.config import BackendConfig
 
     classes = [backends.backend_class(name) for name in backends.BACKENDS] + [VirtualBackend]
     instance = ("device", "kernel_name")  # set by Backend.__init__ (a CPU backend is built below to check them)

@@ -110,13 +110,15 @@ def console_output(verbose: bool) -> None:
 
 
 def _serve_ui(cfg: RunConfig) -> None:
-    """mode=ui: the web page, until Ctrl-C; a bad setting prints one line and exits with status 2."""
+    """mode=ui: the web page (mode=serve: the video API), until Ctrl-C; a bad setting prints one line and exits
+    with status 2."""
     import backends
-    from contentv import ui
+    from contentv import serve, ui
     from contentv.errors import ConfigError
 
+    launch = serve.main if cfg.mode == "serve" else ui.launch
     try:
-        ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
+        launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
     except ConfigError as exc:
         if cfg.debug:
             raise
@@ -168,7 +170,7 @@ def task(dcfg: DictConfig) -> None:
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
     console_output(cfg.verbose)
-    if cfg.mode == "ui":
+    if cfg.mode in ("ui", "serve"):
         _serve_ui(cfg)
         return
     hydra_cfg = HydraConfig.get()

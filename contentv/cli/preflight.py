@@ -132,6 +132,8 @@ def _mode_checks(cfg: RunConfig, multirun: bool) -> None:
         if multirun:
             raise UsageError("mode=ui serves one page: drop -m")
         ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
+    if cfg.mode == "serve" and multirun:
+        raise UsageError("mode=serve runs one server: drop -m")
 
 
 def preflight(argv: list[str]) -> Prepared | None:
