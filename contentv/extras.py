@@ -12,15 +12,17 @@ def packages(extra: str) -> tuple[str, ...]:
     """The requirements the extra adds (its nested extras expanded), as pip takes them."""
     import importlib.metadata as md
 
+    from contentv import DISTRIBUTION
+
     try:
-        requires = md.requires("contentv") or []
+        requires = md.requires(DISTRIBUTION) or []
     except md.PackageNotFoundError:
         return ()
     out: list[str] = []
     for req in requires:
         spec, _, marker = req.partition(";")
         if re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker):
-            nested = re.fullmatch(r"contentv\[([\w,]+)\]", spec.strip().replace(" ", ""))
+            nested = re.fullmatch(re.escape(DISTRIBUTION) + r"\[([\w,]+)\]", spec.strip().replace(" ", ""))
             if nested:
                 out += [p for e in nested.group(1).split(",") for p in packages(e)]
             else:
@@ -32,5 +34,7 @@ def install_hint(extra: str) -> str:
     """`pip install '<packages>'` (the `<extra>` extra) for a message."""
     found = packages(extra)
     if not found:
-        return f"pip install 'contentv[{extra}]' (the {extra} extra)"
+        from contentv import DISTRIBUTION
+
+        return f"pip install '{DISTRIBUTION}[{extra}]' (the {extra} extra)"
     return "pip install " + " ".join(f"'{p}'" for p in found) + f" (the {extra} extra)"

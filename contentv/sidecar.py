@@ -53,8 +53,10 @@ def project_record() -> dict:
     """This runtime's version and, in a git checkout, its commit (read from .git without running git)."""
     import importlib.metadata as md
 
+    from contentv import DISTRIBUTION
+
     try:
-        version = md.version("contentv")
+        version = md.version(DISTRIBUTION)
     except md.PackageNotFoundError:
         version = None
     return {"version": version, "git_commit": git_commit(Path(__file__).resolve().parents[1])}

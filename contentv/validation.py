@@ -36,11 +36,11 @@ from contentv.config import (
 )
 from contentv.device import DeviceBackend
 from contentv.errors import ConfigError
+from contentv.hub import check_hub, hub_problem, is_hub_id  # noqa: F401 - part of this module's interface
 
 if typing.TYPE_CHECKING:
     from contentv.registry import ModelSpec
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Hard limits, whatever the memory: libx264 refuses frames wider or taller than 16384 pixels; schedulers are
 # trained on 1000 timesteps, so more steps than that repeat timesteps; MP4 players handle up to 240 fps.
@@ -398,56 +398,6 @@ def _is_host(host: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ files
-
-
-def is_hub_id(path: str) -> bool:
-    """'owner/name' that is not an existing local path."""
-    return bool(_HUB_ID.match(path)) and not os.path.exists(path)
-
-
-def hub_problem(repo: str, revision: str | None, local_files_only: bool, timeout: float = 4.0) -> str | None:
-    """Why a hub id can't be loaded here, found out fast (no download, no retries), or None if it can: it is in the
-    local Hugging Face cache, or (online) the hub's host accepts a connection within `timeout` seconds."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        if isinstance(try_to_load_from_cache(repo, "model_index.json", revision=revision), str):
-            return None
-    except Exception:  # noqa: BLE001 - a malformed id or cache: not in the cache
-        pass
-    if local_files_only or constants.HF_HUB_OFFLINE:
-        return "it is not in the local Hugging Face cache, and downloads are off (offline)"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    reached = threading.Event()
-
-    def probe() -> None:  # in a thread: name resolution has no timeout of its own
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    threading.Thread(target=probe, daemon=True).start()
-    if reached.wait(timeout + 1):
-        return None
-    return f"it is not in the local Hugging Face cache, and {host} can't be reached"
-
-
-def check_hub(repo: str, revision: str | None, local_files_only: bool) -> None:
-    """A hub id must be loadable from here: one line saying what to do otherwise (instead of a retry storm)."""
-    problem = hub_problem(repo, revision, local_files_only)
-    if problem:
-        raise ConfigError(
-            "model.path",
-            repo,
-            f"a checkpoint this machine can load: {problem}; download it where there is network "
-            f"(huggingface-cli download {repo} --local-dir <folder>) and pass model.path=<folder>, or try the runtime "
-            "offline with model=tiny_contentv",
-        )
 
 
 def check_local_checkpoint(option: str, path: str, required: dict[str, str]) -> Path:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from contentv import COMMAND
 from contentv.cli.compose import (
     GROUPS,
     UsageError,
@@ -40,8 +41,8 @@ def help_text(overrides: Sequence[str]) -> str:
     values = OmegaConf.to_container(composed, resolve=True)
     chosen = {g: (values.get(g) or {}).get("name") for g in GROUPS}
     header = help_cfg.header.rstrip()
-    if Path(sys.argv[0]).name == "contentv":  # the installed command: its usage lines name it
-        header = header.replace("python demo.py", "contentv")
+    if Path(sys.argv[0]).name == COMMAND:  # the installed command: its usage lines name it
+        header = header.replace("python demo.py", COMMAND)
     lines = [header, "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
     for group, options in groups.items():
         marked = ", ".join(f"{o}*" if o == chosen.get(group) else o for o in options)

@@ -215,7 +215,7 @@ def _resolved(runtime: Runtime, cfg: RunConfig, job: int | None, overrides: list
     prepared = _STATE["prepared"]
     run = prepared.take(job, overrides) if prepared is not None and runtime.world.size == 1 else None
     run = runtime.resolve(cfg) if run is None else run.with_output_dir(cfg.output.dir)
-    command = "contentv" if Path(sys.argv[0]).name == "contentv" else f"python {sys.argv[0]}"
+    command = contentv.COMMAND if Path(sys.argv[0]).name == contentv.COMMAND else f"python {sys.argv[0]}"
     typed = _STATE["typed"] if _STATE["typed"] is not None else sys.argv[1:]
     invocation = {"command": command, "argv": list(typed), "overrides": list(overrides), "cwd": os.getcwd()}
     if job is not None:
