@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
 from transformers import T5EncoderModel, T5TokenizerFast
 
+from contentv import guidance
 from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
@@ -167,11 +168,11 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
         [uncond, cond]; "sequential" runs them one after the other (half the activation memory).
         """
 
-        def forward(x: torch.Tensor, embeds: torch.Tensor, context: str) -> torch.Tensor:
+        def forward(x: torch.Tensor, inputs: Sequence[torch.Tensor], context: str) -> torch.Tensor:
             with self.transformer.cache_context(context):
                 out = self.transformer(
                     hidden_states=x,
-                    encoder_hidden_states=embeds,
+                    encoder_hidden_states=inputs[0],
                     timestep=t.expand(x.shape[0]),
                     image_rotary_emb=image_rotary_emb,
                     attention_kwargs=attention_kwargs,
@@ -179,13 +180,8 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
                 )[0]
             return out.float()
 
-        if uncond is None:
-            return None, forward(self.scheduler.scale_model_input(latents, t), cond, "cond_uncond")
-        if guidance_mode == "batched":
-            x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            return forward(x, torch.cat([uncond, cond], dim=0), "cond_uncond").chunk(2)
         x = self.scheduler.scale_model_input(latents, t)
-        return forward(x, uncond, "uncond"), forward(x, cond, "cond")
+        return guidance.predictions(forward, x, [cond], None if uncond is None else [uncond], guidance_mode)
 
     # ---------------------------------------------------------------- call
 
@@ -341,7 +337,7 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
                             / 2
                         )
                     if do_classifier_free_guidance:
-                        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred - noise_pred_uncond)
+                        noise_pred = guidance.combine(noise_pred_uncond, noise_pred, self.guidance_scale)
 
                     # compute the previous noisy sample x_t -> x_t-1
                     if not isinstance(self.scheduler, CogVideoXDPMScheduler):

@@ -9,7 +9,7 @@ forwards), invalid sizes are an error rather than silently rounded, and stages c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from contentv import guidance
 from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
@@ -211,8 +212,8 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     ) -> torch.Tensor:
         """One guided velocity prediction; cond/uncond are (prompt_embeds, pooled_embeds)."""
 
-        def forward(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, context: str) -> torch.Tensor:
-            # cache_context keeps step-cache state (e.g. FirstBlockCache) apart per kind of pass
+        def forward(x: torch.Tensor, inputs: Sequence[torch.Tensor], context: str) -> torch.Tensor:
+            embeds, pooled = inputs
             with self.transformer.cache_context(context):
                 return self.transformer(
                     hidden_states=x,
@@ -223,20 +224,11 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
                     return_dict=False,
                 )[0]
 
-        if uncond is None:
-            return forward(latents, *cond, "cond")
-        if guidance_mode == "batched":
-            both = forward(
-                torch.cat([latents, latents]),
-                torch.cat([uncond[0], cond[0]]),
-                torch.cat([uncond[1], cond[1]]),
-                "cond_uncond",
-            )
-            noise_uncond, noise_cond = both.chunk(2)
-        else:  # the reference's order: conditional pass first, then unconditional
-            noise_cond = forward(latents, *cond, "cond")
-            noise_uncond = forward(latents, *uncond, "uncond")
-        return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+        # the reference's order when sequential: conditional pass first, then unconditional
+        noise_uncond, noise_cond = guidance.predictions(forward, latents, cond, uncond, guidance_mode, cond_first=True)
+        if noise_uncond is None:
+            return noise_cond
+        return guidance.combine(noise_uncond, noise_cond, self.guidance_scale)
 
     def latent_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel latent (mean, std), each (1, C, 1, 1, 1) on `device` in `dtype`; made once per
