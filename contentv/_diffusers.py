@@ -218,6 +218,34 @@ class _AfterImport:
         return None
 
 
+class _ImageProcessorNotice:
+    """A logging filter dropping transformers' notice that an image processor falls back without torchvision."""
+
+    def filter(self, record: Any) -> bool:
+        return "requires torchvision" not in str(record.msg)
+
+
+_IMAGE_PROCESSOR_NOTICE = _ImageProcessorNotice()
+
+
+def quiet_library_imports() -> None:
+    """What the pipelines' imports would print about code paths no run takes, kept quiet (the command line and
+    the Python API alike; called when contentv.models is first imported, before diffusers' models load).
+
+    - torchao and bitsandbytes: deferred (defer_quantization_libraries); imported only when a run quantizes.
+    - transformers' "`CLIPImageProcessor` requires torchvision ... falling back" notices: diffusers' SD3 pipeline
+      and IP-adapter loader import the image processor classes by name (never used: no pipeline here takes an
+      image), and transformers 5 warns when the name is resolved. Only that notice is filtered; every other
+      transformers warning shows as before.
+    """
+    import logging
+
+    defer_quantization_libraries()
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if _IMAGE_PROCESSOR_NOTICE not in notices.filters:
+        notices.addFilter(_IMAGE_PROCESSOR_NOTICE)
+
+
 def use_quantization_library(package: str) -> None:
     """Tell the libraries `package` is there again before it is used (e.g. diffusers' group offloading moves torchao
     tensors only when it believes torchao is available)."""

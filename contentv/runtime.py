@@ -407,11 +407,17 @@ class Runtime:
             results.append(self.run(one, callback_on_step_end))
         return results
 
-    def run(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
-        """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
+    def run(
+        self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None, *, since: float | None = None
+    ) -> RunResult:
+        """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths.
+
+        `since` (epoch seconds): when this run's start-up began, recorded as "startup" (a server: the job's start).
+        By default the first video of a process pays for starting it (interpreter, imports, pre-flight checks).
+        """
         started = time.time()
-        # The first video of a process also pays for starting it (interpreter, imports, pre-flight checks).
-        since = process_start() if self.runs == 0 else started
+        if since is None:
+            since = process_start() if self.runs == 0 else started
         result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
         self.runs += 1
         if since < started:

@@ -39,6 +39,7 @@ from contentv.form import (
     Form,
     convert,
     field_kind,
+    frames_label,
     offload_mode,
     page_memory_fields,
 )
@@ -160,6 +161,11 @@ class Studio:
             return {}
         d = resolve_sampling(SamplingConfig(), self.models[model])
         return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
+
+    def frames_label(self, model: str) -> str:
+        """The frames widget's label for a model preset: its family's frame rule ("Frames (8k+1)" for CogVideoX)."""
+        cfg = self.models.get(model) if isinstance(model, str) else None
+        return frames_label(cfg.family) if cfg is not None else "Frames"
 
     def memory_fields(self, memory: str) -> dict[str, Any]:
         """The memory widgets' values for a preset (the offload radio included)."""
@@ -347,6 +353,8 @@ class Studio:
 
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
         cfg = job.cfg
+        # A job's start-up is its own (checks, releasing another model), not the server's idle time since it started.
+        began = time.time()
         try:
             runtime = self.runtime(cfg.backend)
             sampling = runtime.validate(cfg).sampling  # again: the device or files may have changed while queued
@@ -378,7 +386,7 @@ class Studio:
         if progress is not None:
             progress(0, total, "preparing: loading weights if model, backend or memory changed; encoding prompt")
         try:
-            result = runtime.run(cfg, callback_on_step_end=on_step_end)
+            result = runtime.run(cfg, callback_on_step_end=on_step_end, since=began)
         except GenerationCancelled as exc:
             return Outcome(False, f"{exc}: no video written")
         except ConfigError as exc:

@@ -60,7 +60,7 @@ HANDLER_THREADS = 40
 LABELS = {
     "prompt": ("Prompt", "prompt"),
     "negative_prompt": ("Negative prompt", "negative"),
-    "num_frames": ("Frames (4k+1)", "frames"),
+    "num_frames": ("Frames", "frames"),  # the family's rule is added per model (Studio.frames_label)
     "fps": ("FPS", "fps"),
     "width": ("Width (×16)", "width"),
     "height": ("Height (×16)", "height"),
@@ -207,6 +207,7 @@ def build_blocks(studio: Studio) -> "gradio.Blocks":
                 with gr.Row():
                     for name in ("num_frames", "fps", "width", "height"):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
+                    fields["num_frames"].label = studio.frames_label(d.model)  # before the page is rendered
                 with gr.Row():
                     for name in ("num_inference_steps", "guidance_scale", "seed"):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
@@ -299,7 +300,9 @@ def _form_handlers(gr: ModuleType, studio: Studio) -> tuple[Callable, Callable, 
 
     def on_model(name: str):
         values = studio.sampling_defaults(name)
-        return [gr.update(value=values[k]) if k in values else gr.update() for k in MODEL_DEFAULT_FIELDS]
+        updates = {k: {"value": values[k]} if k in values else {} for k in MODEL_DEFAULT_FIELDS}
+        updates["num_frames"]["label"] = studio.frames_label(name)  # the family's rule: 4k+1 or 8k+1
+        return [gr.update(**updates[k]) for k in MODEL_DEFAULT_FIELDS]
 
     def on_memory(name: str):
         values = studio.memory_fields(name)
