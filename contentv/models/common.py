@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -376,10 +377,16 @@ def load_parts(args: LoadArgs, loaders: dict[str, Callable[[], Any]]) -> dict[st
     from contentv.checkpoint import load_component
     from contentv.progress import library_bars_off
 
+    # What diffusers' DiffusionPipeline.from_pretrained logs per component, on its logger (shown at INFO verbosity).
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
     parts = {}
     with library_bars_off():
         for name, load in loaders.items():
-            parts[name] = args.given[name] if name in args.given else load_component(args.path, name, load)
+            if name in args.given:
+                parts[name] = args.given[name]
+                continue
+            parts[name] = load_component(args.path, name, load)
+            log.info("Loaded %s as %s from `%s` subfolder of %s.", name, type(parts[name]).__name__, name, args.path)
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
