@@ -82,18 +82,25 @@ def test_python_api_prints_only_the_step_bar(cache_dir, tmp_path):
     assert "bitsandbytes" not in proc.stderr and "torchao" not in proc.stderr
 
 
-def test_importing_contentv_defers_the_quantization_libraries():
-    """`import contentv` before diffusers' models keeps torchao and bitsandbytes out until a run quantizes."""
+def test_importing_contentv_defers_the_quantization_libraries_only_while_the_models_load():
+    """`import contentv` before diffusers' models keeps torchao and bitsandbytes from being imported with them; a
+    Python user's own diffusers quantization (BitsAndBytesConfig, TorchAoConfig) still finds them afterwards."""
     code = (
-        "import sys, contentv, diffusers\n"
+        "import sys, contentv, diffusers, transformers\n"
         "from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline\n"
+        "import transformers.modeling_utils\n"
+        "from diffusers.utils import is_bitsandbytes_available, is_torchao_available\n"
+        "from transformers.utils import is_torchao_available as transformers_torchao\n"
         "print(sorted(m for m in ('torchao', 'bitsandbytes') if m in sys.modules))\n"
+        "print(is_bitsandbytes_available(), is_torchao_available(), transformers_torchao())\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    imported, available = proc.stdout.splitlines()
+    assert imported == "[]"
+    assert available == "True True True"  # the test extras install both
     assert "requires torchvision" not in proc.stderr
 
 
