@@ -267,7 +267,7 @@ UNSUPPORTED_ARGS = {
     "from_flax": "only safetensors weights are loaded",
     "use_onnx": "only safetensors weights are loaded",
     "dduf_file": "load the unpacked folder",
-    "output_loading_info": "components are loaded strictly: a missing or unexpected tensor is an error",
+    "output_loading_info": "from_pretrained returns the pipeline only",
     "parallel_config": "context parallelism is set up by the runtime (parallel=ulysses or ring)",
 }
 VARIANT_MISSING = (
@@ -348,10 +348,10 @@ def has_variant(path: str, name: str, variant: str) -> bool | None:
     sub = Path(path).expanduser() / name
     if not sub.is_dir():
         return None
-    names = [p.name for p in sub.iterdir() if p.is_file() and ".safetensors" in p.name or p.name.endswith(".bin")]
+    names = [p.name for p in sub.iterdir() if p.is_file() and (".safetensors" in p.name or ".bin" in p.name)]
     if not names:
         return None
-    return any(f".{variant}." in n or n.endswith(f".{variant}.safetensors") for n in names)
+    return any(f".{variant}." in n for n in names)  # model.fp16.safetensors, ...-00001-of-00002.fp16.safetensors
 
 
 def load_scheduler(path: str, hub: dict[str, Any], allowed: tuple[str, ...] | None = None) -> Any:
