@@ -53,7 +53,7 @@ def register(name: str, target: str) -> None:
 
 
 def resolve_name(name: str) -> str:
-    """auto -> the first registered backend whose device is present (NPU if USE_ASCEND_NPU=1, the reference's
+    """auto -> the first registered backend whose device is present (NPU if USE_ASCEND_NPU=1/true/yes/on, the reference's
     switch; else CUDA if a GPU is visible; else the CPU); the choice is logged."""
     if name not in names():
         raise ConfigError("backend.name", name, names())

@@ -133,9 +133,9 @@ class Backend(ABC):
     def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict:
         """Apply the memory strategy and attention kernel to a pipeline loaded on the CPU.
 
-        Returns what was applied, for the run's record.
+        Returns what was applied, for the run's record. `memory` was checked when the run was resolved
+        (contentv.resolve): it is applied as it is.
         """
-        self.check_memory(memory)
         memory = memory_policy.with_defaults(memory, spec.quantize_default)
         applied: dict = {"memory_preset": memory.name}
         applied["quantization"] = mem.quantize(pipe, memory, self)
@@ -148,7 +148,6 @@ class Backend(ABC):
         applied.update(mem.vae_options(pipe, memory))
         applied["placement"] = mem.place(pipe, memory, self.device, streams=memory_policy.use_streams(memory, self))
         applied["text_encoders"] = mem.place_text_encoders(pipe, memory, self.device)
-        applied["output_changes"] = memory_policy.output_changes(memory)
         log.info("prepared on %s: %s", self.device, applied)
         return applied
 

@@ -39,6 +39,25 @@ def _import_torch_npu():
     return torch_npu
 
 
+# The reference's switch, read as a boolean: USE_ASCEND_NPU=false must not turn the NPU on.
+ENV_TRUE = ("1", "true", "yes", "on")
+ENV_FALSE = ("", "0", "false", "no", "off")
+
+
+def use_ascend_npu() -> bool:
+    """Whether USE_ASCEND_NPU asks for the NPU (backend=auto); a value that is neither yes nor no is one line
+    naming the variable."""
+    value = os.environ.get("USE_ASCEND_NPU", "")
+    word = value.strip().lower()
+    if word in ENV_TRUE:
+        return True
+    if word in ENV_FALSE:
+        return False
+    raise ConfigError(
+        "USE_ASCEND_NPU", value, f"{'/'.join(ENV_TRUE)} for the NPU, or {'/'.join(ENV_FALSE[1:])} or unset"
+    )
+
+
 def _import_failed(e: Exception) -> ConfigError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ConfigError(
@@ -120,7 +139,7 @@ class NPUBackend(Backend):
     @classmethod
     def detect(cls) -> str | None:
         # The reference's switch; torch_npu is not imported to ask (it needs CANN).
-        return "USE_ASCEND_NPU is set" if os.environ.get("USE_ASCEND_NPU", "0") not in ("", "0") else None
+        return f"USE_ASCEND_NPU={os.environ['USE_ASCEND_NPU']}" if use_ascend_npu() else None
 
     def _device(self) -> torch.device:
         _import_torch_npu()  # registers torch.npu and the "npu" device type
@@ -129,7 +148,12 @@ class NPUBackend(Backend):
                 "backend.name",
                 "npu",
                 "a backend whose device is visible: torch_npu sees no Ascend NPU (check npu-smi info and "
-                "ASCEND_RT_VISIBLE_DEVICES; try cpu)",
+                "ASCEND_RT_VISIBLE_DEVICES; try cpu)"
+                + (
+                    f"; USE_ASCEND_NPU={os.environ['USE_ASCEND_NPU']} is set, so backend=auto picks npu: unset it"
+                    if os.environ.get("USE_ASCEND_NPU", "").strip().lower() in ENV_TRUE
+                    else ""
+                ),
             )
         count = torch.npu.device_count()
         if not 0 <= self.cfg.device_index < count:

@@ -315,7 +315,9 @@ def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:
 
 def limits_block() -> str:
     """The hard limits every run is checked against (contentv/validation.py), whatever the memory."""
+    from contentv import prompt_file as pf
     from contentv import validation as v
+    from contentv.config import SamplingConfig
 
     rows = [
         (
@@ -330,6 +332,11 @@ def limits_block() -> str:
         (
             "`sampling.prompt`, `negative_prompt`, prompt files",
             f"UTF-8 text, no NUL or other control characters (newlines, tabs allowed), at most {v.MAX_PROMPT_CHARS} characters",
+        ),
+        (
+            "`sampling.prompt_file`",
+            f"at most {pf.MAX_BYTES // 2**20} MiB (checked before reading), one prompt per line (split at \\n only), "
+            f"at most `sampling.max_prompts` prompts (default {SamplingConfig().max_prompts}); a bad line is named by number",
         ),
         ("`output.name`", f"a file name: no separators, not `.`/`..`, at most {v.MAX_STEM_BYTES} bytes"),
     ]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from contentv import untrusted
+from contentv.checkpoint_limits import check_counts, unused
 from contentv.errors import ConfigError
 
 T = TypeVar("T")
@@ -84,8 +86,9 @@ class CheckpointError(ConfigError):
         super().__init__(option, path, problem)
 
 
+# A component's files are missing or unreadable: an OSError too, as diffusers' loaders raise it.
 class CheckpointFileError(CheckpointError, OSError):
-    """A component's files are missing or unreadable: an OSError, as diffusers' loaders raise it."""
+    pass
 
 
 # ------------------------------------------------------------------------------------------ the check
@@ -134,6 +137,7 @@ def _check_part(path: str, folder: Path, part: Part, option: str) -> None:
         return
     if part.kind == "tokenizer":
         parsed = {name: read_json(path, part.name, name, option) for name in sorted(_json_files(sub))}
+        check_file_sizes(path, part, sub, option)
         if not any(all((sub / f).is_file() for f in files) for files in part.files):
             wanted = " or ".join("+".join(files) for files in part.files)
             raise fail(f"{part.name}/ has no vocabulary: the {part.what} needs {wanted}")
@@ -144,8 +148,24 @@ def _check_part(path: str, folder: Path, part: Part, option: str) -> None:
         return
     config = read_json(path, part.name, "config.json", option, required=True)
     tensors = read_weights(path, part, option)
+    check_counts(config, tensors, fail, f"{part.name}/config.json")  # before anything is built from it
     if "quantization_config" not in config:  # quantized weights are packed: their shapes are not the config's
         compare_shapes(path, part, config, tensors, option)
+
+
+def check_file_sizes(path: str, part: Part, sub: Path, option: str = OPTION) -> None:
+    """Tokenizer files within untrusted.MAX_JSON_BYTES (the tokenizer libraries read them whole)."""
+    for file in sorted(sub.iterdir()):
+        with contextlib.suppress(OSError):
+            size = file.stat().st_size
+            if file.is_file() and size > untrusted.MAX_JSON_BYTES:
+                raise CheckpointError(
+                    path,
+                    part.name,
+                    f"{part.name}/{file.name} is too large for a {part.what} file ({untrusted.size_words(size)}, "
+                    f"over the {untrusted.size_words(untrusted.MAX_JSON_BYTES)} limit)",
+                    option,
+                )
 
 
 def _json_files(sub: Path) -> list[str]:
@@ -161,15 +181,9 @@ def read_json(path: str, component: str, name: str, option: str = OPTION, requir
             raise CheckpointError(path, component, f"{rel} is missing", option)
         return None
     try:
-        data = json.loads(file.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            path, component, f"{rel} is not valid JSON (line {exc.lineno}: {exc.msg})", option
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(path, component, f"{rel} is not valid JSON (not UTF-8 text)", option) from exc
-    except OSError as exc:
-        raise CheckpointError(path, component, f"{rel} can't be read ({exc.strerror})", option) from exc
+        data = untrusted.load_file(file)
+    except (OSError, ValueError) as exc:  # too large, too deep, not JSON, not UTF-8, unreadable
+        raise CheckpointError(path, component, f"{rel} {untrusted.why(exc)}", option) from exc
     if not isinstance(data, dict):  # every JSON file of a checkpoint (configs, vocabularies, indexes) is an object
         raise CheckpointError(path, component, f"{rel} is not a JSON object", option)
     return data
@@ -238,14 +252,9 @@ def pickle_only(sub: Path) -> str | None:
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if not pickles or any(n.endswith(".safetensors") for n in names):
         return None
-    how = (
-        f"python -m contentv.checkpoint convert {sub}"
-        if any(n.startswith(("pytorch_model.", "diffusion_pytorch_model.")) and n.count(".") == 1 for n in pickles)
-        or any(n.endswith(".bin.index.json") for n in names)
-        else "save_pretrained(..., safe_serialization=True)"
-    )
-    return (
-        f"{sub.name} has only pickle weights ({', '.join(pickles[:3])}; unsafe to load: unpickling runs code): "
+    convertible = any(n in ("pytorch_model.bin", "diffusion_pytorch_model.bin") or ".bin.index" in n for n in names)
+    how = f"python -m contentv.checkpoint convert {sub}" if convertible else "save_pretrained(safe_serialization=True)"
+    return f"{sub.name} has only pickle weights ({', '.join(pickles[:3])}; unsafe to load: unpickling runs code): " + (
         f"convert them with: {how}"
     )
 
@@ -270,7 +279,9 @@ def read_header(path: str, component: str, file: Path, option: str = OPTION) -> 
     except OSError as exc:
         raise fail(f"can't be read ({exc.strerror})") from exc
     try:
-        header = json.loads(raw)
+        header = untrusted.loads(raw)
+    except untrusted.TooDeep as exc:
+        raise fail(f"has a damaged header ({exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise fail("has a damaged header (not valid JSON)") from exc
     if not isinstance(header, dict):
@@ -330,14 +341,17 @@ def compare_shapes(path: str, part: Part, config: dict, tensors: dict[str, dict]
                 return tensors[alias]
         return None
 
-    missing = []
+    missing, used = [], set()
     for name, shape in expected.items():
         info = found(name)
         if info is None:
             other = tied.get(name) or next((t for t, s in tied.items() if s == name), None)
             if other is None or found(other) is None:
                 missing.append((name, shape))
+            else:
+                used.update(_aliases(other, prefix))
             continue
+        used.update(_aliases(name, prefix))
         if list(info["shape"]) != shape:
             raise CheckpointError(
                 path,
@@ -353,6 +367,26 @@ def compare_shapes(path: str, part: Part, config: dict, tensors: dict[str, dict]
             part.name,
             f"{part.name}: weights don't match {part.name}/config.json: tensor {name!r} (shape {shape}) is missing "
             f"from the weights ({len(missing)} of {len(expected)} tensors missing)",
+            option,
+        )
+    check_unused(path, part, module, tensors, used, option)
+
+
+def _aliases(name: str, prefix: str) -> tuple[str, ...]:
+    return (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
+
+
+def check_unused(path: str, part: Part, module: Any, tensors: dict, used: set[str], option: str = OPTION) -> None:
+    """Every tensor in the weights is one the model built from config.json reads (else the config describes a
+    smaller model, e.g. fewer layers, and the rest of the weights would be silently dropped)."""
+    ignore = getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ()
+    extra = unused(tensors, used, ignore)
+    if extra:
+        raise CheckpointError(
+            path,
+            part.name,
+            f"{part.name}: weights don't match {part.name}/config.json: {len(extra)} of {len(tensors)} tensors in the "
+            f"weights are not used by the model it describes (e.g. {extra[0]!r})",
             option,
         )
 
@@ -446,7 +480,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "convert":
         print("usage: python -m contentv.checkpoint convert <checkpoint or component folder>...", file=sys.stderr)
+        print("       python -m contentv.checkpoint convert <PaddleNLP-layout folder> [<new folder>]", file=sys.stderr)
         return 2
+    # --- PaddleNLP/ppdiffusers folders: a diffusers-layout copy (contentv.paddle_format) ---
+    from contentv import paddle_convert, paddle_format
+
+    if paddle_format.detect_layout(args[1]) == paddle_format.LAYOUT_PADDLE:
+        return paddle_convert.convert_main(args[1:])
+    # --- end PaddleNLP ---
     for arg in args[1:]:
         root = Path(arg)
         for sub in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:

@@ -139,6 +139,9 @@ class SamplingConfig:
     max_sequence_length: int | None = None
     # A text file with one prompt per line: one video per line in one run (weights load once).
     prompt_file: str | None = None
+    # The most prompts a prompt file may hold: a longer file is refused before anything loads (raise it to run
+    # them all; the count is logged at the start).
+    max_prompts: int = 1000
 
 
 @dataclass

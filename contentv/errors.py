@@ -19,6 +19,16 @@ class GenerationCancelled(RuntimeError):
     """Raised when a generation is interrupted between denoising steps."""
 
 
+class SweepError(RuntimeError):
+    """A sweep could not do what it says (its summary not written, its folder in use by another copy of it): one
+    line; `status` is the command's exit status (1: the sweep ran but its report is not true; 2: not started)."""
+
+    def __init__(self, message: str, status: int = 1, summary: object | None = None):
+        super().__init__(message)
+        self.status = status
+        self.summary = summary  # the contentv.sweep.Summary worked out before writing failed, if any
+
+
 class OutOfMemory(RuntimeError):
     """The device ran out of memory during a run; the message is one line saying what to do."""
 

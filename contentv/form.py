@@ -10,6 +10,8 @@ from typing import Any
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
 
+# Integers above this are not all representable as floats (JSON numbers in browsers are doubles).
+FLOAT_EXACT = 2**53
 # The page's offload radio: one mechanism at a time (diffusers can't stack them).
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 OFFLOAD_FLAGS = {"model": "model_cpu_offload", "sequential": "sequential_cpu_offload", "group": "group_offload"}
@@ -68,15 +70,39 @@ def convert(option: str, value: Any, kind: type) -> Any:
         return value
     if kind is str:
         return str(value)
+    if kind is int:
+        return _integer(option, value)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(option, value, "a number" if kind is float else "an integer") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ConfigError(option, value, "an integer")
-        return int(number)
+        raise ConfigError(option, value, "a number") from None
     return number
+
+
+def _integer(option: str, value: Any) -> int:
+    """An integer exactly as sent: ints and integer text as they are; a float only if it holds an integer that
+    a float represents exactly (|x| <= 2**53): above that, JSON numbers have already lost digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, value, "an integer") from None
+    if not number.is_integer():
+        raise ConfigError(option, value, "an integer")
+    if abs(number) > FLOAT_EXACT:
+        raise ConfigError(
+            option,
+            value,
+            f"an integer of at most 2**53 = {FLOAT_EXACT} as a number (larger ones lose digits as "
+            "floats: send it as text)",
+        )
+    return int(number)
 
 
 def page_memory_fields(memory: MemoryConfig) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from typing import Any
 class Job:
     """A validated request: the exact config to run, whose page asked, and its cancel switch."""
 
-    cfg: Any  # the RunConfig to run
+    cfg: Any  # the RunConfig that runs (the resolved run's: memory=auto's choice, sampling defaults filled in)
+    run: Any = None  # the ResolvedRun (contentv.resolve): checked and decided once, trusted when the turn comes
     session: str | None = None  # the browser session (gradio's session hash; chosen by the client)
     client: str | None = None  # the network address the request came from
     cancelled: threading.Event = field(default_factory=threading.Event)

@@ -1,4 +1,4 @@
-"""The run: validate -> load (cached) -> prepare on the backend -> generate -> write video and sidecar.
+"""The run: resolve once -> load (cached) -> prepare on the backend -> generate -> write video and sidecar.
 
 The backend is injected (anything with the `DeviceBackend` members), so this module never imports
 `backends/` and never names a device. Python users:
@@ -18,32 +18,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
-import platform
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from contentv import memory_policy, progress, speedup
+from contentv import progress, speedup
 from contentv.attention import AttentionKernel
-from contentv.config import MemoryConfig, ModelConfig, RunConfig, SamplingConfig
+from contentv.config import MemoryConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, OutOfMemory, first_line
 from contentv.parallel import World
 from contentv.parallel.context import apply as apply_parallel
-from contentv.registry import ModelSpec, get_spec
+from contentv.registry import ModelSpec
+from contentv.resolve import PER_CALL_MEMORY, ResolvedRun, resolve_run
+from contentv.sidecar import checkpoint_record, library_versions, process_start, sidecar_record
 from contentv.stats import StageRecorder
-from contentv.validation import CheckedRun, is_hub_id, read_prompt_file, validate_run
+from contentv.validation import is_hub_id
 from contentv.video import slugify, staged_mp4
 
 if TYPE_CHECKING:
     from contentv.planner import Plan, Strategy
+
+__all__ = ["PER_CALL_MEMORY", "ResolvedRun", "RunResult", "Runtime", "library_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class DeviceBackend(Protocol):
     def attention_kernel(self) -> AttentionKernel: ...
     def check_memory(self, memory: MemoryConfig) -> None: ...
     def free_memory(self) -> int | None: ...
+    def is_out_of_memory(self, exc: BaseException) -> bool: ...
     def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict: ...
     def synchronize(self) -> None: ...
     def reset_peak_memory(self) -> None: ...
@@ -84,44 +87,7 @@ class RunResult:
     memory: MemoryConfig | None = None  # the strategy that ran (memory=auto's choice, or a fallback's)
     ran: dict = field(default_factory=dict)  # guidance mode used, checkpoint folder, step-cache skips
     wall: dict = field(default_factory=dict)  # "startup" (process start -> this run; first run only), "total"
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    this = __name__.split(".")[0]  # this distribution
-    for name in (this, "torch", "diffusers", "transformers", "accelerate", "hydra-core", "imageio-ffmpeg"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def process_start() -> float:
-    """When this process started running the runtime (epoch seconds): the first `import contentv` (demo.py does it
-    before anything heavy). The OS's process start would count a shell's time when the shell exec'd Python."""
-    import contentv
-
-    return contentv.IMPORTED_AT
-
-
-def checkpoint_record(model: ModelConfig, path: str) -> dict:
-    """Where the weights came from: the configured path, the local folder it resolved to (a hub id's snapshot in the
-    local cache), and for a tiny model its build hash (the folder name's suffix)."""
-    from contentv.models.common import local_config_folder
-
-    folder = local_config_folder(path, "model_index.json", model.revision)
-    out = {"path": model.path, "folder": str(Path(folder).absolute()) if folder else None}
-    if model.tiny:
-        out["tiny_hash"] = Path(path).name.rsplit("-", 1)[-1]
-    return out
-
-
-# Chosen per video (guidance_mode, vae_tiling) or only planned with (budget_gb, check_fit): none of them invalidates
-# the prepared pipeline.
-PER_CALL_MEMORY = ("guidance_mode", "vae_tiling", "budget_gb", "check_fit")
+    run: ResolvedRun | None = None  # the resolved run that made it (with a fallback, the retry's)
 
 
 def set_vae_tiling(pipe: Any, tiled: bool) -> bool:
@@ -132,18 +98,15 @@ def set_vae_tiling(pipe: Any, tiled: bool) -> bool:
     return bool(tiled)
 
 
-def _key(cfg: RunConfig) -> str:
-    memory = {k: v for k, v in dataclasses.asdict(cfg.memory).items() if k not in PER_CALL_MEMORY}
-    parts = [dataclasses.asdict(cfg.model), memory, dataclasses.asdict(cfg.speedup), dataclasses.asdict(cfg.parallel)]
-    return json.dumps(parts, sort_keys=True)
-
-
 class Runtime:
     """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend.
 
     `presets`: the memory presets `memory=auto` chooses from (the entry point composes them from conf/memory;
-    `demo.load_presets()` gives them to Python users). `world`: this process's place in a multi-process launch
-    (one process by default).
+    `contentv.cli.load_presets()` gives them to Python users). `world`: this process's place in a multi-process
+    launch (one process by default).
+
+    Every entry point hands it a `ResolvedRun` (`Runtime.resolve` makes one; `run`, `run_all` and `generate` also
+    take a `RunConfig` and resolve it first). What the resolved run says is what runs: nothing is decided again.
     """
 
     def __init__(
@@ -169,37 +132,65 @@ class Runtime:
         self._budget: int | None = None  # the device's free memory before this runtime loaded anything
         self.loads = 0  # how many times weights were loaded (sweeps check this)
         self.runs = 0  # videos written by this runtime (the first one's record includes the process start-up)
+        self.started_at: float | None = None  # where the first video's "startup" begins (None: the first import)
 
-    def validate(self, cfg: RunConfig) -> CheckedRun:
-        """Every check that needs no weights, on this backend (ConfigError on the first failure)."""
-        return validate_run(cfg, self.backend, world_size=self.world.size)
+    # ------------------------------------------------------------ the one resolved run
+
+    def resolve(
+        self, cfg: RunConfig, *, output_dir: str | os.PathLike | None = None, output_option: str = "output.dir"
+    ) -> ResolvedRun:
+        """Check `cfg` and decide everything about the run (contentv.resolve.resolve_run) on this backend, with
+        the device memory free before this runtime loaded anything as the budget.
+
+        Under a multi-process launch every rank calls this: rank 0 decides from the smallest budget of all ranks
+        and broadcasts the result (or its error), so every rank holds the same decisions.
+        """
+        budget = self.device_budget()
+        if self.world.size == 1:
+            return self._resolve(cfg, budget, output_dir, output_option)
+        budgets = [b for b in self.world.gather(budget) if b is not None]
+        budget = min(budgets) if budgets else None
+        outcome: Any = None
+        if self.world.rank == 0:
+            try:
+                outcome = self._resolve(cfg, budget, output_dir, output_option)
+            except ConfigError as exc:
+                outcome = ("config", exc.option, exc.value, exc.allowed)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                outcome = ("error", first_line(exc, with_type=True))
+        outcome = self.world.broadcast(outcome)
+        if isinstance(outcome, tuple) and outcome[0] == "config":
+            raise ConfigError(*outcome[1:])
+        if isinstance(outcome, tuple):
+            raise RuntimeError(f"rank 0 could not resolve the run: {outcome[1]}")
+        return outcome
+
+    def _resolve(self, cfg: RunConfig, budget: int | None, output_dir: Any, output_option: str) -> ResolvedRun:
+        return resolve_run(
+            cfg,
+            self.backend,
+            presets=self.presets,
+            world_size=self.world.size,
+            budget_bytes=budget,
+            output_dir=output_dir,
+            output_option=output_option,
+        )
+
+    def validate(self, cfg: RunConfig) -> ResolvedRun:
+        """Every check that needs no weights, and every decision, on this backend: `resolve` (ConfigError on the
+        first failure)."""
+        return self.resolve(cfg)
+
+    def _as_run(self, run: ResolvedRun | RunConfig) -> ResolvedRun:
+        return run if isinstance(run, ResolvedRun) else self.resolve(run)
 
     def plan(self, cfg: RunConfig) -> Plan:
-        """The memory plan for cfg on this backend (contentv.planner.Plan); loads no weights."""
+        """The memory plan's table for cfg on this backend (contentv.planner.Plan); loads no weights."""
         from contentv.planner import host_available, plan
 
         return plan(
-            cfg,
-            self.presets,
-            self.backend,
-            budget_bytes=self.backend.free_memory(),
-            host_budget_bytes=host_available(),
+            cfg, self.presets, self.backend, budget_bytes=self.device_budget(), host_budget_bytes=host_available()
         )
-
-    def resolve_memory(self, cfg: RunConfig) -> RunConfig:
-        """memory=auto -> the fastest preset that fits (planner); other presets unchanged."""
-        if cfg.memory.name != "auto":
-            return cfg
-        if not self.presets:
-            raise ConfigError(
-                "memory", "auto", "a Runtime given the memory presets to choose from: Runtime(backend, presets=...)"
-            )
-        chosen = self.plan(cfg).chosen
-        if chosen is None:  # no budget known (CPU): everything resident
-            log.info("memory=auto: no device budget known; using none")
-            return dataclasses.replace(cfg, memory=MemoryConfig(name="none"))
-        log.info("memory=auto chose %s (predicted peak %.2f GiB)", chosen.memory.name, chosen.device_bytes / 2**30)
-        return dataclasses.replace(cfg, memory=chosen.memory)
 
     @staticmethod
     def output_dir(cfg: RunConfig) -> Path:
@@ -207,15 +198,15 @@ class Runtime:
 
     # ------------------------------------------------------------ pipeline cache
 
-    def pipeline(self, cfg: RunConfig) -> Any:
-        """The prepared pipeline for cfg's (model, memory); loads weights only when that key changes."""
-        key = _key(cfg)
+    def pipeline(self, run: ResolvedRun | RunConfig) -> Any:
+        """The prepared pipeline for the run's (model, memory); loads weights only when that key changes."""
+        run = self._as_run(run)
+        key = run.pipeline_key
         if key == self._key and self._pipe is not None:
             return self._pipe
         self.release()
-        spec = get_spec(cfg.model.family)
-        path = spec.resolve_path(cfg.model)
-        spec.check_checkpoint(path)
+        cfg, spec = run.config(), run.spec
+        path = run.checkpoint or spec.resolve_path(cfg.model)  # a tiny model: built once, then cached
         log.info("loading %s from %s", cfg.model.name, path)
         try:
             with progress.stage(f"loading {cfg.model.name}", self.progress, unit="part"):  # ticked per component
@@ -241,7 +232,7 @@ class Runtime:
         return self._pipe
 
     def release(self) -> None:
-        """Drop the cached pipeline and return its memory to the device."""
+        """Drop the cached pipeline and return its memory to the device (and pinned host memory to the host)."""
         if self._pipe is None:
             return
         self._pipe, self._key, self._prepared = None, None, {}
@@ -250,32 +241,54 @@ class Runtime:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
-        """Validate, load (cached), generate. Returns frames and statistics; writes nothing.
+    def generate(self, run: ResolvedRun | RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
+        """Load (cached) and generate the resolved run. Returns frames and statistics; writes nothing.
 
         If the device runs out of memory: under memory=auto the runtime frees it and retries once with the next
-        lower-memory strategy the planner recommends (logged, and recorded as prepared["memory_fallback"]); with a
-        strategy set explicitly it stops with OutOfMemory, one line naming the planner's suggestion.
+        lower-memory strategy the planner recommends (`ResolvedRun.with_fallback`, recorded); with a strategy set
+        explicitly it stops with OutOfMemory, one line naming the planner's suggestion. Under a multi-process
+        launch there is no retry: one rank retrying alone would leave the others waiting in a collective, so the
+        rank stops with one line (the launcher then stops the others).
         """
-        chosen_by_planner = cfg.memory.name == "auto"
-        cfg = self.resolve_memory(cfg)
+        run = self._as_run(run)
         error = None
         try:
-            return self._generate(cfg, callback_on_step_end)
+            return self._generate(run, callback_on_step_end)
         except Exception as exc:
             if not self.backend.is_out_of_memory(exc):
                 raise
             error = first_line(exc)
         # Out of the except block: the exception's frames (and the tensors they held) are gone, so this frees them.
         self.release()
-        where, failed = self.backend.device, cfg.memory.name
-        lighter = self.lighter_strategy(cfg)
+        retry = self._fallback(run, error)
+        try:
+            return self._generate(retry, callback_on_step_end)
+        except Exception as exc:
+            if not self.backend.is_out_of_memory(exc):
+                raise
+            error = first_line(exc)
+        self.release()
+        raise OutOfMemory(
+            f"out of memory on {self.backend.device} with memory={run.memory.name} and again with "
+            f"memory={retry.memory.name} ({error}): fewer frames or a smaller size"
+        )
+
+    def _fallback(self, run: ResolvedRun, error: str) -> ResolvedRun:
+        """The retry after an out-of-memory error, or OutOfMemory (one line) where none is allowed or known."""
+        where, failed = self.backend.device, run.memory.name
+        if self.world.size > 1:
+            raise OutOfMemory(
+                f"out of memory on {where} (rank {self.world.rank} of {self.world.size}) with memory={failed} "
+                f"({error}); every rank stops (a retry on one rank would leave the others waiting): run again with a "
+                "lighter memory preset, fewer frames or a smaller size"
+            )
+        lighter = self.lighter_strategy(run)
         if lighter is None:
             raise OutOfMemory(
                 f"out of memory on {where} with memory={failed} ({error}); no strategy the planner knows needs less: "
                 "fewer frames or a smaller size"
             )
-        if not chosen_by_planner:
+        if run.requested_memory != "auto":
             raise OutOfMemory(
                 f"out of memory on {where} with memory={failed}; the planner suggests memory={lighter.name} "
                 f"(predicted peak {lighter.device_bytes / 2**30:.1f} GiB): run again with memory={lighter.name}, "
@@ -284,28 +297,17 @@ class Runtime:
         log.warning(
             "out of memory on %s with memory=%s (%s): retrying once with memory=%s", where, failed, error, lighter.name
         )
-        retry = dataclasses.replace(cfg, memory=lighter.memory)
-        try:
-            result = self._generate(retry, callback_on_step_end)
-        except Exception as exc:
-            if not self.backend.is_out_of_memory(exc):
-                raise
-            error = first_line(exc)
-        else:
-            result.prepared["memory_fallback"] = {"from": failed, "to": lighter.name, "error": error}
-            return result
-        self.release()
-        raise OutOfMemory(
-            f"out of memory on {where} with memory={failed} and again with memory={lighter.name} ({error}): "
-            "fewer frames or a smaller size"
-        )
+        return run.with_fallback(lighter, error)
 
-    def lighter_strategy(self, cfg: RunConfig) -> Strategy | None:
-        """The fastest strategy predicted to need less device memory than cfg's (and to fit the host), or None."""
+    def lighter_strategy(self, run: ResolvedRun) -> Strategy | None:
+        """The fastest strategy predicted to need less device memory than the run's (and to fit the host), or None.
+        (Known only after an out-of-memory error: the one planning done after a run was resolved.)"""
         from contentv.planner import host_available, plan
 
+        cfg = run.config()
         memory = dataclasses.replace(cfg.memory, budget_gb=None)
         candidates = {**self.presets, memory.name: memory}
+        candidates.pop("auto", None)
         p = plan(dataclasses.replace(cfg, memory=memory), candidates, self.backend)
         current = next(s for s in p.strategies if s.memory is memory)
         host = host_available()
@@ -336,93 +338,80 @@ class Runtime:
             self._budget = self.backend.free_memory()
         return self._budget
 
-    def _generate(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
-        checked = self.validate(cfg)
-        spec, sampling = checked.spec, checked.sampling
-        if cfg.memory.vae_tiling is None:  # only where the untiled decode won't fit (tiling changes the frames)
-            from contentv.planner import resolve_vae_tiling
-
-            cfg = dataclasses.replace(cfg, memory=resolve_vae_tiling(cfg, self.backend, self.device_budget()))
-            log.info("memory.vae_tiling=null: %s for this video", "tiled" if cfg.memory.vae_tiling else "untiled")
+    def _generate(self, run: ResolvedRun, callback_on_step_end: StepCallback | None = None) -> RunResult:
+        cfg, spec = run.config(), run.spec
+        sampling = cfg.sampling
         recorder = StageRecorder(self.backend)
         loads = self.loads
         with recorder.stage("load"):
-            pipe = self.pipeline(cfg)
+            pipe = self.pipeline(run)
         reused = self.loads == loads
-        self._prepared["vae_tiling"] = set_vae_tiling(pipe, cfg.memory.vae_tiling)
-        # what changes this video's frames, with vae_tiling as decided for it
-        self._prepared["output_changes"] = memory_policy.output_changes(cfg.memory) + speedup.output_changes(
-            cfg.speedup
-        )
+        self._prepared["vae_tiling"] = set_vae_tiling(pipe, bool(cfg.memory.vae_tiling))
+        self._prepared["output_changes"] = list(run.output_changes)  # with vae_tiling as decided for this video
+        if run.fallback:
+            self._prepared["memory_fallback"] = dict(run.fallback)
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         counter = getattr(pipe, "cache_counter", None)  # a step cache's skip counter (contentv.speedup)
         if counter is not None:
             counter.reset()
         out = pipe(
             **spec.call_kwargs(sampling),
-            guidance_mode=memory_policy.guidance_mode(cfg.memory, self.backend.batched_guidance),
+            guidance_mode=run.guidance_mode,
             generator=generator,
             output_type="np",
             stage_context=self._stage(recorder),
             callback_on_step_end=callback_on_step_end,
         )
-        ran = {
-            # what the loop actually ran: batched | sequential | none (guidance_scale <= 1: one pass per step)
-            "guidance": memory_policy.guidance_passes(
-                cfg.memory, sampling.guidance_scale, self.backend.batched_guidance
-            ),
-            "checkpoint": self._checkpoint,
-        }
+        # what the loop actually ran: batched | sequential | none (guidance_scale <= 1: one pass per step)
+        ran = {"guidance": run.guidance, "checkpoint": self._checkpoint, "run": run.record()}
         if counter is not None:
             ran["step_cache"] = counter.record()  # transformer forwards, and those served from the cache
+        prepared = {**self._prepared, "pipeline_reused": reused, "pipeline_loads": self.loads}
+        if not run.fallback:
+            prepared.pop("memory_fallback", None)
         return RunResult(
             frames=out.frames[0],
             sampling=sampling,
             stages=recorder.as_dict(),
-            prepared={**self._prepared, "pipeline_reused": reused, "pipeline_loads": self.loads},
+            prepared=prepared,
             memory=cfg.memory,
             ran=ran,
+            run=run,
         )
 
-    def run_all(self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None) -> list[RunResult]:
-        """Every video the config asks for: one, or one per line of sampling.prompt_file (weights load once).
+    def run_all(
+        self, run: ResolvedRun | RunConfig, callback_on_step_end: StepCallback | None = None
+    ) -> list[RunResult]:
+        """Every video the run asks for: one, or one per line of sampling.prompt_file (weights load once).
 
         In a multi-process launch (or with parallel.seeds) the work is shared out (contentv.parallel.data): every
         rank writes into rank 0's output folder, and this rank's results are returned.
         """
-        if self.world.size > 1 or cfg.parallel.seeds:
+        run = self._as_run(run)
+        if self.world.size > 1 or run.config().parallel.seeds:
             from contentv.parallel.data import run_all
 
-            output = dataclasses.replace(cfg.output, dir=self.world.broadcast(cfg.output.dir))
-            return run_all(
-                self, dataclasses.replace(cfg, output=output), cfg.parallel, self.world, callback_on_step_end
-            )
-        if not cfg.sampling.prompt_file:
-            return [self.run(cfg, callback_on_step_end)]
+            run = run.with_output_dir(self.world.broadcast(run.config().output.dir)) if self.world.size > 1 else run
+            return run_all(self, run, self.world, callback_on_step_end)
+        if len(run.prompts) == 1 and not run.config().sampling.prompt_file:
+            return [self.run(run, callback_on_step_end)]
         results = []
-        prompts = read_prompt_file(cfg.sampling.prompt_file)
-        for i, prompt in enumerate(prompts, 1):
-            log.info("prompt %d of %d: %s", i, len(prompts), prompt)
-            one = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, prompt=prompt, prompt_file=None))
-            results.append(self.run(one, callback_on_step_end))
+        log.info("%d prompts%s", len(run.prompts), f" from {run.config().sampling.prompt_file}" if run.config().sampling.prompt_file else "")
+        for i, prompt in enumerate(run.prompts, 1):
+            log.info("prompt %d of %d: %s", i, len(run.prompts), prompt)
+            results.append(self.run(run.item(prompt), callback_on_step_end))
         return results
 
-    def run(
-        self, cfg: RunConfig, callback_on_step_end: StepCallback | None = None, *, since: float | None = None
-    ) -> RunResult:
-        """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths.
-
-        `since` (epoch seconds): when this run's start-up began, recorded as "startup" (a server: the job's start).
-        By default the first video of a process pays for starting it (interpreter, imports, pre-flight checks).
-        """
+    def run(self, run: ResolvedRun | RunConfig, callback_on_step_end: StepCallback | None = None) -> RunResult:
+        """Generate and write `<dir>/<stem>.mp4` plus `<stem>.json`; returns the result with paths."""
         started = time.time()
-        if since is None:
-            since = process_start() if self.runs == 0 else started
-        result = self.generate(cfg, callback_on_step_end=callback_on_step_end)
+        # The first video of a process also pays for starting it (interpreter, imports, pre-flight checks).
+        since = (self.started_at or process_start()) if self.runs == 0 else started
+        result = self.generate(run, callback_on_step_end=callback_on_step_end)
         self.runs += 1
         if since < started:
             result.wall["startup"] = started - since
-        cfg = dataclasses.replace(cfg, memory=result.memory)  # what ran, in the sidecar
+        cfg = result.run.config()  # what ran (memory=auto's choice, a fallback), in the sidecar
         s = result.sampling
         folder = self.output_dir(cfg)
         stem = cfg.output.name or f"{slugify(s.prompt)}_seed{s.seed}"
@@ -448,32 +437,4 @@ class Runtime:
 
     def record(self, cfg: RunConfig, result: RunResult) -> dict:
         """The sidecar: what was asked, what ran, how long it took and how much memory it used."""
-        s = result.sampling
-        resolved = dataclasses.replace(cfg, sampling=s)
-        stages = result.stages
-        dev = [v["peak_device_bytes"] for v in stages.values() if v.get("peak_device_bytes") is not None]
-        rss = [v["peak_host_rss_bytes"] for v in stages.values() if v.get("peak_host_rss_bytes") is not None]
-        return {
-            "video": result.video.name if result.video else None,
-            "prompt": s.prompt,
-            "negative_prompt": s.negative_prompt,
-            "seed": s.seed,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": dataclasses.asdict(resolved),
-            "versions": library_versions(),
-            "device": self.backend.describe(),
-            "prepared": result.prepared,
-            **result.ran,
-            # stage times; startup = process start -> this run (imports, checks; first run only), total = wall time
-            "timings_s": {
-                **({"startup": round(result.wall["startup"], 4)} if "startup" in result.wall else {}),
-                **{k: round(v["seconds"], 4) for k, v in stages.items()},
-                **({"total": round(result.wall["total"], 4)} if "total" in result.wall else {}),
-            },
-            "seconds_per_step": round(stages["denoising"]["seconds"] / s.num_inference_steps, 4),
-            "peak_memory": {
-                "device_bytes": max(dev) if dev else None,
-                "host_rss_bytes": max(rss) if rss else None,
-            },
-            "stages": stages,
-        }
+        return sidecar_record(cfg, result, self.backend.describe())

@@ -9,19 +9,26 @@ page and API clients use, lets the file routes serve only regular .mp4/.json fil
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
-import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from contentv import untrusted
 
 VIDEO = ".mp4"
 SIDECAR = ".json"
 GALLERY_LIMIT = 24
+# A sidecar is a few KB; a gallery caption never needs more.
+MAX_SIDECAR_BYTES = 4 * 2**20
 # A form with a 20,000-character prompt is ~100 KB of JSON; anything far larger is refused unread.
 MAX_BODY_BYTES = 1 << 20
 
@@ -49,6 +56,50 @@ def is_regular_file(path: str | os.PathLike) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------ private folders
+
+# The page's private folders in TMPDIR (served links, gradio's copies): removed on close, else at exit.
+_PRIVATE: set[str] = set()
+# SIGTERM's exit status (128 + the signal's number, as shells report it).
+SIGTERM_STATUS = 128 + signal.SIGTERM
+
+
+def private_dir(prefix: str) -> Path:
+    """A new private folder in TMPDIR, removed at interpreter exit if `remove_private` did not remove it first."""
+    path = os.path.realpath(tempfile.mkdtemp(prefix=prefix))
+    _PRIVATE.add(path)
+    return Path(path)
+
+
+def remove_private(path: str | os.PathLike) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _PRIVATE.discard(os.path.realpath(path))
+
+
+@atexit.register
+def _remove_all_private() -> None:
+    for path in list(_PRIVATE):
+        remove_private(path)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Inside the block, SIGTERM raises SystemExit(143) in the main thread, so `finally` blocks and atexit run
+    (by default SIGTERM ends the process at once and leaves the private folders behind). Elsewhere: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(SIGTERM_STATUS)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -62,7 +113,7 @@ class ServedFiles:
 
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
-        self.dir = Path(tempfile.mkdtemp(prefix="contentv-page-")).resolve()
+        self.dir = private_dir("contentv-page-")
 
     def videos(self, limit: int = GALLERY_LIMIT) -> list[Path]:
         """The newest videos under root, newest first (symlinks and hidden files or folders skipped)."""
@@ -121,8 +172,8 @@ class ServedFiles:
             caption = video.stem
             sidecar = video.with_suffix(SIDECAR)
             if is_regular_file(sidecar):
-                try:
-                    record = json.loads(sidecar.read_text())
+                try:  # anyone may drop a file in the output folder: capped in size and nesting
+                    record = untrusted.load_file(sidecar, MAX_SIDECAR_BYTES)
                     caption = f"{str(record.get('prompt', ''))[:80]} (seed {record.get('seed')})"
                 except (OSError, ValueError, AttributeError):
                     pass
@@ -141,7 +192,7 @@ class ServedFiles:
 
     def close(self) -> None:
         """Remove the served links (the videos themselves stay)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_private(self.dir)
 
 
 def servable(path: str, roots: Sequence[str | os.PathLike]) -> bool:

@@ -44,6 +44,7 @@ from contentv.form import (
     page_memory_fields,
 )
 from contentv.jobqueue import Job, JobQueue
+from contentv.resolve import ResolvedRun
 from contentv.runtime import Runtime
 from contentv.served import GALLERY_LIMIT, ServedFiles
 from contentv.validation import is_hub_id
@@ -253,11 +254,9 @@ class Studio:
                 self.runtimes[key] = Runtime(self.build_backend(backend_cfg), presets=self.memories)
             return self.runtimes[key]
 
-    def preflight(self, cfg: RunConfig) -> Runtime:
-        """The command line's pre-flight check (contentv.validation.validate_run) on this form's backend."""
-        runtime = self.runtime(cfg.backend)
-        runtime.validate(cfg)
-        return runtime
+    def preflight(self, cfg: RunConfig) -> ResolvedRun:
+        """The command line's pre-flight check and decisions (contentv.resolve) on this form's backend."""
+        return self.runtime(cfg.backend).resolve(cfg)
 
     def plan(self, form: Form) -> str:
         """The planner's table for the form's settings (ConfigError for a bad form or nothing fitting).
@@ -271,23 +270,11 @@ class Studio:
 
     # ------------------------------------------------------------ generation
 
-    def resolve(self, form: Form) -> tuple[RunConfig, str | None]:
-        """The checked config to run and, for memory=auto, the planner's table (ConfigError on a bad form).
-
-        memory=auto runs the preset the planner chooses (shown before the run); where no budget is
-        known the runtime decides, as for the command line.
-        """
-        from contentv.planner import format_plan
-
-        cfg = self.config(form)
-        runtime = self.preflight(cfg)
-        if cfg.memory.name != "auto":
-            return cfg, None
-        plan = runtime.plan(cfg)
-        if plan.chosen is not None:
-            cfg.memory = copy.deepcopy(plan.chosen.memory)
-            runtime.validate(cfg)
-        return cfg, format_plan(plan)
+    def resolve(self, form: Form) -> tuple[ResolvedRun, str | None]:
+        """The resolved run (checked, memory decided) and, for memory=auto, the planner's table (ConfigError on a
+        bad form). memory=auto runs the preset the planner chose, shown before the run."""
+        run = self.preflight(self.config(form))
+        return run, (run.plan_text or None) if run.requested_memory == "auto" else None
 
     def pending(self, session: str | None) -> int:
         """Jobs of this page waiting or running."""
@@ -307,13 +294,13 @@ class Studio:
         if refused:
             return None, refused
         try:
-            cfg, plan = self.resolve(form)
+            run, plan = self.resolve(form)
         except ConfigError as exc:
             return None, f"error: {exc}"
         except Exception as exc:  # noqa: BLE001 - e.g. a planner bug: one line in the page, traceback in the log
             log.exception("checking the form failed")
             return None, f"error: {first_line(exc, with_type=True)}"
-        job = Job(cfg=cfg, session=session, client=client, plan=plan)
+        job = Job(cfg=run.config(), run=run, session=session, client=client, plan=plan)
         refused = self.queue.admit(job)  # again: others may have queued while this form was checked
         return (None, refused) if refused else (job, "")
 
@@ -336,7 +323,7 @@ class Studio:
     def generate(self, job: Job, progress: Callable[[int, int, str], None] | None = None) -> Outcome:
         """Run a prepared job when its turn comes (first come, first served); progress(step, total, text)
         while it waits and after each step."""
-        total = resolve_sampling(job.cfg.sampling, job.cfg.model).num_inference_steps or 0
+        total = job.run.sampling.num_inference_steps or 0
 
         def waiting(ahead: int) -> None:
             if progress is not None:
@@ -352,14 +339,12 @@ class Studio:
             self.queue.done(job)
 
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
-        cfg = job.cfg
-        # A job's start-up is its own (checks, releasing another model), not the server's idle time since it started.
-        began = time.time()
-        try:
-            runtime = self.runtime(cfg.backend)
-            sampling = runtime.validate(cfg).sampling  # again: the device or files may have changed while queued
-        except ConfigError as exc:
-            return Outcome(False, f"error: {exc}")
+        run = job.run  # checked and decided when the job was queued; trusted now
+        runtime = self.runtime(run.config().backend)
+        # A page job's start-up is its own (loading, releasing another model), not the server's idle time since it
+        # started: the runtime counts its first video's start-up from here.
+        runtime.started_at = time.time()
+        sampling = run.sampling
         with self._runtimes_lock:
             others = [r for r in self.runtimes.values() if r is not runtime]
         for other in others:
@@ -386,7 +371,7 @@ class Studio:
         if progress is not None:
             progress(0, total, "preparing: loading weights if model, backend or memory changed; encoding prompt")
         try:
-            result = runtime.run(cfg, callback_on_step_end=on_step_end, since=began)
+            result = runtime.run(run, callback_on_step_end=on_step_end)
         except GenerationCancelled as exc:
             return Outcome(False, f"{exc}: no video written")
         except ConfigError as exc:

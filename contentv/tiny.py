@@ -6,15 +6,20 @@ Tiny checkpoints are written in the real folder layout and loaded back through t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import string
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from contentv.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers loads when a tiny checkpoint is built
     from transformers import CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel, T5TokenizerFast
@@ -27,6 +32,8 @@ _WORDS = (
     "strumming worn sunburst finish red fox snow"
 ).split()
 _PUNCT = string.punctuation
+# A build's hidden temporary folder: .<name>-<host>.<pid>.<random> (older versions: .<name>-<random>).
+_BUILD = re.compile(r"^\.[a-z0-9_]+-(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[\w]+$")
 
 
 def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
@@ -111,19 +118,86 @@ def cache_root() -> Path:
     return Path(base) / __name__.split(".")[0]  # the package's name
 
 
+def _cache_error(root: Path, problem: str) -> ConfigError:
+    return ConfigError(
+        "CONTENTV_CACHE",
+        str(root),
+        f"a writable folder for the tiny checkpoints ({problem}); point CONTENTV_CACHE at another folder, or fix "
+        "this one and run again to rebuild",
+    )
+
+
+def _build_error(exc: BaseException, root: Path, final: Path) -> ConfigError:
+    """A failed build in one line: the cause (a full disk, a read-only mount) and the cache."""
+    from contentv.video import _cause
+
+    num, words = _cause(getattr(exc, "errno", None), str(exc))
+    if words is None:
+        return _cache_error(root, f"building {final.name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    return _cache_error(root, f"{words} while building {final.name}")
+
+
+def _clean_stale_builds(folder: Path, now: float | None = None) -> None:
+    """Remove the hidden build folders of builders that are gone (kill -9 skips their cleanup): this host's
+    dead processes, or older than a day (other hosts sharing the cache). Errors are ignored."""
+    from contentv.video import STALE_AFTER_S, _alive, _host
+
+    now = time.time() if now is None else now
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _BUILD.match(entry.name)
+            if m is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if m["host"] == _host() and m["pid"]:
+                    stale = not _alive(int(m["pid"]))
+                else:
+                    stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+                if stale:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def missing_parts(folder: Path) -> list[str]:
+    """Components a cached tiny checkpoint lacks: what model_index.json names, each a non-empty folder."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return ["model_index.json"]
+    if not (folder / "tiny_spec.json").is_file():  # written last: a build that did not finish
+        return ["tiny_spec.json"]
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+    return [f"{n}/" for n in names if not (folder / n).is_dir() or not any((folder / n).iterdir())]
+
+
 def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Path | None = None) -> Path:
     """Build a checkpoint once into `<root>/tiny/<name>-<hash(spec)>` and return its path.
 
-    The build goes to a temporary folder that is renamed into place, so a crash never leaves a
-    half-written checkpoint under the final name and concurrent builders don't collide.
+    The build goes to a hidden temporary folder (named after this host and process) that is renamed into
+    place, so a crash never leaves a half-written checkpoint under the final name and concurrent builders don't
+    collide; the next build removes the temporaries of builders that are gone. A cache that can't be written
+    (a file, a read-only mount, a full disk) or a cached checkpoint missing a component is one ConfigError line
+    naming CONTENTV_CACHE and how to rebuild.
     """
+    from contentv.video import _host
+
     root = Path(root) if root else cache_root()
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     final = root / "tiny" / f"{name}-{key}"
-    if (final / "model_index.json").is_file():
+    if final.exists():
+        missing = missing_parts(final)
+        if missing:
+            raise _cache_error(
+                root, f"the cached {final.name} is incomplete ({', '.join(missing)} missing): remove {final} to rebuild"
+            )
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    if root.exists() and not root.is_dir():
+        raise _cache_error(root, "it is a file")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_builds(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{_host()}.{os.getpid()}.", dir=final.parent))
+    except OSError as exc:
+        raise _build_error(exc, root, final) from exc
     try:
         from contentv.progress import library_bars_off
 
@@ -135,6 +209,10 @@ def cached_build(name: str, spec: dict, build: Callable[[Path], None], root: Pat
         except OSError:  # another process finished first; keep theirs
             if not (final / "model_index.json").is_file():
                 raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, or a library's wrapper of one (safetensors' full disk)
+        raise _build_error(exc, root, final) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -21,10 +21,8 @@ import asyncio
 import html
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -42,7 +40,7 @@ from contentv.form import (
     field_kind,
 )
 from contentv.memory_policy import QUANTIZATIONS
-from contentv.served import RouteGuard
+from contentv.served import RouteGuard, remove_private, sigterm_exits
 from contentv.studio import Studio
 from contentv.validation import check_ui
 
@@ -410,14 +408,16 @@ class Server:
         self.blocks.close(verbose=False)
         self.studio.close()
         if self.cache_dir:
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            remove_private(self.cache_dir)
         _restore_env(self._restore)
 
 
 def _private_gradio_cache() -> tuple[str, dict[str, str | None]]:
     """A fresh folder for gradio's copies of served files (GRADIO_TEMP_DIR, read as components are made), so
     the file route never reaches the machine-wide /tmp/gradio of other apps; returns it and the old value."""
-    cache = os.path.realpath(tempfile.mkdtemp(prefix="contentv-gradio-"))
+    from contentv.served import private_dir
+
+    cache = str(private_dir("contentv-gradio-"))
     old = {"GRADIO_TEMP_DIR": os.environ.get("GRADIO_TEMP_DIR")}
     os.environ["GRADIO_TEMP_DIR"] = cache
     return cache, old
@@ -488,7 +488,8 @@ def launch(
     print(f"ContentV page on {server.url} (Ctrl-C to stop)", file=sys.stderr)
     if block:
         try:
-            blocks.block_thread()
+            with sigterm_exits():  # SIGTERM: exit 143 through server.close(), so the private folders go
+                blocks.block_thread()
         finally:
             server.close()
     return server
@@ -496,5 +497,5 @@ def launch(
 
 def _abandon(studio: Studio, cache: str, old_env: dict[str, str | None]) -> None:
     studio.close()
-    shutil.rmtree(cache, ignore_errors=True)
+    remove_private(cache)
     _restore_env(old_env)

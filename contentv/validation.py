@@ -1,14 +1,16 @@
-"""The one pre-flight check: everything knowable before weights load, for every entry point.
+"""The checks: everything knowable before weights load, for every entry point.
 
-`validate_run` is called by the command line (for every job of a sweep, before Hydra writes anything), by the
-web page (before a job is queued) and by `Runtime` (Python users). Every field of every group is checked,
-whatever the other choices; each failure is one ConfigError line naming the option, the value and what is
-allowed. Device-specific parts (kernels, quantizations the device can run) are asked of the backend.
+`contentv.resolve.resolve_run` calls them once per run (the command line for every job of a sweep before Hydra
+writes anything, the web page before a job is queued, `Runtime` for Python users): `check_settings` (every field
+of every group, whatever the other choices) and `check_run_files` (output folder, checkpoint). Each failure is one
+ConfigError line naming the option, the value and what is allowed. Device-specific parts (kernels, quantizations
+the device can run) are asked of the backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -48,6 +50,7 @@ MAX_GUIDANCE = 100.0
 # Far more frames than any model here was trained for; the memory check refuses long runs well before this.
 MAX_FRAMES = 100_000
 MAX_PROMPT_CHARS = 20_000
+MAX_PROMPTS = 1_000_000
 # A generator seed: torch.Generator.manual_seed takes -2**63 .. 2**64 - 1.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # File stems: bytes, leaving room for "-NNNN.json" within the 255-byte names of common file systems.
@@ -81,34 +84,45 @@ def validate_run(
     world_size: int = 1,
     output_dir: str | os.PathLike | None = None,
     output_option: str = "output.dir",
-) -> CheckedRun:
-    """Check everything knowable before anything loads; returns what the run needs to know.
+    presets: Any = None,
+) -> Any:
+    """The pre-flight check and every decision about the run: `contentv.resolve.resolve_run` (which see); returns
+    its `ResolvedRun`. `backend=None` skips the device-specific parts."""
+    from contentv.resolve import resolve_run
 
-    Two phases: `check_settings` (every field of every group, the model's sampling rules, the launch layout; no
-    device, no files beyond the prompt file: fast, run first for every job of a sweep) and then what needs the device
-    and the files: output folders, the attention kernel and quantizations `backend` can run, the checkpoint, and
-    whether the planner predicts the run fits this machine. `backend=None` skips the device-specific parts.
-    `world_size`: ranks of a torchrun/SLURM launch. `output_dir`: where files go when output.dir is null (the entry
-    point's run folder), reported as `output_option`.
-    """
-    checked = check_settings(cfg, backend, world_size=world_size)
-    spec = checked.spec
+    budget = backend.free_memory() if backend is not None else None
+    return resolve_run(
+        cfg,
+        backend,
+        presets=presets,
+        world_size=world_size,
+        budget_bytes=budget,
+        output_dir=output_dir,
+        output_option=output_option,
+    )
+
+
+def check_run_files(
+    cfg: RunConfig,
+    spec: ModelSpec,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    output_option: str = "output.dir",
+) -> str | None:
+    """The files a run needs: the output folder can be written (output.dir, else `output_dir`, reported as
+    `output_option`), and a checkpoint that is not built in code exists and is one of this family's. Returns the
+    checkpoint folder or hub id (None for a tiny model)."""
     if cfg.output.dir is not None:
         check_writable_dir("output.dir", cfg.output.dir)
     elif output_dir is not None:
         check_writable_dir(output_option, output_dir)
-    if backend is not None:
-        backend.attention_kernel()  # an unknown, missing or unusable kernel fails here
-    if not cfg.model.tiny:
-        checked.path = spec.resolve_path(cfg.model)
-        if is_hub_id(checked.path):
-            check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
-        spec.check_checkpoint(checked.path)
-    if backend is not None and cfg.memory.name != "auto" and cfg.memory.check_fit and not cfg.dry_run:
-        from contentv.planner import check_fits, host_available
-
-        check_fits(cfg, backend, backend.free_memory(), host_available(), device=str(backend.device))
-    return checked
+    if cfg.model.tiny:
+        return None
+    path = spec.resolve_path(cfg.model)
+    if is_hub_id(path):
+        check_hub(cfg.model.path, cfg.model.revision, cfg.model.local_files_only)
+    spec.check_checkpoint(path)
+    return path
 
 
 def check_settings(
@@ -126,9 +140,11 @@ def check_settings(
     check_model_config(cfg.model)
     spec = get_spec(cfg.model.family)
     sampling = resolve_sampling(cfg.sampling, cfg.model)
-    prompts = read_prompt_file(sampling.prompt_file) if sampling.prompt_file else [sampling.prompt]
-    check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
     check_bounds(sampling)
+    prompts = (
+        read_prompt_file(sampling.prompt_file, sampling.max_prompts) if sampling.prompt_file else [sampling.prompt]
+    )
+    check_text("sampling.negative_prompt", sampling.negative_prompt, allow_empty=True)
     for prompt in prompts:
         check_text("sampling.prompt", prompt)
         spec.validate(dataclasses.replace(sampling, prompt=prompt))
@@ -249,13 +265,22 @@ def check_model_config(m: ModelConfig) -> None:
 
 
 def check_text(option: str, text: str | None, allow_empty: bool = False) -> None:
-    """Prompts: text without NUL or other control characters (newlines and tabs allowed), of a sane length."""
+    """Prompts: UTF-8 text without NUL or other control characters (newlines and tabs allowed), of a sane length."""
     if text is None and allow_empty:
         return
     if text is None or (not allow_empty and not str(text).strip()):
         raise ConfigError(option, text, "a non-empty text")
     if len(text) > MAX_PROMPT_CHARS:
         raise ConfigError(option, text, f"at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
+    try:  # a byte a Latin-1 terminal sent (0xE9 -> '\udce9' under surrogateescape), a lone surrogate from JSON
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            option,
+            text,
+            f"UTF-8 text (character {exc.start + 1} is {text[exc.start]!r}, an invalid byte or lone surrogate: "
+            "is the terminal's encoding UTF-8?)",
+        ) from None
     bad = next((c for c in text if ord(c) < 32 and c not in "\n\t\r"), None)
     if bad is not None:
         raise ConfigError(option, text, f"text without control characters (found {bad!r})")
@@ -282,6 +307,8 @@ def check_bounds(s: SamplingConfig) -> None:
         raise ConfigError("sampling.guidance_scale", g, f"a number in 0..{MAX_GUIDANCE:g} (<= 1 disables guidance)")
     if not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
         raise ConfigError("sampling.seed", s.seed, f"an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    if not 1 <= s.max_prompts <= MAX_PROMPTS:
+        raise ConfigError("sampling.max_prompts", s.max_prompts, f"an integer in 1..{MAX_PROMPTS}")
     if s.max_sequence_length is not None and s.max_sequence_length < 1:
         raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, "null or an integer >= 1")
 
@@ -430,6 +457,8 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
     p = Path(path).expanduser().absolute()
     probe = p
     while not probe.exists():
+        if os.path.lexists(probe):  # a link to nowhere, or a loop: mkdir would fail there after the run
+            raise ConfigError(option, str(path), f"a folder ({_broken_link(probe)})")
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(option, str(path), f"a folder ({probe} is a file)")
@@ -440,24 +469,26 @@ def check_writable_dir(option: str, path: str | os.PathLike) -> None:
         raise ConfigError(option, str(path), f"a folder that can be created and written ({probe}: {reason})") from exc
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError("sampling.prompt_file", path, "an existing text file with one prompt per line")
+def _broken_link(path: Path) -> str:
     try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("sampling.prompt_file", path, f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from exc
+        os.stat(path)
     except OSError as exc:
-        raise ConfigError("sampling.prompt_file", path, f"a readable file ({exc.strerror})") from exc
-    if "\0" in text:
-        raise ConfigError("sampling.prompt_file", path, "a text file (it contains NUL bytes: binary?)")
-    prompts = [ln.strip() for ln in text.splitlines()]
-    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
-    if not prompts:
-        raise ConfigError("sampling.prompt_file", path, "a file with at least one non-empty, non-comment line")
-    return prompts
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+    try:
+        return f"{path} is a link to {os.readlink(path)}, which doesn't exist"
+    except OSError:
+        return f"{path} can't be reached"
+
+
+def read_prompt_file(path: str, max_prompts: int | None = None) -> list[str]:
+    """One prompt per non-empty line; lines starting with # are comments. UTF-8 text only (a BOM is dropped);
+    lines end at a line feed (or CR LF) only (U+2028 and the like stay inside their line); each line is checked as a
+    prompt and a bad one is named by its number; the file's size is capped before it is read and the prompts
+    at `max_prompts` (sampling.max_prompts)."""
+    from contentv import prompt_file
+
+    return prompt_file.read(path, max_prompts, check_text)
 
 
 def diffusers_call_kwargs(s: SamplingConfig) -> dict:

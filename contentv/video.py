@@ -36,7 +36,10 @@ if TYPE_CHECKING:
 # Partials of writers on other hosts (shared folders) can't be asked whether they are alive: removed after a
 # day, far longer than any encode; their mtime moves while ffmpeg writes.
 STALE_AFTER_S = 24 * 3600
-_PARTIAL = re.compile(r"^\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[\w]+\.partial\.(?:mp4|json)$")
+# Suffixes: videos, sidecars and index files (here), frames files and sweep summaries (contentv.atomic).
+_PARTIAL = re.compile(
+    r"^\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[\w]+\.partial\.(?:mp4|json|npz|csv|md|png|tmp)$"
+)
 # errno -> the cause, in the words a user searches for (ffmpeg prints strerror's text).
 _CAUSES = {
     errno.ENOSPC: "no space left on device",
@@ -426,10 +429,15 @@ def write_json(data: dict, path: Path) -> Path:
 def write_frames(frames: ArrayLike, path: Path) -> Path:
     """A lossless copy of (F, H, W, 3) frames as uint8 (`.npz`, key "frames", zlib-compressed), written
     atomically; fails if `path` exists. Sweeps compare these, not the lossy H.264 video."""
-    with _staged(path.parent, ".npz") as tmp:
-        with tmp.open("wb") as f:
-            np.savez_compressed(f, frames=to_uint8(frames))
-        _link_new(tmp, path)
+    try:
+        with _staged(path.parent, ".npz") as tmp:
+            with tmp.open("wb") as f:
+                np.savez_compressed(f, frames=to_uint8(frames))
+            _link_new(tmp, path)
+    except (VideoWriteError, FileExistsError):
+        raise
+    except OSError as exc:  # a full disk: one line naming the folder, as for the video
+        raise _write_error(exc, path.parent) from exc
     return path
 
 

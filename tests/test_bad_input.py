@@ -77,6 +77,8 @@ CASES = [
     # prompts
     ("sampling.prompt=", "sampling.prompt"),
     ("sampling.prompt=" + "a" * 30_000, "sampling.prompt"),
+    ("sampling.prompt=caf\udce9", "sampling.prompt"),  # 0xE9 from a Latin-1 terminal (surrogateescape)
+    ("sampling.max_prompts=0", "sampling.max_prompts"),
 ]
 
 
@@ -140,3 +142,43 @@ def test_a_sweep_baseline_beyond_the_sweep_is_one_line(capsys, tmp_path, cache_d
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: sweep.baseline=2 is not valid: a job number of this sweep: 0..1"
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ round three: files and env
+
+
+@pytest.mark.parametrize("option", ["hydra.run.dir", "output.dir"])
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_folder_through_a_broken_link_is_one_line(capsys, tmp_path, option, kind):
+    link = tmp_path / "link"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "nowhere")
+    else:
+        link.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(link)
+    code = demo.main([*BASE, f"{option}={link / 'run'}"])
+    err = capsys.readouterr().err
+    words = "is a symbolic link loop" if kind == "loop" else "which doesn't exist"
+    assert code == 2 and err.startswith(f"error: {option}=") and words in err and err.count("\n") == 1, err
+
+
+def test_a_prompt_file_too_long_is_refused_saying_how_to_allow_it(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(10_000)))
+    code, err = run_in_process(capsys, tmp_path / "x", f"sampling.prompt_file={prompts}")
+    assert code == 2 and "set sampling.max_prompts=10000" in err and err.count("\n") == 1, err
+
+
+def test_a_cache_that_is_a_file_is_one_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("CONTENTV_CACHE", str(tmp_path / "cache"))
+    code, err = run_in_process(capsys, tmp_path / "x")
+    assert code == 2 and err.startswith(f"error: CONTENTV_CACHE='{tmp_path / 'cache'}' is not valid: "), err
+    assert "(it is a file)" in err and err.count("\n") == 1
+
+
+def test_a_bad_use_ascend_npu_names_the_variable(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("USE_ASCEND_NPU", "maybe")
+    code = demo.main(["model=tiny_contentv", "backend=auto", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: USE_ASCEND_NPU='maybe' is not valid: "), err

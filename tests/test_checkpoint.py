@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,12 +69,23 @@ def wider_transformer(c: Path) -> None:
     edit_json(c / "transformer" / "config.json", caption_projection_dim=48)
 
 
+def layers(n: int) -> Callable[[Path], None]:
+    return lambda c: edit_json(c / "transformer" / "config.json", num_layers=n)
+
+
+def deep_tokenizer(c: Path) -> None:
+    (c / "tokenizer_3" / "tokenizer.json").write_text("[" * 50_000 + "]" * 50_000)
+
+
 DAMAGES = {
     "no_tokenizer_3": (no_tokenizer_3, "tokenizer_3/ is missing"),
     "pickle_weights": (pickle_text_encoder, "text_encoder has only pickle weights (pytorch_model.bin"),
     "truncated_safetensors": (truncated_transformer, "transformer/diffusion_pytorch_model.safetensors is truncated"),
     "invalid_json": (corrupt_vae_config, "vae/config.json is not valid JSON (line 3:"),
     "shape_mismatch": (wider_transformer, "transformer: weights don't match transformer/config.json: tensor"),
+    "layers_100000": (layers(100_000), "transformer/config.json: num_layers=100000 but the weights hold 3 layers"),
+    "layers_negative": (layers(-1), "transformer/config.json: num_layers=-1 is negative"),
+    "deep_json": (deep_tokenizer, "tokenizer_3/tokenizer.json is not a usable JSON file (JSON nested more than"),
 }
 
 
@@ -248,7 +260,9 @@ def test_a_load_failure_the_check_cannot_see_is_one_line(ckpt):
 def test_pickle_weights_are_never_loaded_even_without_the_check(ckpt):
     pickle_text_encoder(ckpt)
     cfg = ModelConfig(name="local", family="contentv", path=str(ckpt), tiny=False, dtype="float32")
-    with pytest.raises(CheckpointError, match="text_encoder: .*only pickle weights.*python -m contentv.checkpoint convert"):
+    with pytest.raises(
+        CheckpointError, match="text_encoder: .*only pickle weights.*python -m contentv.checkpoint convert"
+    ):
         SPEC.load(cfg, str(ckpt))
 
 

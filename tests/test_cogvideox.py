@@ -372,7 +372,7 @@ def test_demo_writes_video_and_sidecar(demo_runs, name):
 )
 def test_text_length_is_checked_against_the_architecture_before_loading(name, length, ok):
     from contentv.config import ModelConfig, RunConfig, SamplingConfig
-    from contentv.runtime import validate_run
+    from contentv.validation import validate_run
 
     cfg = RunConfig(
         model=ModelConfig(

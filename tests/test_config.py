@@ -110,7 +110,7 @@ def test_python_users_need_no_hydra(tmp_path):
     cfg.sampling.prompt = "a cat"
     cfg.output.dir = str(tmp_path)
     checked = validate_run(cfg)
-    assert checked.spec.family == "contentv" and checked.sampling.num_frames == 5 and checked.prompts == ["a cat"]
+    assert checked.spec.family == "contentv" and checked.sampling.num_frames == 5 and list(checked.prompts) == ["a cat"]
 
 
 def test_each_family_brings_its_own_published_defaults():

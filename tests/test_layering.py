@@ -1,4 +1,5 @@
-"""The import rule: demo.py -> backends -> contentv, never the other way; no device names in contentv/."""
+"""The import rule: demo.py -> contentv.cli (the entry layer) -> backends -> contentv, never the other way; no device
+names in contentv/."""
 
 from __future__ import annotations
 
@@ -27,12 +28,41 @@ def imported_modules(path: Path) -> list[tuple[str, int, bool]]:
     return out
 
 
+CLI = ROOT / "contentv" / "cli"
+
+
+def library_files() -> list[Path]:
+    """contentv/ without its command line (contentv/cli, the entry layer that may use Hydra and the backends)."""
+    return [p for p in (ROOT / "contentv").rglob("*.py") if not p.is_relative_to(CLI)]
+
+
 def test_contentv_never_imports_backends_hydra_or_torch_npu():
     bad = [
         f"{p.relative_to(ROOT)}:{line} imports {mod}"
-        for p in (ROOT / "contentv").rglob("*.py")
+        for p in library_files()
         for mod, line, _ in imported_modules(p)
         if mod in {"backends", "hydra", "torch_npu", "demo"}
+    ]
+    assert not bad, bad
+
+
+def test_the_library_never_imports_its_command_line():
+    bad = []
+    for p in library_files():
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            bad += [f"{p.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n.startswith("contentv.cli")]
+    assert not bad, bad
+
+
+def test_the_command_line_never_imports_demo_or_torch_npu():
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {mod}"
+        for p in CLI.rglob("*.py")
+        for mod, line, _ in imported_modules(p)
+        if mod in {"torch_npu", "demo"}
     ]
     assert not bad, bad
 

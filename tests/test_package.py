@@ -21,25 +21,35 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 # Printed as JSON by the installed copy: where each module lives, what its configs compose to.
 PROBE = """
 import json, sys
-import backends, conf, contentv, demo
+import backends, contentv, contentv.cli as cli
+from contentv.cli.compose import config_dir
 from hydra import compose
 from hydra.utils import get_class
 
-out = {m.__name__: m.__file__ for m in (backends, conf, contentv, demo)}
-out["callback"] = sys.modules[get_class("demo.SweepSummary").__module__].__file__
-with demo.hydra_context():
+out = {m.__name__: m.__file__ for m in (backends, contentv, cli)}
+out["configs"] = str(config_dir())
+out["callback"] = sys.modules[get_class("contentv.cli.sweep.SweepSummary").__module__].__file__
+with cli.hydra_context():
     out["launchers"] = {
         name: compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher._target_
         for name in sys.argv[1:]
     }
-out["models"] = sorted(demo.load_presets(("model",)).models)
+out["models"] = sorted(cli.load_presets(("model",)).models)
 print(json.dumps(out))
 """
+
+
+def user_project(folder: Path) -> Path:
+    """A user's project with the usual names: its own demo.py and a `conf` package (Hydra's layout)."""
+    (folder / "conf").mkdir(parents=True)
+    (folder / "conf" / "__init__.py").write_text("MINE = True\n")
+    (folder / "conf" / "config.yaml").write_text("mine: true\n")
+    (folder / "demo.py").write_text("def load_config(*a):\n    raise SystemExit('the user demo.py was imported')\n")
+    return folder
 
 
 def fresh_copy(dest: Path) -> Path:
@@ -92,6 +102,7 @@ def run(venv: Path, args: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_wheel_carries_configs_entry_point_and_floors(installed):
     _, wheel, _ = installed
     with zipfile.ZipFile(wheel) as zf:
@@ -99,22 +110,26 @@ def test_wheel_carries_configs_entry_point_and_floors(installed):
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         entry = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
-    assert configs and configs <= names  # every config, launchers included
-    assert {"demo.py", "conf/__init__.py", "contentv/__init__.py", "backends/__init__.py"} <= names
-    assert not any(n.startswith("tests/") for n in names)
-    assert "contentv = demo:main" in entry
+    assert configs
+    assert {f"contentv/{c}" for c in configs} <= names  # every config, launchers included, inside the package
+    assert {"contentv/conf/__init__.py", "contentv/cli/__init__.py", "backends/__init__.py"} <= names
+    # nothing at the top level that a user's project is likely to have
+    assert not any(n.startswith(("tests/", "conf/")) or n == "demo.py" for n in names), sorted(names)[:20]
+    assert "contentv = contentv.cli:main" in entry
     assert "Requires-Dist: torch>=2.6" in meta
     assert 'Requires-Dist: contentv[quant,sweep,ui]; extra == "test"' in meta  # the test extra reuses the others
 
 
+@pytest.mark.slow
 def test_installed_copy_runs_from_another_folder(installed, tmp_path, cache_dir):
     venv, _, purelib = installed
     launchers = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml"))
     plugins = all(importlib.util.find_spec(f"hydra_plugins.hydra_{n}_launcher") for n in ("joblib", "submitit"))
-    out = run(venv, [venv / "bin" / "python", "-c", PROBE, *(launchers if plugins else [])], tmp_path)
+    here = user_project(tmp_path)  # its own demo.py and conf/ shadow nothing of ours
+    out = run(venv, [venv / "bin" / "python", "-c", PROBE, *(launchers if plugins else [])], here)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    for module in ("backends", "conf", "contentv", "demo", "callback"):
+    for module in ("backends", "contentv", "contentv.cli", "configs", "callback"):
         assert Path(found[module]).resolve().is_relative_to(purelib.resolve()), (module, found[module])
     assert found["models"] == sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
     for name, target in found["launchers"].items():
@@ -123,6 +138,7 @@ def test_installed_copy_runs_from_another_folder(installed, tmp_path, cache_dir)
         pytest.skip("launcher configs not composed: install the sweep extra")
 
 
+@pytest.mark.slow
 def test_console_command_help(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     out = run(venv, ["contentv", "--help"], tmp_path)
@@ -130,6 +146,7 @@ def test_console_command_help(installed, tmp_path, cache_dir):
     assert "Config groups (GROUP=OPTION" in out.stdout and "tiny_contentv" in out.stdout
 
 
+@pytest.mark.slow
 def test_console_command_bad_input_is_one_line_exit_2(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     out = run(venv, ["contentv", "model=tiny_contentv", "backend=cpu", "sampling.num_frames=50"], tmp_path)
@@ -140,12 +157,26 @@ def test_console_command_bad_input_is_one_line_exit_2(installed, tmp_path, cache
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_console_command_makes_a_video(installed, tmp_path, cache_dir):
     venv, _, _ = installed
     args = ["contentv", "model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=1"]
     args += ["sampling.height=32", "sampling.width=48", "sampling.num_frames=5", f"hydra.run.dir={tmp_path / 'run'}"]
-    out = run(venv, args, tmp_path)
+    out = run(venv, args, user_project(tmp_path / "project"))
     assert out.returncode == 0, out.stderr[-3000:]
     (video,) = (tmp_path / "run").glob("*.mp4")
     assert video.stat().st_size > 0 and video.with_suffix(".json").is_file()
     assert f"video:   {video}" in out.stdout
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists the packages (the configs are mapped into contentv/conf): a new package folder must be added."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("contentv", "backends")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found | {"contentv.conf"} == listed

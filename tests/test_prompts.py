@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import demo
+from contentv.cli.preflight import _compose_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_contentv", "backend=cpu"]
@@ -99,7 +100,7 @@ def test_a_video_from_a_prompt_with_every_class(tmp_path: Path, cache_dir: Path)
 def composed_prompts(jobs: list[list[str]]) -> set[str]:
     """Each job's prompt as the sweep's pre-flight composes it."""
     with demo.hydra_context():
-        return {demo._compose_job(job)[0].sampling.prompt for job in jobs}
+        return {_compose_job(job)[0].sampling.prompt for job in jobs}
 
 
 def test_a_free_text_prompt_under_m_stays_one_job():

@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [*(ROOT / "contentv").rglob("*.py"), *(ROOT / "backends").rglob("*.py"), ROOT / "demo.py"]
+# The command line (the entry layer, what demo.py dispatches to) composes with Hydra and OmegaConf; the rest of the
+# library never does.
+CLI = ROOT / "contentv" / "cli"
 DEVICES = ("cuda", "npu")
 FAMILIES = ("contentv", "cogvideox")
 # diffusers modules it does not export (the adapter contentv/_diffusers.py is their one user).
@@ -22,7 +25,6 @@ DIFFUSERS_INTERNALS = (
 )
 POLICY_NAMES = ("GUIDANCE_MODES", "TEXT_ENCODER_MODES", "QUANTIZATIONS", "QUANT_SKIP", "PLACEMENTS")
 MAX_LINES = 500
-LONG_FILE_REASON = "Longer than 500 lines because"
 
 
 def rel(path: Path) -> str:
@@ -138,6 +140,8 @@ def test_the_library_neither_imports_omegaconf_nor_reads_conf():
     """Presets are composed once by the entry point (Hydra) and handed over."""
     bad = []
     for path in (ROOT / "contentv").rglob("*.py"):
+        if path.is_relative_to(CLI):
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
@@ -147,8 +151,6 @@ def test_the_library_neither_imports_omegaconf_nor_reads_conf():
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=rel)
-def test_no_file_over_500_lines_without_a_reason_at_its_top(path):
+def test_no_file_over_500_lines(path):
     lines = path.read_text().splitlines()
-    if len(lines) > MAX_LINES:
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        assert LONG_FILE_REASON in doc, f"{rel(path)}: {len(lines)} lines; say why at its top ({LONG_FILE_REASON} ...)"
+    assert len(lines) <= MAX_LINES, f"{rel(path)}: {len(lines)} lines; split it by concern"

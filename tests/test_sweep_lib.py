@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -128,16 +129,26 @@ def test_missing_or_damaged_files_redo_the_job(job, damage):
 
 @pytest.mark.slow
 def test_set_aside_keeps_earlier_files_apart_and_drops_partial_ones(job):
+    """A killed writer's partial goes; a live one (another copy of the sweep encoding) is never touched."""
+    import subprocess
+    import sys
+
+    from contentv.video import _host
+
     folder, cfg = job
     (folder / ".hydra").mkdir(exist_ok=True)
     (folder / "demo.log").write_text("log\n")
-    (folder / ".tmp123.partial.mp4").write_bytes(b"half")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / f".{_host()}.{gone.stdout.strip()}.ab12.partial.mp4").write_bytes(b"half")
+    live = folder / f".{_host()}.{os.getpid()}.cd34.partial.mp4"
+    live.write_bytes(b"being written")
     before = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     state = sweep.job_state(folder, changed(cfg, "sampling", num_inference_steps=2))
     note = sweep.set_aside(folder, state)
     assert note.startswith("redone (config changed: sampling.num_inference_steps") and "superseded-1/" in note
     assert sorted(p.name for p in (folder / "superseded-1").iterdir()) == [n for n in before if n != "demo.log"]
-    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "demo.log", "superseded-1"]
+    assert sorted(p.name for p in folder.iterdir()) == [".hydra", live.name, "demo.log", "superseded-1"]
+    live.unlink()
     assert sweep.job_state(folder, cfg).reason == "new"  # nothing counted from the earlier attempt
 
 

@@ -311,16 +311,16 @@ def test_memory_plan_and_auto(studio):
     runtime = studio.runtime(BackendConfig(name="cpu"))
     loads = runtime.loads
     # memory=auto with a budget: the table is shown before the run, which uses the chosen preset
-    cfg, plan = studio.resolve(form(studio, memory="auto", budget_gb=16))
-    assert cfg.memory.name == "none" and "chosen" in plan  # tiny: the fastest preset fits
+    run, plan = studio.resolve(form(studio, memory="auto", budget_gb=16))
+    assert run.memory.name == "none" and "chosen" in plan  # tiny: the fastest preset fits
     job, message = studio.prepare(form(studio, memory="auto", budget_gb=16), session="plan")
     assert job.plan == plan and job.cfg.memory.name == "none"
     studio.cancel(session="plan")
     studio.generate(job)
-    # no budget known (the CPU backend): the table, and the runtime decides as for the command line
-    cfg, plan = studio.resolve(form(studio, memory="auto"))
-    assert cfg.memory.name == "auto" and plan.startswith("memory plan:")
-    assert runtime.resolve_memory(cfg).memory.name == "none"
+    # no budget known (the CPU backend): the table, and the run resolved as for the command line (everything resident)
+    run, plan = studio.resolve(form(studio, memory="auto"))
+    assert run.memory.name == "none" and run.requested_memory == "auto" and plan.startswith("memory plan:")
+    assert "no device budget" in run.memory_choice
     # a budget nothing fits is one line, before anything loads
     job, message = studio.prepare(form(studio, memory="auto", budget_gb=0.001))
     assert job is None and message.startswith("error: memory.budget_gb=") and "at least" in message

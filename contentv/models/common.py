@@ -93,6 +93,27 @@ def local_config_folder(path: str | None, probe: str, revision: str | None = Non
     return root
 
 
+def read_config(folder: Path, name: str, file: str = "config.json") -> dict[str, Any]:
+    """`<folder>/<name>/<file>` parsed with limits (size, nesting, counts; contentv.untrusted): a config that lies
+    is one ConfigError line naming model.path, not a RecursionError or a build of 100,000 layers."""
+    from contentv import untrusted
+    from contentv.checkpoint_limits import check_counts
+
+    rel = f"{name}/{file}" if name else file
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError("model.path", str(folder), problem)
+
+    try:
+        data = untrusted.load_file(Path(folder) / name / file)
+    except (OSError, ValueError) as exc:
+        raise fail(f"{rel} {untrusted.why(exc)}") from exc
+    if not isinstance(data, dict):
+        raise fail(f"{rel} is not a JSON object")
+    check_counts(data, None, fail, rel)
+    return data
+
+
 def build_on_meta(library: str, class_name: str, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """Construct `library.class_name` from a config dict on the meta device, as its loader would.
 
@@ -127,7 +148,7 @@ def _class_of(folder: Path, name: str, entry: list | None) -> tuple[str, str] | 
     config_file = folder / name / "config.json"
     if not config_file.is_file():
         return None
-    config = json.loads(config_file.read_text())
+    config = read_config(folder, name)
     if config.get("_class_name"):
         return "diffusers", config["_class_name"]
     if config.get("architectures"):
@@ -149,7 +170,7 @@ def generic_components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, 
             f"a local checkpoint folder (or one in the local hub cache) for the memory plan: family "
             f"{cfg.family!r} has no built-in full-size configs",
         )
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_config(folder, "", "model_index.json")
     dtype = parse_dtype("model.dtype", cfg.dtype)
     te_dtype = parse_dtype("model.text_encoder_dtype", cfg.text_encoder_dtype) if cfg.text_encoder_dtype else dtype
     vae_dtype = parse_dtype("model.vae_dtype", cfg.vae_dtype)
@@ -165,7 +186,7 @@ def generic_components_on_meta(cfg: ModelConfig, path: str | None) -> dict[str, 
         if not (isinstance(cls, type) and issubclass(cls, _module_class())):
             continue
         want = te_dtype if name.startswith("text_encoder") else vae_dtype if name == "vae" else dtype
-        config = json.loads((folder / name / "config.json").read_text())
+        config = read_config(folder, name)
         out[name] = (build_on_meta(library, class_name, config, want), want)
     return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from contentv.config import ParallelConfig
 from contentv.parallel import DIMS, Layout, World, layout
 
 if TYPE_CHECKING:
-    from contentv.config import RunConfig
+    from contentv.resolve import ResolvedRun
     from contentv.runtime import RunResult, Runtime, StepCallback
 
 log = logging.getLogger(__name__)
@@ -49,32 +48,30 @@ def shard(items: list, world: World, lay: Layout) -> list:
 
 def run_all(
     runtime: Runtime,
-    cfg: RunConfig,
-    parallel: ParallelConfig,
+    run: ResolvedRun,
     world: World,
     callback_on_step_end: StepCallback | None = None,
 ) -> list[RunResult]:
-    """`Runtime.run_all` for a launch of `world.size` ranks: each group generates its share of prompt_file lines
+    """`Runtime.run_all` for a launch of `world.size` ranks: each group generates its share of the run's prompts
     x seeds; the first rank of each group writes its videos and sidecars (the others only compute); rank 0 writes
     `index.json` listing every output after all ranks are done. Returns this rank's results.
     """
-    from contentv.validation import read_prompt_file
     from contentv.video import slugify
 
+    cfg = run.config()
+    parallel: ParallelConfig = cfg.parallel
     lay = layout(parallel, world.size)
     s = cfg.sampling
-    prompts = read_prompt_file(s.prompt_file) if s.prompt_file else [s.prompt]
-    items = work_items(prompts, list(parallel.seeds or [s.seed]))
+    items = work_items(list(run.prompts), list(parallel.seeds or [s.seed]))
     mine = shard(items, world, lay)
     writer = world.is_writer(lay)
     log.info("rank %d: %d of %d generations%s", world.rank, len(mine), len(items), "" if writer else " (no files)")
     results, entries = [], []
     for item in mine:
-        sampling = dataclasses.replace(s, prompt=item.prompt, seed=item.seed, prompt_file=None)
-        output = cfg.output
-        if len(items) > 1 and output.name is None:  # ranks write side by side: names unique by item
-            output = dataclasses.replace(output, name=f"{item.index:04d}_{slugify(item.prompt)}_seed{item.seed}")
-        one = dataclasses.replace(cfg, sampling=sampling, output=output)
+        name = cfg.output.name
+        if len(items) > 1 and name is None:  # ranks write side by side: names unique by item
+            name = f"{item.index:04d}_{slugify(item.prompt)}_seed{item.seed}"
+        one = run.item(item.prompt, item.seed, name)
         if writer:
             result = runtime.run(one, callback_on_step_end)
             entries.append(

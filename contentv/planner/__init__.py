@@ -43,6 +43,7 @@ __all__ = [
     "check_fits",
     "format_plan",
     "host_available",
+    "own_strategy",
     "plan",
     "resolve_vae_tiling",
     "tensor_bytes",
@@ -176,12 +177,14 @@ def check_fits(
     budget_bytes: int | None,
     host_budget_bytes: int,
     device: str = "the device",
+    own: tuple[Strategy, Plan] | None = None,
 ) -> None:
     """ConfigError (naming memory, the predicted need and what the machine has) if this run's memory strategy is
     predicted not to fit: the device (its free memory, or memory.budget_gb) or the host RAM. Where the device has
-    no memory of its own (the CPU), weights, activations and the process all count against the host."""
+    no memory of its own (the CPU), weights, activations and the process all count against the host. `own`: the
+    prediction `own_strategy` already made for this run (so the planner runs once)."""
     budget = budget_from(cfg.memory, budget_bytes)
-    strategy, p = _own_strategy(cfg, caps, budget)
+    strategy, p = own or own_strategy(cfg, caps, budget_bytes)
     if strategy.error:
         return  # the policy check reports it
     s = p.sampling
@@ -207,8 +210,10 @@ def check_fits(
         )
 
 
-def _own_strategy(cfg: RunConfig, caps: Capabilities | None, budget: int | None) -> tuple[Strategy, Plan]:
-    """The prediction for cfg.memory itself (vae_tiling=null resolved against `budget`)."""
+def own_strategy(cfg: RunConfig, caps: Capabilities | None, budget_bytes: int | None) -> tuple[Strategy, Plan]:
+    """The prediction for cfg.memory itself (vae_tiling=null resolved against memory.budget_gb, else
+    `budget_bytes`), and its plan."""
+    budget = budget_from(cfg.memory, budget_bytes)
     memory = dataclasses.replace(cfg.memory, budget_gb=None)  # the caller compares the budget, with the numbers
     p = plan(dataclasses.replace(cfg, memory=memory), {memory.name: memory}, caps, budget_bytes=budget, choose=False)
     return next(x for x in p.strategies if x.memory is memory), p
@@ -219,7 +224,7 @@ def resolve_vae_tiling(cfg: RunConfig, caps: Capabilities | None, budget_bytes: 
     `budget_bytes`): tiled only where the untiled decode is predicted not to fit. Set values are kept."""
     if cfg.memory.vae_tiling is not None:
         return cfg.memory
-    strategy, _ = _own_strategy(cfg, caps, budget_from(cfg.memory, budget_bytes))
+    strategy, _ = own_strategy(cfg, caps, budget_bytes)
     return dataclasses.replace(cfg.memory, vae_tiling=strategy.vae_tiling)
 
 

@@ -5,7 +5,8 @@ peak memory and PSNR, with regressions beyond a threshold flagged.
     python -m contentv.sweep.compare multirun/before multirun/after
 
 Reads each folder's summary.csv. Jobs match on their overrides (and prompt and seed, for prompt files).
-Exit status: 0 no regression, 1 at least one, 2 a folder without summary.csv.
+Exit status: 0 no regression, 1 at least one, 2 nothing to compare: a folder without a summary.csv of its own
+(missing, a link, not a sweep summary, unreadable) or two sweeps with no job in common.
 """
 
 from __future__ import annotations
@@ -27,31 +28,51 @@ METRICS = (
 )
 
 
+# A summary's cells are short; a prompt can be 20,000 characters. csv's default cap (131072) is raised to this.
+MAX_FIELD = 16 * 2**20
+# The columns every summary.csv has (contentv.sweep.summary.COLUMNS); another CSV is not a sweep's summary.
+REQUIRED = ("job", "overrides", "status")
+
+
 class CompareError(Exception):
-    """A folder that isn't a finished sweep; exit status 2."""
+    """Nothing to compare (a folder that isn't a finished sweep, no job in common); exit status 2."""
 
 
 def _num(text: str | None) -> float | None:
     try:
-        return float(text) if text not in (None, "") else None
-    except ValueError:
+        value = float(text) if text not in (None, "") else None
+    except (TypeError, ValueError):
         return None
+    return None if value is not None and math.isnan(value) else value
 
 
 def read_sweep(folder: str | Path) -> list[dict]:
     """The rows of `folder`/summary.csv, numbers parsed (inf = identical); peak_gib is the device peak, or the
     host RSS peak where no device memory was measured (CPU)."""
     path = Path(folder) / "summary.csv"
+    if path.is_symlink():  # the tool never writes one: a link may point at anything (another sweep's, a stranger's)
+        raise CompareError(f"{path} is a link, not a summary this sweep wrote (run the sweep again to rewrite it)")
     if not path.is_file():
         raise CompareError(f"{path}: no such file (run the sweep command again to finish it and write the summary)")
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
     rows = []
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            row = {k: _num(r.get(k)) for k in ("generate_s", "seconds_per_step", "psnr_db", "ssim")}
-            device = _num(r.get("peak_device_gib"))
-            row["peak_gib"] = device if device is not None else _num(r.get("peak_host_rss_gib"))
-            row.update({k: r.get(k) or "" for k in ("job", "status", "overrides", "prompt", "seed")})
-            rows.append(row)
+    try:
+        # undecodable bytes become U+FFFD: a prompt with a stray byte still compares
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CompareError(f"{path} is not a sweep summary (no {', '.join(missing)} column)")
+            for r in reader:
+                row = {k: _num(r.get(k)) for k in ("generate_s", "seconds_per_step", "psnr_db", "ssim")}
+                device = _num(r.get("peak_device_gib"))
+                row["peak_gib"] = device if device is not None else _num(r.get("peak_host_rss_gib"))
+                row.update({k: r.get(k) or "" for k in ("job", "status", "overrides", "prompt", "seed")})
+                rows.append(row)
+    except csv.Error as exc:
+        raise CompareError(f"{path} is not a readable summary (line {reader.line_num}: {exc})") from exc
+    except OSError as exc:
+        raise CompareError(f"{path} can't be read ({exc.strerror or exc})") from exc
     return rows
 
 
@@ -89,6 +110,8 @@ def _regression(name: str, a: float | None, b: float | None, lower_better: bool,
     if not lower_better:  # PSNR: identical (inf) -> anything finite is a loss; else relative to the dB value
         if a == math.inf:
             return f"{name} identical -> {b:.2f}" if b != math.inf else ""
+        if a <= 0:  # 0 dB or less: no relative change to speak of; a drop in dB is still a loss
+            return f"{name} {a:.2f} -> {b:.2f} dB" if b < a else ""
         return f"{name} {b / a - 1:+.0%}" if b < a * (1 - threshold) else ""
     return f"{name} {b / a - 1:+.0%}" if a > 0 and b > a * (1 + threshold) else ""
 
@@ -120,7 +143,7 @@ def _fmt(v: float | None, col: str) -> str:
 
 def _delta(a: float | None, b: float | None, col: str) -> str:
     text = f"{_fmt(a, col)} -> {_fmt(b, col)}"
-    if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) and a:
+    if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) and a > 0:
         text += f" ({b / a - 1:+.0%})"
     return text
 
@@ -161,7 +184,7 @@ def format_changes(changes: list[Change], threshold: float) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m contentv.sweep.compare") -> int:
-    """The command line: prints the comparison; returns the exit status (0, 1 regressed, 2 no summary)."""
+    """The command line: prints the comparison; returns the exit status (0, 1 regressed, 2 nothing to compare)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_a", help="the earlier (reference) sweep folder")
     parser.add_argument("sweep_b", help="the later sweep folder")
@@ -175,6 +198,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m contentv.sweep.co
         print(f"error: {exc}", file=sys.stderr)
         return 2
     changes = compare(a, b, args.threshold)
+    if not any(c.a is not None and c.b is not None for c in changes):
+        print(
+            f"error: {args.sweep_a} and {args.sweep_b} have no job in common (jobs match on their overrides): "
+            "nothing to compare",
+            file=sys.stderr,
+        )
+        return 2
     print(f"A: {args.sweep_a}\nB: {args.sweep_b}")
     print(format_changes(changes, args.threshold))
     return 1 if any(c.regressions for c in changes) else 0

@@ -74,12 +74,16 @@ def add_fidelity(rows: list[dict], baseline: int) -> None:
     """Fill psnr_db, ssim and fidelity (a word or the reason there are no values) in every ok row, against the
     video of job `baseline` with the same prompt, seed, height, width and num_frames."""
     base_rows = [r for r in rows if r.get("job") == baseline and r.get("status") == "ok"]
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, np.ndarray | str | None] = {}
 
-    def load(video: str) -> np.ndarray | None:
+    def load(video: str) -> np.ndarray | str | None:
+        """The frames; None if there is no file; why, if it is damaged (the summary goes on without it)."""
         if video not in cache:
             path = frames_path(video)
-            cache[video] = read_frames(path) if path.is_file() else None
+            try:
+                cache[video] = read_frames(path) if path.is_file() else None
+            except Exception as exc:  # noqa: BLE001 - zip, npy or I/O damage of any kind: that row has no value
+                cache[video] = f"frames file {path.name} is damaged ({type(exc).__name__}); rerun the sweep to redo it"
         return cache[video]
 
     for row in rows:
@@ -94,6 +98,10 @@ def add_fidelity(rows: list[dict], baseline: int) -> None:
             row["fidelity"] = _mismatch(row, base_rows[0])
             continue
         frames, reference = load(row["video"]), load(base["video"])
+        damaged = next((x for x in (frames, reference) if isinstance(x, str)), None)
+        if damaged is not None:
+            row["fidelity"] = damaged
+            continue
         if frames is None or reference is None:
             row["fidelity"] = "no frames file (sweep.fidelity was false when it ran)"
             continue

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contentv.sweep.fidelity import save_frames
-from contentv.sweep.resume import job_items, job_state, set_aside
+from contentv.sweep.resume import checkpoint_identity, job_items, job_state, set_aside
 from contentv.sweep.rows import job_rows, write_job_record
 
 if TYPE_CHECKING:  # contentv.config and contentv.runtime import torch
@@ -17,10 +17,13 @@ if TYPE_CHECKING:  # contentv.config and contentv.runtime import torch
 log = logging.getLogger(__name__)
 
 
-def start_job(job_dir: Path, cfg: RunConfig, job: int, rank: int = 0) -> str | None:
+def start_job(
+    job_dir: Path, cfg: RunConfig, job: int, rank: int = 0, prompts: list[str] | None = None
+) -> str | None:
     """Before job `job` runs: None when it finished in an earlier run of the sweep (skip it); otherwise the note
-    for its rows: empty, or why it is redone and where the files of the earlier attempt went."""
-    state = job_state(job_dir, cfg)
+    for its rows: empty, or why it is redone and where the files of the earlier attempt went. `prompts`: the job's
+    prompts as its resolved run read them."""
+    state = job_state(job_dir, cfg, prompts)
     if state.done:
         print(f"job {job}: done in an earlier run, skipped ({job_dir})")
         return None
@@ -43,12 +46,18 @@ def finish_job(
     error: str | None = None,
     note: str = "",
     rank: int = 0,
+    prompts: list[str] | None = None,
 ) -> None:
     """After job `job` (`overrides`: its sweep overrides): keep each video's frames for the fidelity columns,
-    then (rank 0) write the job's record last: its presence marks the job done for a resumed sweep."""
+    then (rank 0) write the job's record last: its presence marks the job done for a resumed sweep.
+
+    Raises contentv.video.VideoWriteError (an OSError; one line such as "no space left on device while writing
+    <folder>") when a file can't be written; the job then has no record and counts as failed/redone."""
     if cfg.sweep.fidelity:
         for result in results:
             save_frames(result)
     if rank == 0:
         rows = job_rows(job, overrides, results, error=error, note=note)
-        write_job_record(job_dir, job, overrides, job_items(cfg) if error is None else [], rows)
+        done = error is None
+        checkpoint = checkpoint_identity(cfg) if done else None
+        write_job_record(job_dir, job, overrides, job_items(cfg, prompts) if done else [], rows, checkpoint)

@@ -1,9 +1,13 @@
 """The sweep summary: summary.csv (every field), summary.md (the table people read) and summary.png (time and
-peak memory against PSNR, each point labelled with what its job changed from the baseline)."""
+peak memory against PSNR, each point labelled with what its job changed from the baseline).
+
+Each file is written atomically and never through a link (contentv.atomic). `end_sweep` is what a launcher
+calls last: it never raises, and its status is 1 when a job failed or the summary could not be written."""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import textwrap
@@ -12,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from contentv.errors import SweepError, first_line
 from contentv.sweep.fidelity import add_fidelity
 from contentv.sweep.rows import STAGES, collect
 
@@ -72,7 +77,18 @@ class Summary:
 
     def failure_line(self) -> str:
         """What a sweep with failed jobs says as it exits with status 1."""
-        return f"sweep: {len(self.failed)} of {self.jobs} jobs failed (see {self.paths['md']})"
+        where = f"see {self.paths['md']}" if "md" in self.paths else "the summary was not written"
+        return f"sweep: {len(self.failed)} of {self.jobs} jobs failed ({where})"
+
+
+@dataclass
+class SweepEnd:
+    """How a sweep ends (`end_sweep`): the exit status and the lines to print."""
+
+    status: int  # 0: every job ok and the summary written; 1 otherwise
+    out: list[str]  # for stdout: where the summary is
+    err: list[str]  # for stderr: one line per failure
+    summary: Summary | None = None
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -150,6 +166,8 @@ def _fidelity_chart(plt: ModuleType, done: list[dict], mem_key: str, mem_label: 
 
 
 def _chart(rows: list[dict], path: Path, baseline: int) -> bool:
+    from contentv import atomic
+
     try:
         import matplotlib
 
@@ -167,8 +185,10 @@ def _chart(rows: list[dict], path: Path, baseline: int) -> bool:
     else:
         fig = _plain_chart(plt, done, mem_key, mem_label, len(rows))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # rendered in memory: matplotlib would open `path` itself, following a link there
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic.write_bytes(path, png.getvalue())
     return True
 
 
@@ -193,24 +213,62 @@ def _markdown(rows: list[dict], baseline: int, jobs: int, failed: list[int], reu
     return "\n".join(lines) + "\n\n" + "\n\n".join(n for n in notes if n) + "\n"
 
 
-def write_summary(sweep_dir: Path, baseline: int = 0, reused: tuple[int, ...] = (), jobs: int | None = None) -> Summary:
-    """Collect every job's rows, add fidelity against job `baseline`, and write summary.csv, summary.md and
-    summary.png. `reused`: jobs done in an earlier run (skipped this time); `jobs`: how many the sweep has (jobs
-    without a record then count as failed)."""
+def summarize(sweep_dir: Path, baseline: int = 0, reused: tuple[int, ...] = (), jobs: int | None = None) -> Summary:
+    """The summary's rows and counts, read from the job records (nothing written). With `jobs`, exactly jobs
+    0..jobs-1: rows of jobs an earlier, larger run of the sweep left are not this sweep's."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir, jobs)
     add_fidelity(rows, baseline)
     for r in rows:
         r["reused"] = "yes" if r["job"] in reused else ""
     recorded = {r["job"] for r in rows}
     failed = {r["job"] for r in rows if r["status"] != "ok"} | (set(range(jobs)) - recorded if jobs else set())
-    total = max(jobs or 0, len(recorded))
+    total = jobs if jobs is not None else len(recorded)
+    return Summary(paths={}, rows=rows, jobs=total, failed=sorted(failed))
+
+
+def write_summary(sweep_dir: Path, baseline: int = 0, reused: tuple[int, ...] = (), jobs: int | None = None) -> Summary:
+    """Collect every job's rows, add fidelity against job `baseline`, and write summary.csv, summary.md and
+    summary.png. `reused`: jobs done in an earlier run (skipped this time); `jobs`: how many the sweep has (jobs
+    without a record then count as failed; records of jobs beyond it are left out).
+
+    Raises SweepError (one line; `.summary` holds the counts when they were worked out) if anything fails."""
+    from contentv import atomic
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        summary = summarize(sweep_dir, baseline, reused, jobs)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks, the caller gets one line and a status
+        raise SweepError(f"sweep summary not written: {first_line(exc, with_type=True)}") from exc
     out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md", "png": sweep_dir / "summary.png"}
-    with out["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    try:
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-    out["md"].write_text(_markdown(rows, baseline, total, sorted(failed), reused))
-    if not _chart(rows, out["png"], baseline):
-        out.pop("png")
-    return Summary(paths=out, rows=rows, jobs=total, failed=sorted(failed))
+        writer.writerows(summary.rows)
+        atomic.write_text(out["csv"], table.getvalue())
+        atomic.write_text(out["md"], _markdown(summary.rows, baseline, summary.jobs, summary.failed, reused))
+        if not _chart(summary.rows, out["png"], baseline):
+            out.pop("png")
+    except OSError as exc:  # a full disk, a read-only folder: "no space left on device while writing <folder>"
+        raise SweepError(f"sweep summary not written: {first_line(exc)}", summary=summary) from exc
+    except Exception as exc:  # noqa: BLE001 - a chart or table that fails to draw: still one line
+        raise SweepError(f"sweep summary not written: {first_line(exc, with_type=True)}", summary=summary) from exc
+    summary.paths = out
+    return summary
+
+
+def end_sweep(sweep_dir: Path, baseline: int = 0, reused: tuple[int, ...] = (), jobs: int | None = None) -> SweepEnd:
+    """The end of a sweep: write the summary and say how it went. Never raises (an exception in a Hydra callback
+    would only become a warning, and the sweep would exit 0): status 1 with one line per problem when a job
+    failed or the summary could not be written, else 0."""
+    try:
+        summary = write_summary(sweep_dir, baseline, reused, jobs)
+    except SweepError as exc:
+        done = exc.summary if isinstance(exc.summary, Summary) else None
+        err = [f"error: {exc}"] + ([done.failure_line()] if done is not None and done.failed else [])
+        return SweepEnd(1, [], err, done)
+    except Exception as exc:  # noqa: BLE001 - never lost: one line and status 1
+        return SweepEnd(1, [], [f"error: sweep summary not written: {first_line(exc, with_type=True)}"])
+    out = ["sweep summary: " + ", ".join(str(p) for p in summary.paths.values())]
+    return SweepEnd(1 if summary.failed else 0, out, [summary.failure_line()] if summary.failed else [], summary)

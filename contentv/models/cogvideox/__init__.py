@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contentv import checkpoint
+from contentv import checkpoint, paddle_format
 from contentv.config import ModelConfig, SamplingConfig, load_kwargs
 from contentv.errors import ConfigError
 from contentv.models.cogvideox import architecture
@@ -98,13 +98,20 @@ def check_checkpoint(path: str) -> None:
             f"a text-to-video CogVideoX checkpoint (transformer in_channels {t.get('in_channels')} != "
             f"out_channels {t.get('out_channels')}: an image-to-video model)",
         )
+    # PaddleNLP's copy (Paddle weights, same layout otherwise): contentv.paddle_format checks it the same way.
+    if paddle_format.detect_layout(path, LAYOUT) == paddle_format.LAYOUT_PADDLE:
+        paddle_format.check_folder(path, LAYOUT)
+        return
     checkpoint.check_folder(path, LAYOUT)
 
 
 def load(cfg: ModelConfig, path: str):
     from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
 
-    return CogVideoXRuntimePipeline.from_pretrained(path, **load_kwargs(cfg))
+    kwargs = load_kwargs(cfg)
+    # PaddleNLP's copy: its Paddle model parts as torch modules, the rest (tokenizer, scheduler) as usual.
+    kwargs.update(paddle_format.load_paddle_parts(path, LAYOUT, kwargs))
+    return CogVideoXRuntimePipeline.from_pretrained(path, **kwargs)
 
 
 def install_attention(pipe: CogVideoXRuntimePipeline, kernel: AttentionKernel) -> None:

@@ -7,12 +7,11 @@ AutoencoderKLCogVideoX's defaults (scaling factor 1.15258426 / 0.7), the text en
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
 from contentv.errors import ConfigError
-from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder
+from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder, read_config
 
 TRANSFORMER_2B: dict[str, Any] = dict(
     num_attention_heads=30,
@@ -70,7 +69,7 @@ def components_on_meta(cfg: ModelConfig, path: str | None) -> dict:
     """name -> (component on the meta device, dtype it is loaded in); a local folder's configs, else built-in."""
     folder = local_config_folder(path, "transformer/config.json", cfg.revision) if path else None
     if folder is not None:
-        configs = {n: json.loads((folder / n / "config.json").read_text()) for n in CLASSES}
+        configs = {n: read_config(folder, n) for n in CLASSES}
     elif path in FULL_SIZE:
         configs = FULL_SIZE[path]
     else:

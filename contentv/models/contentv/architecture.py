@@ -8,11 +8,10 @@ diffusers' `AutoencoderKLWan` defaults. Parameter counts: transformer 8.06e9, CL
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from contentv.config import ModelConfig, SamplingConfig, parse_dtype
-from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder
+from contentv.models.common import T5_XXL, Workload, build_on_meta, local_config_folder, read_config
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +107,7 @@ def component_configs(path: str | None, revision: str | None = None) -> tuple[di
     folder = local_config_folder(path, "transformer/config.json", revision) if path else None
     if folder is None:
         return {name: dict(config) for name, config in FULL_SIZE.items()}, f"built-in {HUB_ID} configs"
-    return {name: json.loads((folder / name / "config.json").read_text()) for name in CLASSES}, str(folder)
+    return {name: read_config(folder, name) for name in CLASSES}, str(folder)
 
 
 def component_dtypes(cfg: ModelConfig) -> dict[str, torch.dtype]:

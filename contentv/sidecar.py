@@ -1,0 +1,82 @@
+"""What a video's sidecar records: the config that ran, library versions, the device, what was applied, timings and
+peak memory, and where the weights came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from contentv.config import ModelConfig, RunConfig
+    from contentv.runtime import RunResult
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    this = __name__.split(".")[0]  # this distribution
+    for name in (this, "torch", "diffusers", "transformers", "accelerate", "hydra-core", "imageio-ffmpeg"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def process_start() -> float:
+    """When this process started running the runtime (epoch seconds): the first `import contentv` (demo.py does it
+    before anything heavy). The OS's process start would count a shell's time when the shell exec'd Python."""
+    import contentv
+
+    return contentv.IMPORTED_AT
+
+
+def checkpoint_record(model: ModelConfig, path: str) -> dict:
+    """Where the weights came from: the configured path, the local folder it resolved to (a hub id's snapshot in the
+    local cache), and for a tiny model its build hash (the folder name's suffix)."""
+    from contentv.models.common import local_config_folder
+    from contentv.paddle_format import detect_layout
+
+    folder = local_config_folder(path, "model_index.json", model.revision)
+    out = {"path": model.path, "folder": str(Path(folder).absolute()) if folder else None}
+    out["layout"] = detect_layout(folder)  # "diffusers", or "paddle" for PaddleNLP's copies (None: not local)
+    if model.tiny:
+        out["tiny_hash"] = Path(path).name.rsplit("-", 1)[-1]
+    return out
+
+
+def sidecar_record(cfg: RunConfig, result: RunResult, device: dict) -> dict:
+    """The sidecar: what was asked, what ran, how long it took and how much memory it used."""
+    s = result.sampling
+    resolved = dataclasses.replace(cfg, sampling=s)
+    stages = result.stages
+    dev = [v["peak_device_bytes"] for v in stages.values() if v.get("peak_device_bytes") is not None]
+    rss = [v["peak_host_rss_bytes"] for v in stages.values() if v.get("peak_host_rss_bytes") is not None]
+    return {
+        "video": result.video.name if result.video else None,
+        "prompt": s.prompt,
+        "negative_prompt": s.negative_prompt,
+        "seed": s.seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(resolved),
+        "versions": library_versions(),
+        "device": device,
+        "prepared": result.prepared,
+        **result.ran,
+        # stage times; startup = process start -> this run (imports, checks; first run only), total = wall time
+        "timings_s": {
+            **({"startup": round(result.wall["startup"], 4)} if "startup" in result.wall else {}),
+            **{k: round(v["seconds"], 4) for k, v in stages.items()},
+            **({"total": round(result.wall["total"], 4)} if "total" in result.wall else {}),
+        },
+        "seconds_per_step": round(stages["denoising"]["seconds"] / s.num_inference_steps, 4),
+        "peak_memory": {
+            "device_bytes": max(dev) if dev else None,
+            "host_rss_bytes": max(rss) if rss else None,
+        },
+        "stages": stages,
+    }

@@ -1,0 +1,66 @@
+"""Help where the user is: an unknown key or group names the nearest one; additions the schema doesn't know are
+refused (they were dropped without a word); Hydra's own quoting of a prompt means its content."""
+
+from __future__ import annotations
+
+import pytest
+
+import demo
+
+TINY = ["model=tiny_contentv", "backend=cpu"]
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("prompt=a dog", "did you mean sampling.prompt?"),
+        ("modle=tiny_contentv", "did you mean model=tiny_contentv?"),
+        ("memroy=auto", "did you mean memory=auto?"),
+        ("sampling.promt=x", "did you mean sampling.prompt?"),
+        ("+sampling.foo=1", "+sampling.foo: no such option to add"),
+        ("+sampling.seed=3", "sampling.seed exists: set it without +"),
+    ],
+)
+def test_unknown_keys_point_at_the_nearest(override, hint):
+    with pytest.raises(demo.UsageError, match=None) as info:
+        demo.load_config([*TINY, override])
+    assert hint in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_additions_where_the_schema_takes_free_keys_still_work():
+    cfg = demo.load_config([*TINY, "+model.sampling_defaults.seed=7"])
+    assert cfg.model.sampling_defaults["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ('"a cat, sitting"', "a cat, sitting"),  # Hydra's documented quoting: the content
+        ("'it\\'s a cat'", "it's a cat"),
+        ('"a" and "b"', '"a" and "b"'),  # not one quoted string: as typed
+        ("a cat's \"nap\"", "a cat's \"nap\""),
+    ],
+)
+def test_a_hydra_quoted_prompt_means_its_content(value, text):
+    assert demo.load_config([*TINY, f"sampling.prompt={value}"]).sampling.prompt == text
+
+
+def test_an_empty_hydra_quoted_prompt_is_refused():
+    from contentv.errors import ConfigError
+    from contentv.validation import check_settings
+
+    cfg = demo.load_config([*TINY, "sampling.prompt=''"])
+    assert cfg.sampling.prompt == ""
+    with pytest.raises(ConfigError, match="sampling.prompt='' is not valid: a non-empty text"):
+        check_settings(cfg)
+
+
+def test_the_readmes_choice_sweep_expands_to_each_prompt_as_typed():
+    from contentv.cli.preflight import _compose_job
+
+    argv = [*TINY, 'sampling.prompt=choice("a red fox, in snow","the cat\'s nap")', "sampling.seed=1,2"]
+    jobs = demo.expand_jobs(demo.literal_prompts(argv, multirun=True), multirun=True)
+    with demo.hydra_context():
+        prompts = [_compose_job(job)[0].sampling.prompt for job in jobs]
+    assert prompts == ["a red fox, in snow", "a red fox, in snow", "the cat's nap", "the cat's nap"]
