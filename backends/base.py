@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,15 +53,42 @@ class Backend(ABC):
     # through gloo without a device sync.
     process_group_backend: str = "gloo"
 
+    # This backend's own settings, `backend.options.<name>`: name -> (default, the allowed values (a tuple) or
+    # type, what it does). Checked here, by `check_options`: a device with a setting of its own needs no shared edit.
+    OPTIONS: dict[str, tuple[Any, tuple | type, str]] = {}
+
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
         if isinstance(cfg.device_index, bool) or not isinstance(cfg.device_index, int) or cfg.device_index < 0:
             raise ConfigError("backend.device_index", cfg.device_index, "an integer >= 0")
+        self.options = self.check_options(cfg.options)
         self.device = self._device()
         self.kernel_name = ""
         self._set_up = False
 
     # ---------------------------------------------------------------- device
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """`backend.options` with this backend's defaults filled in; ConfigError naming backend.options.<name> for a
+        name this backend doesn't have or a value it doesn't take. Needs no device (dry runs call it too)."""
+        if not isinstance(options, Mapping):
+            raise ConfigError("backend.options", options, f"a mapping of {cls.name}'s options")
+        for key, value in options.items():
+            if key not in cls.OPTIONS:
+                known = ", ".join(cls.OPTIONS) or "none"
+                raise ConfigError(f"backend.options.{key}", value, f"an option of backend {cls.name} ({known})")
+        out = {}
+        for key, (default, allowed, _) in cls.OPTIONS.items():
+            value = options.get(key, default)
+            if isinstance(allowed, tuple) and value not in allowed:
+                raise ConfigError(f"backend.options.{key}", value, allowed)
+            if isinstance(allowed, type) and (
+                not isinstance(value, allowed) or isinstance(value, bool) != (allowed is bool)
+            ):
+                raise ConfigError(f"backend.options.{key}", value, f"a value of type {allowed.__name__}")
+            out[key] = value
+        return out
 
     @classmethod
     def detect(cls) -> str | None:

@@ -15,7 +15,7 @@ import torch
 
 from backends.base import Backend
 from contentv.attention import AttentionKernel, sdpa
-from contentv.config import NPU_LAYOUTS, BackendConfig, MemoryConfig
+from contentv.config import BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
 
 # Fused attention takes fp16/bf16 (fp32 only on newer CANN); fp32 goes to SDPA.
@@ -113,10 +113,8 @@ def npu_fused_infer_kernel() -> AttentionKernel:
     return npu_fused_infer
 
 
-def check_layout(layout: str) -> str:
-    if layout not in NPU_LAYOUTS:
-        raise ConfigError("backend.npu_layout", layout, NPU_LAYOUTS)
-    return layout
+# Layouts the fused-attention call is given.
+NPU_LAYOUTS = ("BNSD", "BSND")
 
 
 class NPUBackend(Backend):
@@ -131,9 +129,10 @@ class NPUBackend(Backend):
     # so fp8 is offered per device (quantization_methods), never for an unknown one.
     quantizations = ("none", "torchao_int8")
     FP8_DEVICES = ("950",)
+    OPTIONS = {"layout": ("BNSD", NPU_LAYOUTS, "the layout npu_fusion_attention is given: BNSD or BSND")}
 
     def __init__(self, cfg: BackendConfig):
-        check_layout(cfg.npu_layout)  # a config error before importing torch_npu
+        self.check_options(cfg.options)  # a config error before importing torch_npu
         super().__init__(cfg)
 
     @classmethod
@@ -181,7 +180,7 @@ class NPUBackend(Backend):
         }
 
     def kernels(self) -> dict[str, Callable[[], AttentionKernel]]:
-        layout = check_layout(self.cfg.npu_layout)
+        layout = self.options["layout"]
         return {
             "npu_fusion": lambda: npu_fusion_kernel(layout),
             "npu_fused_infer": npu_fused_infer_kernel,

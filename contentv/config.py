@@ -17,8 +17,6 @@ if TYPE_CHECKING:  # torch is imported only when a dtype is needed: --help and p
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("generate", "ui")
-# Layouts the NPU fused-attention call is given (backends/npu.py).
-NPU_LAYOUTS = ("BNSD", "BSND")
 
 
 def parse_dtype(option: str, value: str) -> torch.dtype:
@@ -38,8 +36,9 @@ class BackendConfig:
     device_index: int = 0
     # Attention kernel; "auto" = the backend's default (sdpa on cpu/cuda, npu_fusion on npu).
     attention: str = "auto"
-    # Layout handed to the NPU fused kernel: BNSD or BSND (ignored elsewhere).
-    npu_layout: str = "BNSD"
+    # Settings of this backend alone, checked by its own file (backend.options.<name>; each backend's YAML lists
+    # its own, e.g. npu: layout); {} = the backend's defaults.
+    options: dict[str, Any] = field(default_factory=dict)
     # Allow TF32 matmuls on CUDA (faster fp32; no effect on bf16/fp16).
     allow_tf32: bool = True
 

@@ -25,7 +25,6 @@ from contentv import memory_policy
 from contentv.config import (
     DTYPES,
     MODES,
-    NPU_LAYOUTS,
     BackendConfig,
     ModelConfig,
     OutputConfig,
@@ -240,8 +239,9 @@ def check_backend_config(b: BackendConfig) -> None:
     """Backend fields, whichever backend is chosen (its name is checked by the backend registry)."""
     if b.device_index < 0:
         raise ConfigError("backend.device_index", b.device_index, "an integer >= 0")
-    if b.npu_layout not in NPU_LAYOUTS:
-        raise ConfigError("backend.npu_layout", b.npu_layout, NPU_LAYOUTS)
+    for key in b.options:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"backend.options.{key}", b.options[key], "options named by identifiers")
     if not b.attention or not b.attention.replace("_", "").isalnum():
         raise ConfigError("backend.attention", b.attention, "auto or the name of one of the backend's kernels")
 

@@ -88,6 +88,7 @@ def test_demo_runs_end_to_end_on_the_virtual_backend(tmp_path, cache_dir):
     assert len(videos) == 1 and videos[0].stat().st_size > 0 and len(sidecars) == 1
     record = json.loads(sidecars[0].read_text())
     assert record["device"]["backend"] == "virtual" and record["device"]["device"] == "lazy:0"
+    assert record["device"]["lanes"] == 1  # the device's own option, from its YAML
     assert record["config"]["backend"]["name"] == "virtual"
     assert record["prepared"]["memory_preset"] == "none" and record["prepared"]["placement"] == "device"
     assert record["peak_memory"]["device_bytes"] > 0  # from torch.lazy's counters
@@ -112,3 +113,35 @@ def test_python_api_runs_on_the_virtual_backend(virtual_backend, tmp_path):
     assert backend.peak_memory() == vd.max_memory_allocated() > 0
     assert result.record["peak_memory"]["device_bytes"] > 0
     assert backend.free_memory() == vd.capacity  # mem_get_info's free + reserved (== allocated here)
+
+
+def test_a_device_setting_of_its_own_needs_no_shared_edit(tmp_path, monkeypatch, cache_dir):
+    """backend.options.lanes exists only in the test device's file and YAML: composed, checked by its backend and
+    recorded, with a bad value refused in one line before anything runs."""
+    import demo
+    from contentv.config import BackendConfig as Config
+
+    monkeypatch.syspath_prepend(str(write_entry_point(tmp_path / "ep")))
+    backends._plugins.cache_clear()
+    try:
+        search = f"hydra.searchpath=[file://{TEST_CONF}]"
+        cfg = demo.load_config(["model=tiny_contentv", "backend=virtual", search, "backend.options.lanes=4"])
+        assert cfg.backend.options == {"lanes": 4}
+        cls = backends.backend_class("virtual")
+        assert cls.check_options(cfg.backend.options) == {"lanes": 4}
+        with pytest.raises(
+            backends.ConfigError, match=r"backend.options.lanes='four' is not valid: a value of type int"
+        ):
+            cls.check_options({"lanes": "four"})
+        with pytest.raises(
+            backends.ConfigError, match=r"backend.options.layout=.* an option of backend virtual \(lanes\)"
+        ):
+            cls.check_options({"layout": "BSND"})
+        with pytest.raises(backends.ConfigError, match=r"backend.options.lanes=.* an option of backend cpu \(none\)"):
+            backends.build_backend(Config(name="cpu", options={"lanes": 4}))
+        code = demo.main(
+            ["model=tiny_contentv", "backend=virtual", search, "backend.options.lanes=four", "dry_run=true"]
+        )
+        assert code == 2
+    finally:
+        backends._plugins.cache_clear()

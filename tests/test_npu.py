@@ -682,8 +682,8 @@ def test_building_without_torch_npu_is_a_one_line_config_error(monkeypatch: pyte
 
 def test_bad_npu_layout_fails_at_build_before_torch_npu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)
-    with pytest.raises(ConfigError, match="backend.npu_layout") as err:
-        NPUBackend(BackendConfig(name="npu", npu_layout="BHSD"))
+    with pytest.raises(ConfigError, match="backend.options.layout") as err:
+        NPUBackend(BackendConfig(name="npu", options={"layout": "BHSD"}))
     assert "BNSD" in str(err.value) and "BSND" in str(err.value)
 
 
@@ -778,7 +778,7 @@ def test_fp8_only_on_an_ascend_950(npu: StandIn):
     "attention, layout", [("npu_fusion", "BNSD"), ("npu_fusion", "BSND"), ("npu_fused_infer", "BNSD")]
 )
 def test_backend_kernels_equal_sdpa_in_bf16(npu_cpu: StandIn, attention: str, layout: str):
-    kernel = NPUBackend(BackendConfig(name="npu", attention=attention, npu_layout=layout)).attention_kernel()
+    kernel = NPUBackend(BackendConfig(name="npu", attention=attention, options={"layout": layout})).attention_kernel()
     g = torch.Generator().manual_seed(0)
     b, n, s, d = 2, 3, 40, 64
     # (B, S, N, D) transposed to (B, N, S, D) views, as the attention processor hands them over
@@ -1034,7 +1034,7 @@ def test_fused_attention_runs_on_the_npu(npu_device, cpu_frames, attention: str,
     tensors standing in); frames within bf16 rounding of the CPU run with SDPA (measured max 0.027)."""
     npu, _ = npu_device
     npu0 = torch.device("npu", 0)
-    backend = NPUBackend(BackendConfig(name="npu", attention=attention, npu_layout=layout))
+    backend = NPUBackend(BackendConfig(name="npu", attention=attention, options={"layout": layout}))
     frames, inputs = _generate_on_the_npu(backend, _run_config("npu", MEMORY[preset], "bfloat16"))
     expected = cpu_frames("bfloat16")
     op = FUSION if attention == "npu_fusion" else FUSED_INFER
@@ -1056,7 +1056,7 @@ def test_real_kernel_at_contentv_shape(attention: str, layout: str):
     125 frames at 432x768: 32 x 27 x 48 video + 333 text = 41,805 tokens, 38 heads of 64.
     """
     try:
-        backend = NPUBackend(BackendConfig(name="npu", attention=attention, npu_layout=layout))
+        backend = NPUBackend(BackendConfig(name="npu", attention=attention, options={"layout": layout}))
     except ConfigError as e:
         pytest.skip(str(e))
     backend.setup()

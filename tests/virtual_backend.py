@@ -65,6 +65,8 @@ class VirtualBackend(Backend):
     supports_offload_streams = False
     # One device per process and modes per thread: collectives would go through gloo, on host tensors only.
     process_group_backend = "gloo"
+    # A setting of this device alone (backend.options.lanes), to show a device's options need no shared edit.
+    OPTIONS = {"lanes": (1, int, "how many lanes the virtual device reports (recorded by describe())")}
 
     @classmethod
     def detect(cls) -> None:
@@ -96,6 +98,7 @@ class VirtualBackend(Backend):
             "device": str(self.device),
             "name": module.get_device_name(self.device),
             "total_memory_bytes": module.get_device_properties(self.device).total_memory,
+            "lanes": self.options["lanes"],
         }
 
     def synchronize(self) -> None:

@@ -167,7 +167,9 @@ def _check_job(prepared: Prepared, cfg: RunConfig, hydra_cfg: Any, presets: Any,
         # Plans for the named backend's device on any machine: its capabilities, no device needed.
         from contentv.planner import format_plan, plan
 
-        caps = backends.backend_class(cfg.backend.name).capabilities()
+        cls = backends.backend_class(cfg.backend.name)
+        cls.check_options(cfg.backend.options)
+        caps = cls.capabilities()
         check_settings(cfg, caps, world_size=world_size)
         print(format_plan(plan(cfg, presets.memories, caps)))
         prepared.dry = True
@@ -175,6 +177,7 @@ def _check_job(prepared: Prepared, cfg: RunConfig, hydra_cfg: Any, presets: Any,
     option = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out_dir = hydra_cfg.sweep.dir if multirun else (prepared.run_dir or hydra_cfg.run.dir)
     if world_size > 1 or cfg.mode != "generate":  # the ranks decide together in the job (or nothing to decide)
+        backends.backend_class(cfg.backend.name).check_options(cfg.backend.options)
         resolve_run(cfg, None, world_size=world_size, output_dir=out_dir, output_option=option)
         return None
     backend = _backend(prepared, cfg)

@@ -32,7 +32,8 @@ def _install() -> None:
 
     generate, write_job_record = Runtime.generate, contentv.sweep.jobs.write_job_record
 
-    def faulty_generate(self, cfg, *args, **kwargs):
+    def faulty_generate(self, run, *args, **kwargs):
+        cfg = run.config() if callable(getattr(run, "config", None)) else run  # a ResolvedRun or a RunConfig
         job = Path(cfg.output.dir or ".").name
         _event("generate", job)
         if FAIL_SEED is not None and cfg.sampling.seed == int(FAIL_SEED):
@@ -44,7 +45,7 @@ def _install() -> None:
                 pass
             else:
                 os.kill(os.getpid(), signal.SIGUSR2)
-        return generate(self, cfg, *args, **kwargs)
+        return generate(self, run, *args, **kwargs)
 
     def logged_write_job_record(job_dir, *args, **kwargs):
         path = write_job_record(job_dir, *args, **kwargs)
