@@ -6,8 +6,9 @@ default call gives diffusers' output. Differences: guidance can also run sequent
 step instead of one of batch 2), stages can be observed (`stage_context`), `_interrupt` raises
 `GenerationCancelled` instead of silently skipping the remaining steps, the backend's execution device
 and text-encoder placement are honoured, embeddings are cast to the transformer's dtype and latents to
-the VAE's (no-ops when the dtypes agree, as in diffusers), and a prompt longer than
-`max_sequence_length` T5 tokens is reported with its length before it is truncated.
+the VAE's (no-ops when the dtypes agree, as in diffusers), a prompt longer than
+`max_sequence_length` T5 tokens is reported with its length before it is truncated, a frame count the
+VAE would not return (13 -> 16) is refused, and `num_videos_per_prompt` is honoured (diffusers: one video).
 """
 
 from __future__ import annotations
