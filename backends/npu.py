@@ -32,7 +32,7 @@ def _import_torch_npu():
         raise ConfigError(
             "backend.name",
             "npu",
-            "a backend with torch_npu installed: pip install '.[npu]' (needs the CANN toolkit), or use backend=cpu",
+            "a backend with torch_npu installed: pip install torch-npu (the npu extra; needs the CANN toolkit), or use backend=cpu",
         ) from e
     except (ImportError, OSError, RuntimeError) as e:  # e.g. CANN libraries not found
         raise _import_failed(e) from e

@@ -313,6 +313,42 @@ def parity_block(path: Path = RESULTS / "reference_parity.jsonl") -> str:
     return recorded_table(source, header, ["---", "---", "---", "---", "---:", "---:", "---"], table)
 
 
+def serve_block(path: Path = RESULTS / "serve_load.jsonl") -> str:
+    """benchmarks/serve_load.py's latest run: admission latency, throughput, exactly-once, warm against fresh."""
+    rows = read_jsonl(path) if path.exists() else []
+    latest = [r for r in rows if r["time"] == rows[-1]["time"]] if rows else []
+    source = (
+        "Recorded by `python benchmarks/serve_load.py` in `benchmarks/results/serve_load.jsonl` (latest run; "
+        "127.0.0.1, tiny_contentv 48x32, 5 frames, 1 step, CPU workers):"
+    )
+    load = [r for r in latest if r["scenario"] in ("steady", "worker_killed")]
+    table = [
+        [
+            _when(r["time"]),
+            r["commit"][:8],
+            r["scenario"].replace("_", " "),
+            f"{r['workers']} on {r['cpu_count']} cores",
+            f"{r['clients']} x {r['jobs']}",
+            f"{r['admission_p50_ms']:.0f} / {r['admission_p99_ms']:.0f}",
+            f"{r['jobs_per_min']:.0f}",
+            f"{r['completed']} completed, {r['failed']} failed"
+            + (f" ({', '.join(r['failed_codes'])})" if r["failed"] else ""),
+            "yes" if r["exactly_once"] else "NO",
+        ]
+        for r in load
+    ]
+    header = ["run", "commit", "scenario", "workers", "clients x jobs", "admission p50 / p99 ms", "jobs/min"]
+    header += ["outcome", "exactly once"]
+    text = recorded_table(source, header, ["---", "---", "---", "---", "---:", "---:", "---:", "---", "---"], table)
+    for r in latest:
+        if r["scenario"] == "warm_vs_fresh":
+            text += (
+                f"\nOne tiny job through the idle server (submit to completed) took {r['warm_s']:.2f} s; the same job "
+                f"as a fresh command-line process {r['fresh_s']:.2f} s: {r['ratio']:.1f}x (medians of {r['repeats']}).\n"
+            )
+    return text
+
+
 def limits_block() -> str:
     """The hard limits every run is checked against (contentv/validation.py), whatever the memory."""
     from contentv import prompt_file as pf
@@ -354,6 +390,7 @@ BLOCKS = {
     "startup-figures": startup_block,
     "limits": limits_block,
     "parity-figures": parity_block,
+    "serve-figures": serve_block,
 }
 
 

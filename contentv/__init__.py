@@ -24,6 +24,8 @@ quiet_library_imports()
 # When this library was first imported: where a run's "startup" begins (demo.py imports it before anything heavy).
 # Not the process's own start: a process exec'd by a shell (`bash -c`, `exec`) inherits the shell's start time.
 IMPORTED_AT = time.time()
+# This distribution's name, which is also the installed command's (pyproject's [project.scripts]).
+DISTRIBUTION = COMMAND = __name__
 
 __all__ = ["CogVideoXRuntimePipeline", "ContentVPipeline", "RunConfig", "Runtime", "tiny_checkpoint"]
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch is imported only when a dtype is needed: --help and p
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("generate", "ui")
+MODES = ("generate", "ui", "serve")
 
 
 def parse_dtype(option: str, value: str) -> torch.dtype:
@@ -184,6 +184,44 @@ class UIConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`RunConfig.serve`: the video API server (python demo.py mode=serve; contentv/serve/)."""
+
+    # Interface to listen on; anything but loopback (127.0.0.1, ::1, localhost) needs serve.api_key.
+    host: str = "127.0.0.1"
+    # TCP port of the API (0 = any free port; the server prints the one it got).
+    port: int = 8000
+    # The key clients send as "Authorization: Bearer <key>"; null = no authentication (loopback only).
+    api_key: str | None = None
+    # Jobs waiting or running at most, all clients together (more: 429, try later).
+    max_queue: int = 64
+    # Jobs one client may have waiting or running at once (a client = its API key, or its address without one).
+    max_queue_per_key: int = 16
+    # Largest request body in bytes (413 beyond it).
+    max_body_bytes: int = 65536
+    # Longest prompt in characters (400 beyond it).
+    max_prompt_chars: int = 4000
+    # Hours a finished or failed job is kept, with its video, sidecar and thumbnail; 0 = forever.
+    job_ttl_hours: float = 168.0
+    # Devices, one warm worker each, as BACKEND:INDEX (e.g. [cuda:0, cuda:1]); null = every visible GPU/NPU of
+    # `backend`, or one worker on the CPU.
+    devices: list[str] | None = None
+    # Worker pool: local (one process per device on this machine) | ray (Ray actors, on serve.ray_address).
+    workers: str = "local"
+    # Ray cluster to join with serve.workers=ray (auto, ray://head:10001, ...); null = start a local Ray instance.
+    ray_address: str | None = None
+    # Ray resources each worker actor reserves with serve.workers=ray: {GPU: 1} (a GPU), {NPU: 1} (an Ascend NPU,
+    # a custom resource), empty = one CPU.
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    # Seconds a job for another model may wait while a worker keeps taking jobs for the model it has loaded.
+    max_wait_s: float = 30.0
+    # Model presets clients may ask for (the request's `model`); empty = the server's model only.
+    models: list[str] = field(default_factory=list)
+    # Memory presets clients may ask for (extra body field `memory`); empty = the server's memory setting only.
+    memory_presets: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ParallelConfig:
     """`RunConfig.parallel`: how the ranks of a torchrun (or SLURM) launch share the work.
 
@@ -226,8 +264,9 @@ class RunConfig:
     speedup: SpeedupConfig = field(default_factory=SpeedupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    # generate: make the video(s) | ui: serve the web page (python demo.py mode=ui).
+    # generate: make the video(s) | ui: serve the web page (python demo.py mode=ui) | serve: the video API server.
     mode: str = "generate"
     # Print the memory plan (predicted peak device memory, host RAM, speed per strategy) and exit.
     dry_run: bool = False

@@ -125,7 +125,7 @@ def frames_label(family: str) -> str:
     from contentv.registry import get_spec
 
     try:
-        rule = get_spec(family).frames_rule
+        multiple = get_spec(family).frames_multiple
     except ConfigError:  # a family this install doesn't know: no rule to show
         return "Frames"
-    return f"Frames ({rule})"
+    return f"Frames ({multiple}k+1)"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
+from contentv.extras import install_hint
 
 if TYPE_CHECKING:  # torch only where a module is looked at: pre-flight checks stay light
     from torch import nn
@@ -206,7 +207,7 @@ def _check_capabilities(memory: MemoryConfig, caps: Capabilities) -> None:
         package, lowest = QUANTIZATION_PACKAGES[memory.quantization]
         installed = _installed_version(package)
         if installed is None:
-            raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: pip install '.[quant]'")
+            raise ConfigError("memory.quantization", memory.quantization, f"needs {package}: {install_hint('quant')}")
         if _version_tuple(installed) < _version_tuple(lowest):
             raise ConfigError(
                 "memory.quantization",

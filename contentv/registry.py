@@ -47,8 +47,8 @@ class ModelSpec:
     validate_for_model: Callable[[ModelConfig, SamplingConfig], None] | None = None
     # The tiny presets this family builds offline with model.tiny=true (each a conf/model/<name>.yaml).
     tiny_names: tuple[str, ...] = ()
-    # The frame counts this family returns as asked, as the page labels them ("4k+1": 1, 5, 9, ...).
-    frames_rule: str = "4k+1"
+    # Frames of the form frames_multiple*k + 1 (the server rounds a duration in seconds to this form).
+    frames_multiple: int = 1
     # The model's published sampling settings (sampling fields); a preset's model.sampling_defaults override them.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # The pipeline's weight-bearing components, and those memory.quantize=null quantizes.

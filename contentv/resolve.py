@@ -57,6 +57,7 @@ class ResolvedRun:
     plan_text: str = ""  # the planner's table when memory=auto chose (the web page shows it)
     fallback: dict | None = None  # an out-of-memory fallback: {"from", "to", "error"}
     notes: tuple[str, ...] = field(default=())
+    invocation: dict = field(default_factory=dict)  # how it was started (the entry point says: argv, overrides)
 
     # ------------------------------------------------------------ views
 

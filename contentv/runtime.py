@@ -24,18 +24,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from contentv import progress, speedup
-from contentv.attention import AttentionKernel
 from contentv.config import MemoryConfig, RunConfig, SamplingConfig
+from contentv.device import DeviceBackend
 from contentv.errors import ConfigError, OutOfMemory, first_line
 from contentv.parallel import World
 from contentv.parallel.context import apply as apply_parallel
-from contentv.registry import ModelSpec
 from contentv.resolve import PER_CALL_MEMORY, ResolvedRun, resolve_run
 from contentv.sidecar import checkpoint_record, library_versions, process_start, sidecar_record
 from contentv.stats import StageRecorder
@@ -51,28 +50,6 @@ log = logging.getLogger(__name__)
 
 # diffusers' callback_on_step_end: (pipeline, step index, timestep, requested tensors) -> tensors to replace.
 StepCallback = Callable[[Any, int, torch.Tensor, dict], dict]
-
-
-class DeviceBackend(Protocol):
-    """The members of `backends.Backend` the runtime uses."""
-
-    name: str
-    device: torch.device
-    supports_offload_streams: bool
-    batched_guidance: bool
-
-    def setup(self) -> None: ...
-    def quantization_methods(self) -> tuple[str, ...]: ...
-    def attention_kernel(self) -> AttentionKernel: ...
-    def check_memory(self, memory: MemoryConfig) -> None: ...
-    def free_memory(self) -> int | None: ...
-    def is_out_of_memory(self, exc: BaseException) -> bool: ...
-    def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict: ...
-    def synchronize(self) -> None: ...
-    def reset_peak_memory(self) -> None: ...
-    def peak_memory(self) -> int | None: ...
-    def empty_cache(self) -> None: ...
-    def describe(self) -> dict: ...
 
 
 @dataclass

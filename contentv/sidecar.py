@@ -49,6 +49,54 @@ def checkpoint_record(model: ModelConfig, path: str) -> dict:
     return out
 
 
+def project_record() -> dict:
+    """This runtime's version and, in a git checkout, its commit (read from .git without running git)."""
+    import importlib.metadata as md
+
+    from contentv import DISTRIBUTION
+
+    try:
+        version = md.version(DISTRIBUTION)
+    except md.PackageNotFoundError:
+        version = None
+    return {"version": version, "git_commit": git_commit(Path(__file__).resolve().parents[1])}
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit checked out in `root` (a repository's work tree), or None outside one."""
+    git = root / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() else Path(".")
+        for base in (git, git / common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except (OSError, IndexError):
+        return None
+    return None
+
+
+def invocation_record(invocation: dict | None) -> dict:
+    """How the run was started: the entry point's record (the command line's arguments and Hydra overrides), else
+    this process's arguments; with the working folder, absolute."""
+    import os
+    import sys
+
+    out = dict(invocation or {"argv": list(sys.argv)})
+    out.setdefault("cwd", os.getcwd())
+    return out
+
+
 def sidecar_record(cfg: RunConfig, result: RunResult, device: dict) -> dict:
     """The sidecar: what was asked, what ran, how long it took and how much memory it used."""
     s = result.sampling
@@ -64,6 +112,8 @@ def sidecar_record(cfg: RunConfig, result: RunResult, device: dict) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(resolved),
         "versions": library_versions(),
+        "project": project_record(),
+        "invocation": invocation_record(result.run.invocation if result.run is not None else None),
         "device": device,
         "prepared": result.prepared,
         **result.ran,

@@ -1,4 +1,4 @@
-"""The web page: `python demo.py mode=ui` (needs the optional extra: pip install '.[ui]').
+"""The web page: `python demo.py mode=ui` (needs the optional extra: pip install 'contentv[ui]').
 
 The community app's page on this runtime: model preset, prompt, negative prompt, frames, fps, size, steps,
 guidance, seed (or random), backend and the memory options (presets, one offload mode, VAE slicing/tiling,
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from contentv.config import BackendConfig, MemoryConfig, Presets, RunConfig, SamplingConfig
 from contentv.errors import ConfigError, first_line
+from contentv.extras import install_hint
 from contentv.form import (
     MEMORY_FIELDS,
     MODEL_DEFAULT_FIELDS,
@@ -90,7 +91,7 @@ def _gradio():
     try:
         import gradio
     except ImportError as exc:
-        raise ConfigError("mode", "ui", "needs gradio: pip install '.[ui]'") from exc
+        raise ConfigError("mode", "ui", f"needs gradio: {install_hint('ui')}") from exc
     return gradio
 
 

@@ -19,7 +19,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from contentv import memory_policy
 from contentv.config import (
@@ -30,15 +30,17 @@ from contentv.config import (
     OutputConfig,
     RunConfig,
     SamplingConfig,
+    ServeConfig,
     UIConfig,
     resolve_sampling,
 )
+from contentv.device import DeviceBackend
 from contentv.errors import ConfigError
+from contentv.hub import check_hub, hub_problem, is_hub_id  # noqa: F401 - part of this module's interface
 
 if typing.TYPE_CHECKING:
     from contentv.registry import ModelSpec
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Hard limits, whatever the memory: libx264 refuses frames wider or taller than 16384 pixels; schedulers are
 # trained on 1000 timesteps, so more steps than that repeat timesteps; MP4 players handle up to 240 fps.
@@ -54,16 +56,6 @@ MAX_PROMPTS = 1_000_000
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # File stems: bytes, leaving room for "-NNNN.json" within the 255-byte names of common file systems.
 MAX_STEM_BYTES = 200
-
-
-class DeviceBackend(memory_policy.Capabilities, Protocol):
-    """What validation asks of a backend (backends.Backend has these)."""
-
-    device: Any
-
-    def attention_kernel(self) -> Any: ...
-    def check_memory(self, memory: Any) -> None: ...
-    def free_memory(self) -> int | None: ...
 
 
 @dataclass
@@ -161,6 +153,7 @@ def check_settings(
         raise ConfigError("mode", cfg.mode, "generate under torchrun/SLURM (the web page is one process)")
     check_output(cfg.output)
     check_ui(cfg.ui)
+    check_serve(cfg.serve, serving=cfg.mode == "serve")
     if cfg.sweep.baseline < 0:
         raise ConfigError("sweep.baseline", cfg.sweep.baseline, "a job number >= 0 (0 = the sweep's first job)")
     return CheckedRun(spec=spec, sampling=sampling, prompts=prompts)
@@ -187,10 +180,9 @@ def check_parallel_split(cfg: RunConfig, lay: Any, sampling: SamplingConfig) -> 
 def check_types(cfg: Any, prefix: str = "") -> None:
     """Each dataclass field holds a value of its annotated type (Python users can put anything there; Hydra's
     own type checks stop at the command line). bool is not an int; floats must be finite."""
+    hints = typing.get_type_hints(type(cfg))  # once per class: it evaluates every annotation (slow)
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        option = f"{prefix}{f.name}"
-        hint = typing.get_type_hints(type(cfg))[f.name]
+        value, option, hint = getattr(cfg, f.name), f"{prefix}{f.name}", hints[f.name]
         if is_dataclass(value):
             check_types(value, f"{option}.")
             continue
@@ -370,6 +362,28 @@ def check_ui(u: UIConfig) -> None:
             raise ConfigError(f"ui.allowed_paths[{i}]", path, "a checkpoint folder path")
 
 
+def check_serve(s: ServeConfig, serving: bool = False) -> None:  # serving: only loopback without serve.api_key
+    for option, value, low, high in (
+        ("serve.port", s.port, 0, 65535),
+        ("serve.max_queue", s.max_queue, 1, 100_000),
+        ("serve.max_queue_per_key", s.max_queue_per_key, 1, s.max_queue),
+        ("serve.max_body_bytes", s.max_body_bytes, 1024, 1 << 30),
+        ("serve.max_prompt_chars", s.max_prompt_chars, 1, MAX_PROMPT_CHARS),
+        ("serve.job_ttl_hours", s.job_ttl_hours, 0, 10**6),
+        ("serve.max_wait_s", s.max_wait_s, 0, 10**6),
+    ):
+        if not low <= value <= high:
+            raise ConfigError(option, value, f"a value in {low}..{high}")
+    if not _is_host(s.host):
+        raise ConfigError("serve.host", s.host, "an interface address such as 127.0.0.1, 0.0.0.0, ::1 or a host name")
+    if s.api_key is not None and not re.fullmatch(r"[!-~]{8,}", s.api_key):  # printable ASCII, no spaces
+        raise ConfigError("serve.api_key", "<hidden>", "null or a key of at least 8 printable characters, no spaces")
+    if serving and not s.api_key and s.host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError("serve.host", s.host, "127.0.0.1, ::1 or localhost unless serve.api_key is set")
+    if s.workers not in ("local", "ray"):
+        raise ConfigError("serve.workers", s.workers, ("local", "ray"))
+
+
 def _is_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -384,56 +398,6 @@ def _is_host(host: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ files
-
-
-def is_hub_id(path: str) -> bool:
-    """'owner/name' that is not an existing local path."""
-    return bool(_HUB_ID.match(path)) and not os.path.exists(path)
-
-
-def hub_problem(repo: str, revision: str | None, local_files_only: bool, timeout: float = 4.0) -> str | None:
-    """Why a hub id can't be loaded here, found out fast (no download, no retries), or None if it can: it is in the
-    local Hugging Face cache, or (online) the hub's host accepts a connection within `timeout` seconds."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        if isinstance(try_to_load_from_cache(repo, "model_index.json", revision=revision), str):
-            return None
-    except Exception:  # noqa: BLE001 - a malformed id or cache: not in the cache
-        pass
-    if local_files_only or constants.HF_HUB_OFFLINE:
-        return "it is not in the local Hugging Face cache, and downloads are off (offline)"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    reached = threading.Event()
-
-    def probe() -> None:  # in a thread: name resolution has no timeout of its own
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            reached.set()
-        except OSError:
-            pass
-
-    threading.Thread(target=probe, daemon=True).start()
-    if reached.wait(timeout + 1):
-        return None
-    return f"it is not in the local Hugging Face cache, and {host} can't be reached"
-
-
-def check_hub(repo: str, revision: str | None, local_files_only: bool) -> None:
-    """A hub id must be loadable from here: one line saying what to do otherwise (instead of a retry storm)."""
-    problem = hub_problem(repo, revision, local_files_only)
-    if problem:
-        raise ConfigError(
-            "model.path",
-            repo,
-            f"a checkpoint this machine can load: {problem}; download it where there is network "
-            f"(hf download {repo} --local-dir <folder>) and pass model.path=<folder>, or try the runtime "
-            "offline with model=tiny_contentv",
-        )
 
 
 def check_local_checkpoint(option: str, path: str, required: dict[str, str]) -> Path:

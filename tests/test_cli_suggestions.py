@@ -64,3 +64,25 @@ def test_the_readmes_choice_sweep_expands_to_each_prompt_as_typed():
     with demo.hydra_context():
         prompts = [_compose_job(job)[0].sampling.prompt for job in jobs]
     assert prompts == ["a red fox, in snow", "a red fox, in snow", "the cat's nap", "the cat's nap"]
+
+
+def test_a_missing_launcher_plugin_is_named_with_its_install_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if "joblib_launcher" in name else find_spec(name, *a)
+    )
+    argv = ["-m", *TINY, "sampling.seed=1,2", "hydra/launcher=local_parallel", f"hydra.sweep.dir={tmp_path}/s"]
+    assert demo.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: hydra/launcher=local_parallel is not valid: it needs hydra-joblib-launcher")
+    assert "pip install 'matplotlib" in line and "(the sweep extra)" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_installed_commands_help_names_it(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["/usr/bin/contentv", "--help"])
+    assert demo.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: contentv [GROUP=OPTION" in out and "python demo.py [GROUP" not in out

@@ -75,6 +75,8 @@ def test_a_quantized_run_imports_its_library_only(tmp_path, cache_dir):
     proc = run_logged(tmp_path, cache_dir, "memory.quantization=torchao_int8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "imported: ['torchao']"
+    # the summary says the frames differ, and why
+    assert "changes: quantization=torchao_int8 (weights rounded: every frame changes slightly)" in proc.stdout
 
 
 def test_a_terminal_gets_one_bar_per_long_stage(tmp_path, cache_dir):

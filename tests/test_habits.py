@@ -16,7 +16,7 @@ import pytest
 
 import contentv
 from contentv.errors import ConfigError
-from contentv.validation import check_hub
+from contentv.hub import check_hub
 from contentv.video import slugify
 from tests.test_api import readme_python_blocks
 
@@ -169,7 +169,7 @@ def test_frames_label_is_the_familys_rule():
     assert frames_label("cogvideox") == "Frames (8k+1)" and frames_label("contentv") == "Frames (4k+1)"
     for family in FAMILIES:
         spec = get_spec(family)
-        step = int(spec.frames_rule.split("k")[0])
+        step = spec.frames_multiple
         for n, ok in ((1 + step, True), (1 + 2 * step, True), (1 + step + 4, step == 4)):
             s = SamplingConfig(
                 prompt="x", num_frames=n, height=64, width=96, num_inference_steps=1, seed=0, fps=8, guidance_scale=6.0

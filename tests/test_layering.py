@@ -100,3 +100,33 @@ def test_the_checker_finds_a_planted_violation(tmp_path):
     planted.write_text("import os\nfrom backends import build_backend\n\ndef f():\n    import torch_npu\n")
     found = imported_modules(planted)
     assert ("backends", 2, False) in found and ("torch_npu", 5, True) in found
+
+
+def test_one_backend_interface_every_backend_has_and_the_library_keeps_to():
+    """contentv.device.DeviceBackend is the one interface: each backend has every member, and the library (outside
+    its command line) touches no other member of a backend object (`backend.X`, `self.backend.X`, `caps.X`)."""
+    import backends
+    from contentv.config import BackendConfig
+    from contentv.device import MEMBERS
+    from tests.virtual_backend import VirtualBackend
+
+    classes = [backends.backend_class(name) for name in backends.BACKENDS] + [VirtualBackend]
+    instance = ("device", "kernel_name")  # set by Backend.__init__ (a CPU backend is built below to check them)
+    missing = [f"{c.__name__}.{m}" for c in classes for m in MEMBERS if not hasattr(c, m) and m not in instance]
+    cpu = backends.build_backend(BackendConfig(name="cpu"))
+    missing += [f"CPUBackend().{m}" for m in MEMBERS if not hasattr(cpu, m)]
+    assert not missing, missing
+    config_fields = {"name", "attention", "device_index", "options", "allow_tf32"}  # cfg.backend.<field>
+    used = set()
+    for p in library_files():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                owner = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+                if owner in ("backend", "caps") and not (isinstance(base, ast.Attribute) and base.value is None):
+                    cfg_access = isinstance(base, ast.Attribute) and getattr(base.value, "id", "") in ("cfg", "c")
+                    if not cfg_access:
+                        used.add((p.relative_to(ROOT).as_posix(), node.attr))
+    assert {"free_memory", "prepare", "is_out_of_memory", "attention_kernel"} <= {a for _, a in used}  # it sees them
+    outside = sorted(f"{f}: .{a}" for f, a in used if a not in MEMBERS and a not in config_fields)
+    assert not outside, outside

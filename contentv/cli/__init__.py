@@ -44,6 +44,16 @@ def _main(argv: list[str]) -> int:
         from contentv.sweep import compare
 
         return compare.main(argv[1:], prog="python demo.py compare")
+    # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable. Set
+    # before anything imports transformers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from contentv import _diffusers
+
+    _diffusers.defer_quantization_libraries()  # imported only when a quantization is selected
+    if argv[:1] == ["replay"]:  # a video again from its sidecar
+        from contentv.cli import replay
+
+        return replay.main(argv[1:])
     import hydra
 
     from backends import distributed
@@ -54,13 +64,8 @@ def _main(argv: list[str]) -> int:
     from contentv.cli.sweep import install_sweeper
     from contentv.errors import ConfigError
 
-    # transformers' import-time notices (e.g. optional torchvision) aren't the user's concern; overridable. Set
-    # before anything imports transformers.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from contentv import _diffusers
-
-    _diffusers.defer_quantization_libraries()  # imported only when a quantization is selected
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    typed = list(argv)  # as the user typed it (the sidecar records it)
     argv = literal_prompts(argv, multirun)
     distributed.export_slurm_env()
     register_configs()
@@ -80,7 +85,7 @@ def _main(argv: list[str]) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job.adopt(prepared)
+    job.adopt(prepared, typed)
     install_sweeper()
     sys.argv = [sys.argv[0], *argv]
     try:

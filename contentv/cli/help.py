@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from contentv import COMMAND
 from contentv.cli.compose import (
     GROUPS,
     UsageError,
@@ -37,7 +40,10 @@ def help_text(overrides: Sequence[str]) -> str:
     del composed.hydra
     values = OmegaConf.to_container(composed, resolve=True)
     chosen = {g: (values.get(g) or {}).get("name") for g in GROUPS}
-    lines = [help_cfg.header.rstrip(), "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
+    header = help_cfg.header.rstrip()
+    if Path(sys.argv[0]).name == COMMAND:  # the installed command: its usage lines name it
+        header = header.replace("python demo.py", COMMAND)
+    lines = [header, "", "Config groups (GROUP=OPTION; * = this command line's choice):"]
     for group, options in groups.items():
         marked = ", ".join(f"{o}*" if o == chosen.get(group) else o for o in options)
         lines.append(f"  {group:<16}{marked}")

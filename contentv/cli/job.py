@@ -23,12 +23,13 @@ log = logging.getLogger("demo")
 # What the pre-flight check prepared in this process (None in a launcher's own worker process), and one runtime per
 # backend config, kept across the jobs of a sweep so weights load once per (model, memory) key; replaced (and its
 # memory freed) when the backend changes.
-_STATE: dict = {"prepared": None, "key": None, "runtime": None}
+_STATE: dict = {"prepared": None, "key": None, "runtime": None, "typed": None}
 
 
-def adopt(prepared: Prepared | None) -> None:
-    """Hand the pre-flight check's work (resolved runs, the backend it built) to the jobs of this process."""
-    _STATE["prepared"] = prepared
+def adopt(prepared: Prepared | None, typed: list[str] | None = None) -> None:
+    """Hand the pre-flight check's work (resolved runs, the backend it built) and the command line as typed to the
+    jobs of this process."""
+    _STATE["prepared"], _STATE["typed"] = prepared, typed
 
 
 def prepared() -> Prepared | None:
@@ -78,16 +79,19 @@ def summary(result: RunResult) -> str:
     rec = result.record
     t = rec["timings_s"]
     stages = " | ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in t.items())
-    peak = rec["peak_memory"]
-    return "\n".join(
-        [
-            f"time:    {stages} ({rec['seconds_per_step']:.3f} s/step)",
-            f"memory:  peak device {_gib(peak['device_bytes'])} | peak host RSS {_gib(peak['host_rss_bytes'])}"
-            f" | {rec['prepared'].get('placement')} | attention {rec['prepared'].get('attention_kernel')}",
-            f"sidecar: {result.sidecar}" if result.sidecar else "sidecar: (off)",
-            f"video:   {result.video}",
-        ]
-    )
+    peak, prepared = rec["peak_memory"], rec["prepared"]
+    run = rec.get("run") or {}
+    strategy = f"memory {prepared.get('memory_preset')} ({run.get('memory_choice', 'as configured')})"
+    lines = [
+        f"time:    {stages} ({rec['seconds_per_step']:.3f} s/step)",
+        f"memory:  peak device {_gib(peak['device_bytes'])} | peak host RSS {_gib(peak['host_rss_bytes'])}"
+        f" | placement {prepared.get('placement')} | attention {prepared.get('attention_kernel')} | {strategy}",
+    ]
+    changes = prepared.get("output_changes") or []
+    if changes:  # quantization, VAE tiling, a step cache: every frame differs from everything resident
+        lines.append("changes: " + "; ".join(changes))
+    lines += [f"sidecar: {result.sidecar}" if result.sidecar else "sidecar: (off)", f"video:   {result.video}"]
+    return "\n".join(lines)
 
 
 def console_output(verbose: bool) -> None:
@@ -106,13 +110,15 @@ def console_output(verbose: bool) -> None:
 
 
 def _serve_ui(cfg: RunConfig) -> None:
-    """mode=ui: the web page, until Ctrl-C; a bad setting prints one line and exits with status 2."""
+    """mode=ui: the web page (mode=serve: the video API), until Ctrl-C; a bad setting prints one line and exits
+    with status 2."""
     import backends
-    from contentv import ui
+    from contentv import serve, ui
     from contentv.errors import ConfigError
 
+    launch = serve.main if cfg.mode == "serve" else ui.launch
     try:
-        ui.launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
+        launch(cfg, load_presets(overrides=searchpath_overrides()), backends.build_backend)  # until Ctrl-C
     except ConfigError as exc:
         if cfg.debug:
             raise
@@ -164,7 +170,7 @@ def task(dcfg: DictConfig) -> None:
     distributed.export_slurm_env()
     cfg = OmegaConf.to_object(dcfg)
     console_output(cfg.verbose)
-    if cfg.mode == "ui":
+    if cfg.mode in ("ui", "serve"):
         _serve_ui(cfg)
         return
     hydra_cfg = HydraConfig.get()
@@ -201,12 +207,20 @@ def task(dcfg: DictConfig) -> None:
 
 
 def _resolved(runtime: Runtime, cfg: RunConfig, job: int | None, overrides: list[str]):
-    """The pre-flight check's resolved run for this job, else resolved now (every rank together under torchrun)."""
+    """The pre-flight check's resolved run for this job, else resolved now (every rank together under torchrun);
+    with how it was started, for its sidecar (and `contentv replay`)."""
+    import dataclasses
+    import os
+
     prepared = _STATE["prepared"]
     run = prepared.take(job, overrides) if prepared is not None and runtime.world.size == 1 else None
-    if run is None:
-        return runtime.resolve(cfg)
-    return run.with_output_dir(cfg.output.dir)
+    run = runtime.resolve(cfg) if run is None else run.with_output_dir(cfg.output.dir)
+    command = contentv.COMMAND if Path(sys.argv[0]).name == contentv.COMMAND else f"python {sys.argv[0]}"
+    typed = _STATE["typed"] if _STATE["typed"] is not None else sys.argv[1:]
+    invocation = {"command": command, "argv": list(typed), "overrides": list(overrides), "cwd": os.getcwd()}
+    if job is not None:
+        invocation["job"] = job
+    return dataclasses.replace(run, invocation=invocation)
 
 
 def _failed(

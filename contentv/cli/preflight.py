@@ -107,6 +107,22 @@ def _world_size(cfg: RunConfig, hydra_cfg: Any, multirun: bool) -> int:
     return world_size
 
 
+def _check_launcher(hydra_cfg: Any) -> None:
+    """A sweep's launcher plugin is installed (Hydra's own message names only its config: 'Could not load ...')."""
+    import importlib.util
+
+    target = str((hydra_cfg.get("launcher") or {}).get("_target_") or "")
+    if not target.startswith("hydra_plugins."):
+        return
+    module = ".".join(target.split(".")[:2])
+    if importlib.util.find_spec(module) is None:
+        from contentv.extras import install_hint
+
+        package = module.split(".")[1].replace("_", "-")
+        choice = hydra_cfg.runtime.choices.get("hydra/launcher")
+        raise UsageError(f"hydra/launcher={choice} is not valid: it needs {package}: {install_hint('sweep')}")
+
+
 def _mode_checks(cfg: RunConfig, multirun: bool) -> None:
     if cfg.debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -116,6 +132,8 @@ def _mode_checks(cfg: RunConfig, multirun: bool) -> None:
         if multirun:
             raise UsageError("mode=ui serves one page: drop -m")
         ui.check_available()  # gradio installed? (one line: pip install '.[ui]')
+    if cfg.mode == "serve" and multirun:
+        raise UsageError("mode=serve runs one server: drop -m")
 
 
 def preflight(argv: list[str]) -> Prepared | None:
@@ -140,6 +158,8 @@ def preflight(argv: list[str]) -> Prepared | None:
         if not args.multirun and not any(getattr(args, a, None) for a in HYDRA_SOURCES):
             prepared.composed = composed[0][3]  # a single run is composed once: run_single runs this config
         first = composed[0][1]
+        if args.multirun:
+            _check_launcher(composed[0][2])
         if args.multirun and first.sweep.baseline >= len(jobs):
             from contentv.errors import ConfigError
 

@@ -108,7 +108,9 @@ def add_fidelity(rows: list[dict], baseline: int) -> None:
         try:
             psnr, ssim = metrics(frames, reference)
         except ImportError:
-            row["fidelity"] = "torchmetrics is not installed (pip install '.[sweep]')"
+            from contentv.extras import install_hint
+
+            row["fidelity"] = f"torchmetrics is not installed ({install_hint('sweep')})"
             continue
         except ValueError as exc:
             row["fidelity"] = str(exc)

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from contentv.errors import SweepError, first_line
+from contentv.extras import install_hint
 from contentv.sweep.fidelity import add_fidelity
 from contentv.sweep.rows import STAGES, collect
 
@@ -174,7 +175,7 @@ def _chart(rows: list[dict], path: Path, baseline: int) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: no summary.png (pip install '.[sweep]')")
+        log.warning("matplotlib is not installed: no summary.png (%s)", install_hint("sweep"))
         return False
     done = [r for r in rows if r["status"] == "ok"]
     device = any(r.get("peak_device_gib") is not None for r in done)

@@ -173,8 +173,8 @@ def validate_for_model(cfg: ModelConfig, s: SamplingConfig) -> None:
 SPEC = ModelSpec(
     family="cogvideox",
     tiny_names=tuple(TINY_SPECS),
+    frames_multiple=2 * TEMPORAL,  # 8k+1: an odd latent frame count (validate)
     sampling_defaults=SAMPLING_DEFAULTS,
-    frames_rule="8k+1",
     resolve_path=resolve_path,
     check_checkpoint=check_checkpoint,
     load=load,

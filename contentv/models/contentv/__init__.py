@@ -110,6 +110,7 @@ def validate(s: SamplingConfig) -> None:
 SPEC = ModelSpec(
     family="contentv",
     tiny_names=("tiny_contentv",),
+    frames_multiple=TEMPORAL,
     sampling_defaults=SAMPLING_DEFAULTS,
     resolve_path=resolve_path,
     check_checkpoint=check_checkpoint,
