@@ -163,6 +163,12 @@ class Studio:
         d = resolve_sampling(SamplingConfig(), self.models[model])
         return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
 
+    def model_widgets(self, model: str) -> dict[str, dict[str, Any]]:
+        """What the page updates when the model preset changes: {field: {"value": default, "label": ...}}."""
+        updates = {k: {"value": v} for k, v in self.sampling_defaults(model).items()}
+        updates.setdefault("num_frames", {})["label"] = self.frames_label(model)
+        return updates
+
     def frames_label(self, model: str) -> str:
         """The frames widget's label for a model preset: its family's frame rule ("Frames (8k+1)" for CogVideoX)."""
         cfg = self.models.get(model) if isinstance(model, str) else None

@@ -297,9 +297,8 @@ def _form_of(values: dict) -> Form:
 def _form_handlers(gr: ModuleType, studio: Studio) -> tuple[Callable, Callable, Callable, Callable]:
     """(on_model, on_memory, on_predict, on_auto_plan): the widgets a preset fills, and the memory plan."""
 
-    def on_model(name: str):  # the model's sampling defaults, and its frame rule (4k+1, 8k+1) in the frames label
-        updates = {k: {"value": v} for k, v in studio.sampling_defaults(name).items()}
-        updates.setdefault("num_frames", {})["label"] = studio.frames_label(name)
+    def on_model(name: str):
+        updates = studio.model_widgets(name)  # the model's sampling defaults, and its frame rule in the frames label
         return [gr.update(**updates.get(k, {})) for k in MODEL_DEFAULT_FIELDS]
 
     def on_memory(name: str):
