@@ -2,7 +2,7 @@
 .PHONY: install demo ui test lint format wheel
 
 install:
-	pip install torch==2.13.0 && pip install -e ".[test]"
+	pip install -c constraints.txt torch==2.13.0 && pip install -c constraints.txt -e ".[test]"
 
 demo:
 	python demo.py model=tiny_contentv backend=cpu

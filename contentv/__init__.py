@@ -14,7 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from contentv._diffusers import quiet_library_imports
 from contentv.tiny import tiny_checkpoint
+
+# The Python API as quiet as the command line: no import-time lines from quantization libraries or image processors
+# that no run here uses (cheap: nothing is imported; it only takes effect if diffusers' models load after this).
+quiet_library_imports()
 
 # When this library was first imported: where a run's "startup" begins (demo.py imports it before anything heavy).
 # Not the process's own start: a process exec'd by a shell (`bash -c`, `exec`) inherits the shell's start time.

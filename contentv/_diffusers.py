@@ -147,13 +147,16 @@ _AVAILABILITY_FLAGS = {"torchao": "_torchao_available", "bitsandbytes": "_bitsan
 
 
 _TRANSFORMERS_TORCHAO: list = []  # transformers' own is_torchao_available, while deferred
+# Whether the libraries stay deferred after their models load (the runtime: until a run quantizes) or only while
+# they load (a Python user of the pipelines, who may quantize with diffusers' own configs afterwards).
+_DEFERRAL = {"until_used": False}
 
 
 def defer_quantization_libraries() -> bool:
     """Keep diffusers and transformers from importing torchao and bitsandbytes with their models: they import them
     (with their import-time warnings and ~1.5 s) for their own quantizers, which this runtime doesn't use (it
     quantizes with the libraries directly, and only when asked: `use_quantization_library`). Call before their
-    models are imported (the entry point does, first thing); returns False if that is too late.
+    models are imported (the entry point and Runtime do); returns False if that is too late.
 
     Nothing is imported here (so --help and pre-flight errors stay fast): an import hook patches the two libraries'
     availability checks right after their modules load. diffusers reads module flags
@@ -164,24 +167,54 @@ def defer_quantization_libraries() -> bool:
 
     if "diffusers.models.modeling_utils" in sys.modules or "transformers.quantizers" in sys.modules:
         return False
+    _DEFERRAL["until_used"] = True
+    _install_deferral(restore_after_models=False)
+    return True
 
-    def diffusers_flags(module: types.ModuleType) -> None:
-        for flag in _AVAILABILITY_FLAGS.values():
-            setattr(module, flag, False)
 
-    def transformers_torchao(module: types.ModuleType) -> None:
-        if not _TRANSFORMERS_TORCHAO:
-            _TRANSFORMERS_TORCHAO.append(module.is_torchao_available)
-            module.is_torchao_available = lambda *args, **kwargs: False
+def _install_deferral(restore_after_models: bool) -> None:
+    """The import hook: availability off as the libraries load; back on once their models have loaded if asked
+    (and no runtime asked for `defer_quantization_libraries` meanwhile)."""
+    import sys
 
-    hooks = {"diffusers.utils.import_utils": diffusers_flags, "transformers.utils": transformers_torchao}
+    hooks = {"diffusers.utils.import_utils": _diffusers_flags_off, "transformers.utils": _transformers_torchao_off}
+    if restore_after_models:
+        hooks["diffusers.models.modeling_utils"] = _diffusers_flags_on
+        hooks["transformers.modeling_utils"] = _transformers_torchao_on
     for name, patch in list(hooks.items()):
         if name in sys.modules:  # already imported (not its models): patch now
             patch(sys.modules[name])
             del hooks[name]
     if hooks and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport(hooks))
-    return True
+
+
+def _diffusers_flags_off(module: types.ModuleType) -> None:
+    for flag in _AVAILABILITY_FLAGS.values():
+        setattr(module, flag, False)
+
+
+def _transformers_torchao_off(module: types.ModuleType) -> None:
+    if not _TRANSFORMERS_TORCHAO:
+        _TRANSFORMERS_TORCHAO.append(module.is_torchao_available)
+        module.is_torchao_available = lambda *args, **kwargs: False
+
+
+def _diffusers_flags_on(_module: types.ModuleType) -> None:
+    import importlib.util
+    import sys
+
+    iu = sys.modules["diffusers.utils.import_utils"]
+    for package, flag in _AVAILABILITY_FLAGS.items():
+        if not _DEFERRAL["until_used"] and importlib.util.find_spec(package) is not None:
+            setattr(iu, flag, True)
+
+
+def _transformers_torchao_on(_module: types.ModuleType) -> None:
+    import sys
+
+    if not _DEFERRAL["until_used"] and _TRANSFORMERS_TORCHAO:
+        sys.modules["transformers.utils"].is_torchao_available = _TRANSFORMERS_TORCHAO.pop()
 
 
 class _AfterImport:
@@ -216,6 +249,39 @@ class _AfterImport:
                 spec.loader.exec_module = exec_module
                 return spec
         return None
+
+
+class _ImageProcessorNotice:
+    """A logging filter dropping transformers' notice that an image processor falls back without torchvision."""
+
+    def filter(self, record: Any) -> bool:
+        return "requires torchvision" not in str(record.msg)
+
+
+_IMAGE_PROCESSOR_NOTICE = _ImageProcessorNotice()
+
+
+def quiet_library_imports() -> None:
+    """What the pipelines' imports would print about code paths no run takes, kept quiet (the command line and
+    the Python API alike; called when contentv.models is first imported, before diffusers' models load).
+
+    - torchao and bitsandbytes: not imported with diffusers' and transformers' models (as defer_quantization_libraries
+      does), then available again for whoever quantizes; the runtime keeps them deferred until a run quantizes.
+    - transformers' "`CLIPImageProcessor` requires torchvision ... falling back" notices: diffusers' SD3 pipeline
+      and IP-adapter loader import the image processor classes by name (never used: no pipeline here takes an
+      image), and transformers 5 warns when the name is resolved. Only that notice is filtered; every other
+      transformers warning shows as before.
+    """
+    import logging
+    import sys
+
+    if "diffusers.models.modeling_utils" not in sys.modules and "transformers.quantizers" not in sys.modules:
+        # Off while diffusers' and transformers' models import, then on again: their quantization configs
+        # (BitsAndBytesConfig, TorchAoConfig) keep working for a Python user who passes one.
+        _install_deferral(restore_after_models=True)
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if _IMAGE_PROCESSOR_NOTICE not in notices.filters:
+        notices.addFilter(_IMAGE_PROCESSOR_NOTICE)
 
 
 def use_quantization_library(package: str) -> None:

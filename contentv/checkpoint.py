@@ -86,6 +86,11 @@ class CheckpointError(ConfigError):
         super().__init__(option, path, problem)
 
 
+# A component's files are missing or unreadable: an OSError too, as diffusers' loaders raise it.
+class CheckpointFileError(CheckpointError, OSError):
+    pass
+
+
 # ------------------------------------------------------------------------------------------ the check
 
 
@@ -210,18 +215,10 @@ def read_weights(path: str, part: Part, option: str = OPTION) -> dict[str, dict]
     files = weight_files(folder, part)
     if not files:
         names = sorted(p.name for p in sub.iterdir() if p.is_file())
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         variants = [n for n in names if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")]
+        pickles = pickle_only(sub)
         if pickles:
-            how = (
-                f"python -m contentv.checkpoint convert {sub}"
-                if any(n.startswith(("pytorch_model", "diffusion_pytorch_model")) for n in pickles)
-                else "save_pretrained(..., safe_serialization=True)"
-            )
-            raise fail(
-                f"safetensors weights; {part.name} has only pickle weights ({', '.join(pickles[:3])}; unsafe to "
-                f"load: unpickling runs code): convert them with: {how}"
-            )
+            raise fail(f"safetensors weights; {pickles}")
         if variants:
             raise fail(
                 f"{part.name}/{part.weights_stem}.safetensors (or its .index.json); found only "
@@ -247,6 +244,19 @@ def read_weights(path: str, part: Part, option: str = OPTION) -> dict[str, dict]
         else:
             tensors.update(read_header(path, part.name, file, option))
     return tensors
+
+
+def pickle_only(sub: Path) -> str | None:
+    """If the component folder `sub` has pickle weights and no safetensors: what it has and how to convert them."""
+    names = sorted(p.name for p in sub.iterdir() if p.is_file()) if sub.is_dir() else []
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not pickles or any(n.endswith(".safetensors") for n in names):
+        return None
+    convertible = any(n in ("pytorch_model.bin", "diffusion_pytorch_model.bin") or ".bin.index" in n for n in names)
+    how = f"python -m contentv.checkpoint convert {sub}" if convertible else "save_pretrained(safe_serialization=True)"
+    return f"{sub.name} has only pickle weights ({', '.join(pickles[:3])}; unsafe to load: unpickling runs code): " + (
+        f"convert them with: {how}"
+    )
 
 
 def read_header(path: str, component: str, file: Path, option: str = OPTION) -> dict[str, dict]:
@@ -412,7 +422,10 @@ def component_errors(path: str, component: str, option: str = OPTION) -> Iterato
             raise
         # KeyError('added_tokens') prints as 'added_tokens': name the type where the message alone is cryptic.
         kind = "" if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: "
-        raise CheckpointError(path, component, f"{component}: {kind}{_summary(exc)}", option) from exc
+        problem = pickle_only(Path(path).expanduser() / component) or f"{kind}{_summary(exc)}"
+        # A missing or unreadable file stays an OSError, as diffusers raises it (and a ValueError, as ours are).
+        error = CheckpointFileError if isinstance(exc, OSError) else CheckpointError
+        raise error(path, component, f"{component}: {problem}", option) from exc
 
 
 def load_component(path: str, component: str, load: Callable[[], T]) -> T:

@@ -82,7 +82,7 @@ class MemoryConfig:
     group_offload: bool = False
     # Transformer blocks per offload group.
     group_offload_blocks: int = 1
-    # Prefetch the next group on a side stream from pinned memory (CUDA only).
+    # Prefetch the next group on a side stream from pinned memory (CUDA and NPU; the CPU copies without streams).
     group_offload_stream: bool = True
     # Decode the VAE one video at a time.
     vae_slicing: bool = False

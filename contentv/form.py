@@ -118,3 +118,14 @@ def offload_mode(memory: MemoryConfig) -> str:
         if getattr(memory, flag):
             return mode
     return "none"
+
+
+def frames_label(family: str) -> str:
+    """The frames widget's label for a model family: the frame counts it returns as asked ("Frames (8k+1)")."""
+    from contentv.registry import get_spec
+
+    try:
+        multiple = get_spec(family).frames_multiple
+    except ConfigError:  # a family this install doesn't know: no rule to show
+        return "Frames"
+    return f"Frames ({multiple}k+1)"

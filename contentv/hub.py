@@ -55,6 +55,6 @@ def check_hub(repo: str, revision: str | None, local_files_only: bool) -> None:
             "model.path",
             repo,
             f"a checkpoint this machine can load: {problem}; download it where there is network "
-            f"(huggingface-cli download {repo} --local-dir <folder>) and pass model.path=<folder>, or try the runtime "
+            f"(hf download {repo} --local-dir <folder>) and pass model.path=<folder>, or try the runtime "
             "offline with model=tiny_contentv",
         )

@@ -39,6 +39,7 @@ from contentv.form import (
     Form,
     convert,
     field_kind,
+    frames_label,
     offload_mode,
     page_memory_fields,
 )
@@ -161,6 +162,17 @@ class Studio:
             return {}
         d = resolve_sampling(SamplingConfig(), self.models[model])
         return {k: getattr(d, k) for k in MODEL_DEFAULT_FIELDS}
+
+    def model_widgets(self, model: str) -> dict[str, dict[str, Any]]:
+        """What the page updates when the model preset changes: {field: {"value": default, "label": ...}}."""
+        updates = {k: {"value": v} for k, v in self.sampling_defaults(model).items()}
+        updates.setdefault("num_frames", {})["label"] = self.frames_label(model)
+        return updates
+
+    def frames_label(self, model: str) -> str:
+        """The frames widget's label for a model preset: its family's frame rule ("Frames (8k+1)" for CogVideoX)."""
+        cfg = self.models.get(model) if isinstance(model, str) else None
+        return frames_label(cfg.family) if cfg is not None else "Frames"
 
     def memory_fields(self, memory: str) -> dict[str, Any]:
         """The memory widgets' values for a preset (the offload radio included)."""
@@ -335,6 +347,9 @@ class Studio:
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
         run = job.run  # checked and decided when the job was queued; trusted now
         runtime = self.runtime(run.config().backend)
+        # A page job's start-up is its own (loading, releasing another model), not the server's idle time since it
+        # started: the runtime counts its first video's start-up from here.
+        runtime.started_at = time.time()
         sampling = run.sampling
         with self._runtimes_lock:
             others = [r for r in self.runtimes.values() if r is not runtime]

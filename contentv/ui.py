@@ -59,7 +59,7 @@ HANDLER_THREADS = 40
 LABELS = {
     "prompt": ("Prompt", "prompt"),
     "negative_prompt": ("Negative prompt", "negative"),
-    "num_frames": ("Frames (4k+1)", "frames"),
+    "num_frames": ("Frames", "frames"),  # the family's rule is added per model (Studio.frames_label)
     "fps": ("FPS", "fps"),
     "width": ("Width (×16)", "width"),
     "height": ("Height (×16)", "height"),
@@ -206,6 +206,7 @@ def build_blocks(studio: Studio) -> "gradio.Blocks":
                 with gr.Row():
                     for name in ("num_frames", "fps", "width", "height"):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
+                    fields["num_frames"].label = studio.frames_label(d.model)  # before the page is rendered
                 with gr.Row():
                     for name in ("num_inference_steps", "guidance_scale", "seed"):
                         fields[name] = _field_widget(gr, SamplingConfig, name, d.sampling.get(name))
@@ -297,8 +298,8 @@ def _form_handlers(gr: ModuleType, studio: Studio) -> tuple[Callable, Callable, 
     """(on_model, on_memory, on_predict, on_auto_plan): the widgets a preset fills, and the memory plan."""
 
     def on_model(name: str):
-        values = studio.sampling_defaults(name)
-        return [gr.update(value=values[k]) if k in values else gr.update() for k in MODEL_DEFAULT_FIELDS]
+        updates = studio.model_widgets(name)  # the model's sampling defaults, and its frame rule in the frames label
+        return [gr.update(**updates.get(k, {})) for k in MODEL_DEFAULT_FIELDS]
 
     def on_memory(name: str):
         values = studio.memory_fields(name)

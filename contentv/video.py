@@ -23,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +56,24 @@ class VideoWriteError(OSError):
 
 
 def slugify(text: str, max_len: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    """A file-name stem from a prompt: lower-case letters and digits of any script joined by "-".
+
+    Accents on Latin letters are dropped (NFKD: "ünïcode" -> "unicode"); other scripts keep their letters and
+    marks ("日本語", "हिन्दी"). Nothing else survives (no separators, dots or spaces): a safe name everywhere.
+    """
+    chars: list[str] = []
+    for ch in unicodedata.normalize("NFKD", text.lower()):
+        kind = unicodedata.category(ch)
+        if kind.startswith("M"):
+            # A combining mark: an accent on an ASCII letter is dropped; elsewhere it is part of the letter.
+            if chars and chars[-1].isascii():
+                continue
+            chars.append(ch)
+        elif kind[0] in "LN":
+            chars.append(ch)
+        elif chars and chars[-1] != "-":
+            chars.append("-")
+    slug = unicodedata.normalize("NFC", "".join(chars)).strip("-")
     return slug[:max_len].rstrip("-") or "video"
 
 

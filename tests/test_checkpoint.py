@@ -260,7 +260,9 @@ def test_a_load_failure_the_check_cannot_see_is_one_line(ckpt):
 def test_pickle_weights_are_never_loaded_even_without_the_check(ckpt):
     pickle_text_encoder(ckpt)
     cfg = ModelConfig(name="local", family="contentv", path=str(ckpt), tiny=False, dtype="float32")
-    with pytest.raises(CheckpointError, match="text_encoder: .*model.safetensors"):
+    with pytest.raises(
+        CheckpointError, match="text_encoder: .*only pickle weights.*python -m contentv.checkpoint convert"
+    ):
         SPEC.load(cfg, str(ckpt))
 
 

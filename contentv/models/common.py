@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -270,3 +272,158 @@ class RuntimePlacement:
             if placement == "release":
                 for module in self.text_encoder_modules():
                     module.to("cpu")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+# diffusers' DiffusionPipeline.from_pretrained arguments passed on to every component's loader.
+HUB_ARGS = ("revision", "local_files_only", "cache_dir", "token", "force_download", "proxies")
+# ... and to the weight-bearing components only (device_map: one device for every component, e.g. "cuda").
+WEIGHT_ARGS = ("device_map", "max_memory", "offload_folder", "low_cpu_mem_usage")
+# diffusers' other loader arguments: refused with the reason, in one line.
+UNSUPPORTED_ARGS = {
+    "quantization_config": "quantize with the runtime (memory.quantization) or pass quantized components by name",
+    "custom_pipeline": "these pipelines run no code from a checkpoint",
+    "custom_revision": "these pipelines run no code from a checkpoint",
+    "from_flax": "only safetensors weights are loaded",
+    "use_onnx": "only safetensors weights are loaded",
+    "dduf_file": "load the unpacked folder",
+    "output_loading_info": "from_pretrained returns the pipeline only",
+    "parallel_config": "context parallelism is set up by the runtime (parallel=ulysses or ring)",
+}
+VARIANT_MISSING = (
+    "You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+    "available in {path} (diffusers' wording); leave variant out to load the default weights"
+)
+
+
+@dataclass
+class LoadArgs:
+    """A pipeline's from_pretrained arguments sorted out once: per-component dtypes, hub and weight options."""
+
+    path: str
+    dtypes: dict[str, Any]  # component -> torch dtype, or the "default" key
+    hub: dict[str, Any]  # to tokenizers and schedulers (and models)
+    weights: dict[str, Any]  # to models (safetensors only)
+    given: dict[str, Any]  # components passed by name, used as given
+    variant: str | None = None
+
+    def dtype(self, name: str, override: Any = None) -> torch.dtype:
+        """The dtype `name` loads in: an explicit per-component argument, else torch_dtype's (dict or one dtype)."""
+        import torch
+
+        if override is not None:
+            return override
+        return self.dtypes.get(name, self.dtypes.get("default", torch.float32))
+
+    def model_kwargs(self, name: str, override: Any = None) -> dict[str, Any]:
+        """Keyword arguments for a model component's from_pretrained (subfolder, dtype, hub, variant)."""
+        kw = {"subfolder": name, "dtype": self.dtype(name, override), **self.weights}
+        if self.variant and has_variant(self.path, name, self.variant) is not False:
+            kw["variant"] = self.variant  # a local component without the variant loads its default files
+        return kw
+
+
+def parse_load_args(
+    cls_name: str, path: str, components: tuple[str, ...], torch_dtype: Any, kwargs: dict[str, Any]
+) -> LoadArgs:
+    """Sort diffusers' from_pretrained arguments: components by name, hub and weight options, a variant, dtypes
+    (one dtype, or a dict per component with "default", as diffusers takes it). Raises ValueError for what
+    diffusers accepts but these pipelines refuse (naming why) and TypeError for unknown arguments."""
+    import torch
+
+    if torch_dtype is None:
+        torch_dtype = kwargs.pop("dtype", None)
+    kwargs.pop("dtype", None)
+    if isinstance(torch_dtype, dict):
+        unknown = sorted(set(torch_dtype) - {*components, "default"})
+        if unknown:
+            raise ValueError(f"torch_dtype: no component {unknown[0]!r}; keys are {', '.join(components)}, default")
+        dtypes = dict(torch_dtype)
+    else:
+        dtypes = {"default": torch_dtype or torch.float32}
+    given = {k: kwargs.pop(k) for k in components if k in kwargs}
+    hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
+    weights = {**hub, **{k: kwargs.pop(k) for k in WEIGHT_ARGS if k in kwargs}}
+    if kwargs.pop("use_safetensors", None) is False:
+        raise ValueError(
+            f"use_safetensors=False: {cls_name} loads safetensors only (unpickling runs code); convert pickle "
+            "weights with: python -m contentv.checkpoint convert <folder>"
+        )
+    weights["use_safetensors"] = True
+    variant = kwargs.pop("variant", None)
+    for name in sorted(kwargs):
+        if name in UNSUPPORTED_ARGS:
+            raise ValueError(f"{name}: not taken by {cls_name}.from_pretrained ({UNSUPPORTED_ARGS[name]})")
+    if kwargs:
+        raise TypeError(f"{cls_name}.from_pretrained: unexpected arguments: {', '.join(sorted(kwargs))}")
+    if variant and Path(path).expanduser().is_dir():
+        if not any(has_variant(path, name, variant) for name in components if name not in given):
+            raise ValueError(VARIANT_MISSING.format(variant=variant, path=path))
+    return LoadArgs(path, dtypes, hub, weights, given, variant)
+
+
+def has_variant(path: str, name: str, variant: str) -> bool | None:
+    """Whether the local component folder has weight files of `variant` (`*.{variant}.safetensors`, shards
+    included); None for a hub id or a folder without weight files (e.g. a tokenizer)."""
+    sub = Path(path).expanduser() / name
+    if not sub.is_dir():
+        return None
+    names = [p.name for p in sub.iterdir() if p.is_file() and (".safetensors" in p.name or ".bin" in p.name)]
+    if not names:
+        return None
+    return any(f".{variant}." in n for n in names)  # model.fp16.safetensors, ...-00001-of-00002.fp16.safetensors
+
+
+def load_scheduler(path: str, hub: dict[str, Any], allowed: tuple[str, ...] | None = None) -> Any:
+    """The scheduler named by scheduler/scheduler_config.json's _class_name: any diffusers scheduler (as diffusers
+    loads it), or one of `allowed` if given."""
+    import diffusers
+    from diffusers import DDIMScheduler, SchedulerMixin
+
+    config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)  # any scheduler's config file
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)) or (allowed and name not in allowed):
+        what = ", ".join(allowed) if allowed else "a diffusers scheduler class"
+        raise ValueError(f"scheduler/scheduler_config.json names {name!r}: must be {what}")
+    return cls.from_config(config)
+
+
+def load_parts(args: LoadArgs, loaders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Every component: as given, else loaded by its loader (one line naming a failing one; OSError for missing
+    files, as diffusers raises), with the libraries' own "Loading weights" bars off, in eval mode."""
+    import torch
+
+    from contentv.checkpoint import load_component
+    from contentv.progress import library_bars_off
+
+    # What diffusers' DiffusionPipeline.from_pretrained logs per component, on its logger (shown at INFO verbosity).
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    parts = {}
+    with library_bars_off():
+        for name, load in loaders.items():
+            if name in args.given:
+                parts[name] = args.given[name]
+                continue
+            parts[name] = load_component(args.path, name, load)
+            log.info("Loaded %s as %s from `%s` subfolder of %s.", name, type(parts[name]).__name__, name, args.path)
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return parts
+
+
+class DiffusersName:
+    """Pipeline mixin: the `_class_name` written to model_index.json (save_pretrained) is the diffusers pipeline's,
+    so `DiffusionPipeline.from_pretrained` loads a saved folder (this class loads either name)."""
+
+    diffusers_class_name: str | None = None
+
+    def to_json_string(self) -> str:
+        text = super().to_json_string()
+        if not self.diffusers_class_name:
+            return text
+        data = json.loads(text)
+        data["_class_name"] = self.diffusers_class_name
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -120,20 +120,30 @@ def install_attention(pipe: CogVideoXRuntimePipeline, kernel: AttentionKernel) -
     pipe.transformer.set_attn_processor(CogVideoXKernelAttnProcessor(kernel))
 
 
+def decoded_frames(num_frames: int) -> int:
+    """Frames the CogVideoX VAE returns when asked for `num_frames`: T = (n-1)//4+1 latent frames decode in pairs
+    after a first group of three (diffusers' AutoencoderKLCogVideoX), so an odd T gives 4T-3 frames, an even T 4T."""
+    t = (num_frames - 1) // TEMPORAL + 1
+    return 4 * t - 3 if t % 2 else 4 * t
+
+
+def frames_rule_text(num_frames: int) -> str:
+    """What is allowed, for a frame count the VAE would not return as asked (the command line's and the pipeline's
+    message; diffusers silently returns the other length)."""
+    t = (num_frames - 1) // TEMPORAL + 1
+    return (
+        f"of the form 8k+1, e.g. 9, 17, 25, 33, 41, 49 ({t} latent frames decode to {decoded_frames(num_frames)} "
+        "frames; the CogVideoX VAE needs an odd latent frame count)"
+    )
+
+
 def validate(s: SamplingConfig) -> None:
     check_common_sampling(s)
     n = s.num_frames
     if n is None or n < 1 or (n - 1) % TEMPORAL:
         raise ConfigError("sampling.num_frames", n, f"of the form {TEMPORAL}k+1 (the VAE compresses time 4x), e.g. 49")
     if ((n - 1) // TEMPORAL) % 2:
-        # The VAE decodes latent frames in pairs after a first group of three: an even latent count
-        # T = (n-1)/4+1 decodes to 4T frames, not n (diffusers silently returns the longer video).
-        raise ConfigError(
-            "sampling.num_frames",
-            n,
-            f"of the form 8k+1, e.g. 9, 17, 25, 33, 41, 49 ({(n - 1) // TEMPORAL + 1} latent frames decode to "
-            f"{4 * ((n - 1) // TEMPORAL + 1)} frames; the CogVideoX VAE needs an odd latent frame count)",
-        )
+        raise ConfigError("sampling.num_frames", n, frames_rule_text(n))
     check_size(s.height, s.width, SPATIAL)
     if s.max_sequence_length is not None and not 1 <= s.max_sequence_length <= MAX_TEXT_TOKENS:
         raise ConfigError("sampling.max_sequence_length", s.max_sequence_length, f"an integer in 1..{MAX_TEXT_TOKENS}")

@@ -6,8 +6,9 @@ default call gives diffusers' output. Differences: guidance can also run sequent
 step instead of one of batch 2), stages can be observed (`stage_context`), `_interrupt` raises
 `GenerationCancelled` instead of silently skipping the remaining steps, the backend's execution device
 and text-encoder placement are honoured, embeddings are cast to the transformer's dtype and latents to
-the VAE's (no-ops when the dtypes agree, as in diffusers), and a prompt longer than
-`max_sequence_length` T5 tokens is reported with its length before it is truncated.
+the VAE's (no-ops when the dtypes agree, as in diffusers), a prompt longer than
+`max_sequence_length` T5 tokens is reported with its length before it is truncated, a frame count the
+VAE would not return (13 -> 16) is refused, and `num_videos_per_prompt` is honoured (diffusers: one video).
 """
 
 from __future__ import annotations
@@ -32,26 +33,37 @@ from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from contentv import guidance
-from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
-from contentv.models.common import RuntimePlacement, StageContext, null_stage
+from contentv.models.cogvideox import decoded_frames, frames_rule_text
+from contentv.models.common import (
+    DiffusersName,
+    RuntimePlacement,
+    StageContext,
+    load_parts,
+    load_scheduler,
+    null_stage,
+    parse_load_args,
+)
 
 log = logging.getLogger(__name__)
 
 # Subfolders of a CogVideoX checkpoint, each loaded by its own class (model_index.json is not trusted).
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-# scheduler_config.json's _class_name -> class (2B ships DDIM; DPM is the one diffusers suggests for 5B).
+# The schedulers CogVideoX checkpoints ship (2B: DDIM; DPM is the one diffusers suggests for 5B); any diffusers
+# scheduler a folder names loads, as in diffusers.
 SCHEDULERS = {"CogVideoXDDIMScheduler": CogVideoXDDIMScheduler, "CogVideoXDPMScheduler": CogVideoXDPMScheduler}
-HUB_KWARGS = ("revision", "local_files_only", "cache_dir", "token")
 
 
-class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
+class CogVideoXRuntimePipeline(DiffusersName, RuntimePlacement, CogVideoXPipeline):
     """Text-to-video with CogVideoX-2B/5B. Use like diffusers' `CogVideoXPipeline`:
 
     >>> pipe = CogVideoXRuntimePipeline.from_pretrained("THUDM/CogVideoX-2b", torch_dtype=torch.float16)
     >>> frames = pipe(prompt="a cat", generator=torch.Generator().manual_seed(42), output_type="np").frames[0]
     """
+
+    # model_index.json names diffusers' class: DiffusionPipeline.from_pretrained loads a saved folder.
+    diffusers_class_name = "CogVideoXPipeline"
 
     def __init__(
         self,
@@ -71,55 +83,38 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
         vae_dtype: torch.dtype | None = None,
         text_encoder_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> CogVideoXRuntimePipeline:
         """Load a CogVideoX checkpoint (local diffusers-layout folder or hub id), one component per subfolder.
 
-        `torch_dtype` applies to the transformer and, unless given their own, the VAE (`vae_dtype`) and the
-        T5 encoder (`text_encoder_dtype`), as `CogVideoXPipeline.from_pretrained(torch_dtype=...)` does.
-        The scheduler class is the one named in scheduler/scheduler_config.json (DDIM or DPM). Components
-        passed by name (`transformer=...`) are used as given; `revision`, `local_files_only`, `cache_dir`
-        and `token` go to every component.
+        Arguments as diffusers' `CogVideoXPipeline.from_pretrained`: `torch_dtype` (or `dtype`) is one dtype for
+        every component or a dict per component with a "default" ({"transformer": torch.bfloat16, "default":
+        torch.float16}); `vae_dtype` / `text_encoder_dtype` override it for those. `variant`, `revision`,
+        `local_files_only`, `cache_dir`, `token`, `force_download`, `proxies`, `device_map` (one device),
+        `max_memory`, `offload_folder` go to the components' loaders; components passed by name
+        (`transformer=...`) are used as given. The scheduler is the diffusers class named in
+        scheduler/scheduler_config.json. Safetensors only: pickle weights are refused with the command that
+        converts them; missing files raise an OSError naming the component.
         """
         path = str(pretrained_model_name_or_path)
-        dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
-        given = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
-        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        weights = {**hub, "use_safetensors": True}  # never pickle: unpickling runs code
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-
-        def scheduler():
-            config = CogVideoXDDIMScheduler.load_config(path, subfolder="scheduler", **hub)
-            name = config.get("_class_name")
-            if name not in SCHEDULERS:
-                raise ValueError(f"scheduler {name!r} in {path}/scheduler: must be one of {', '.join(SCHEDULERS)}")
-            return SCHEDULERS[name].from_config(config)
-
+        args = parse_load_args(cls.__name__, path, COMPONENTS, torch_dtype, kwargs)
+        hub = args.hub
         loaders: dict[str, Callable[[], Any]] = {
             "tokenizer": lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer", **hub),
             "text_encoder": lambda: T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder", dtype=text_encoder_dtype or dtype, **weights
+                path, **args.model_kwargs("text_encoder", text_encoder_dtype)
             ),
-            "vae": lambda: AutoencoderKLCogVideoX.from_pretrained(
-                path, subfolder="vae", dtype=vae_dtype or dtype, **weights
-            ),
+            "vae": lambda: AutoencoderKLCogVideoX.from_pretrained(path, **args.model_kwargs("vae", vae_dtype)),
             "transformer": lambda: CogVideoXTransformer3DModel.from_pretrained(
-                path, subfolder="transformer", dtype=dtype, **weights
+                path, **args.model_kwargs("transformer")
             ),
-            "scheduler": scheduler,
+            "scheduler": lambda: load_scheduler(path, hub),
         }
         # A failing component is one line naming the folder and the component (contentv.checkpoint).
-        parts = {
-            name: given[name] if name in given else load_component(path, name, load) for name, load in loaders.items()
-        }
-        for module in parts.values():
-            if isinstance(module, torch.nn.Module):
-                module.eval()
-        return cls(**parts)
+        return cls(**load_parts(args, loaders))
 
     # ---------------------------------------------------------------- helpers
 
@@ -229,7 +224,14 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
         height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
         width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
         num_frames = num_frames or self.transformer.config.sample_frames
-        num_videos_per_prompt = 1  # as diffusers: one video per prompt
+        # diffusers returns another length here (13 frames -> 16) and one video whatever num_videos_per_prompt says:
+        # a frame count the VAE can't return is refused (the command line's line), and num_videos_per_prompt honoured.
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames!r}: must be an integer >= 1 (of the form 8k+1, e.g. 49)")
+        if decoded_frames(num_frames) != num_frames:
+            raise ValueError(f"num_frames={num_frames} is not valid: {frames_rule_text(num_frames)}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt!r}: must be an integer >= 1")
 
         # 1. Check inputs
         self.check_inputs(
@@ -275,9 +277,13 @@ class CogVideoXRuntimePipeline(RuntimePlacement, CogVideoXPipeline):
                 device=te_device,
             )
             dtype = self.transformer.dtype
-            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)  # (B, St, 4096)
+            # Embeddings passed in come once per prompt: one copy per video, as the encoded ones are.
+            copies = batch_size * num_videos_per_prompt // prompt_embeds.shape[0]
+            prompt_embeds = prompt_embeds.repeat_interleave(copies, 0).to(device=device, dtype=dtype)  # (B, St, 4096)
             if do_classifier_free_guidance:
-                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(
+                    batch_size * num_videos_per_prompt // negative_prompt_embeds.shape[0], 0
+                ).to(device=device, dtype=dtype)
 
         with stage("denoising"):
             # 4. Prepare timesteps

@@ -23,10 +23,16 @@ from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from contentv import guidance
-from contentv.checkpoint import load_component
 from contentv.errors import GenerationCancelled
 from contentv.memory_policy import PIPELINE_GUIDANCE_MODES
-from contentv.models.common import RuntimePlacement, StageContext, null_stage
+from contentv.models.common import (
+    RuntimePlacement,
+    StageContext,
+    load_parts,
+    load_scheduler,
+    null_stage,
+    parse_load_args,
+)
 from contentv.models.contentv.transformer import SD3Transformer3DModel
 
 if TYPE_CHECKING:
@@ -107,51 +113,42 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype = torch.float32,
+        torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+        vae_dtype: torch.dtype | None = None,
         text_encoder_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> ContentVPipeline:
         """Load a ContentV checkpoint (local diffusers-layout folder or hub id), one component per subfolder.
 
-        `torch_dtype` applies to the transformer and (unless `text_encoder_dtype` is given) the text
-        encoders; the VAE loads in `vae_dtype` (fp32 by default, as the reference does). Components
-        passed by name (`transformer=...`) are used as given. Other keyword arguments (`revision`,
-        `local_files_only`, `cache_dir`, ...) go to every component's `from_pretrained`.
+        `torch_dtype` (or `dtype`) applies to the transformer and (unless `text_encoder_dtype` is given) the
+        text encoders; the VAE loads in `vae_dtype` (fp32 by default, as the reference does). A dict per
+        component with a "default" is taken as diffusers takes it (the VAE still fp32 unless the dict names
+        "vae"). `variant`, `revision`, `local_files_only`, `cache_dir`, `token`, `force_download`, `proxies`,
+        `device_map` (one device), `max_memory`, `offload_folder` go to the components' loaders; components
+        passed by name (`transformer=...`) are used as given. Safetensors only: pickle weights are refused with
+        the command that converts them; missing files raise an OSError naming the component.
         """
         path = str(pretrained_model_name_or_path)
-        dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
-        te_dtype = text_encoder_dtype or dtype
-        given = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
-        hub = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
-        weights = {**hub, "use_safetensors": True}  # never pickle: unpickling runs code
+        args = parse_load_args(cls.__name__, path, COMPONENTS, torch_dtype, kwargs)
+        hub = args.hub
+        vae_dtype = vae_dtype or args.dtypes.get("vae", torch.float32)
+
+        def text_encoder(name: str, model: type) -> Callable[[], Any]:
+            return lambda: model.from_pretrained(path, **args.model_kwargs(name, text_encoder_dtype))
+
         loaders: dict[str, Callable[[], Any]] = {
-            "transformer": lambda: SD3Transformer3DModel.from_pretrained(
-                path, subfolder="transformer", dtype=dtype, **weights
-            ),
-            "vae": lambda: AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=vae_dtype, **weights),
-            "text_encoder": lambda: CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder", dtype=te_dtype, **weights
-            ),
-            "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", dtype=te_dtype, **weights
-            ),
-            "text_encoder_3": lambda: T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder_3", dtype=te_dtype, **weights
-            ),
+            "transformer": lambda: SD3Transformer3DModel.from_pretrained(path, **args.model_kwargs("transformer")),
+            "vae": lambda: AutoencoderKLWan.from_pretrained(path, **args.model_kwargs("vae", vae_dtype)),
+            "text_encoder": text_encoder("text_encoder", CLIPTextModelWithProjection),
+            "text_encoder_2": text_encoder("text_encoder_2", CLIPTextModelWithProjection),
+            "text_encoder_3": text_encoder("text_encoder_3", T5EncoderModel),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub),
             "tokenizer_2": lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub),
             "tokenizer_3": lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", **hub),
-            "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **hub),
+            "scheduler": lambda: load_scheduler(path, hub),
         }
         # A failing component is one line naming the folder and the component (contentv.checkpoint).
-        parts = {
-            name: given[name] if name in given else load_component(path, name, load) for name, load in loaders.items()
-        }
-        for module in parts.values():
-            if isinstance(module, torch.nn.Module):
-                module.eval()
-        return cls(**parts)
+        return cls(**load_parts(args, loaders))
 
     # ---------------------------------------------------------------- helpers
 
