@@ -117,7 +117,7 @@ def test_wheel_carries_configs_entry_point_and_floors(installed):
     assert not any(n.startswith(("tests/", "conf/")) or n == "demo.py" for n in names), sorted(names)[:20]
     assert "contentv = contentv.cli:main" in entry
     assert "Requires-Dist: torch>=2.6" in meta
-    assert 'Requires-Dist: contentv[quant,sweep,ui]; extra == "test"' in meta  # the test extra reuses the others
+    assert 'Requires-Dist: contentv[quant,serve,sweep,ui]; extra == "test"' in meta  # the test extra reuses the others
 
 
 @pytest.mark.slow
