@@ -111,3 +111,29 @@ def test_ranks_are_handed_one_decision(cache_dir):
     cfg.parallel.data_parallel_degree = 2
     with pytest.raises(contentv.errors.ConfigError, match="memory.budget_gb=0.0"):
         runtime.resolve(cfg)  # nothing fits the smaller rank's 1 MiB: every rank hears rank 0's one line
+
+
+def test_auto_never_offers_a_preset_the_parallel_layout_cannot_run(monkeypatch, cache_dir):
+    """parallel.cfg_parallel needs batched guidance: memory=auto's candidates leave out presets with sequential
+    guidance (low_vram_8g), which would fail after loading (the planner never saw the parallel settings before)."""
+    from contentv import resolve
+    from contentv.config import MemoryConfig, ModelConfig, RunConfig, SamplingConfig
+
+    seen = {}
+    plan = contentv.planner.plan
+
+    def spy(cfg, presets, *args, **kwargs):
+        seen.update(presets)
+        return plan(cfg, presets, *args, **kwargs)
+
+    monkeypatch.setattr(contentv.planner, "plan", spy)
+    presets = {
+        "none": MemoryConfig(name="none"),
+        "low_vram_8g": MemoryConfig(name="low_vram_8g", guidance_mode="sequential"),
+    }
+    cfg = RunConfig(backend=BackendConfig(name="cpu"), model=ModelConfig(name="tiny_contentv", tiny=True, path=None))
+    cfg.sampling = SamplingConfig(prompt="a cat", height=32, width=48, num_frames=5, num_inference_steps=1)
+    cfg.memory, cfg.parallel.cfg_parallel = MemoryConfig(name="auto", budget_gb=8), True
+    backend = backends.build_backend(BackendConfig(name="cpu"))
+    run = resolve.resolve_run(cfg, backend, presets=presets, world_size=2)
+    assert set(seen) == {"none"} and run.memory.name == "none" and run.layout[1] == 2
