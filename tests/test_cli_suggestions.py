@@ -86,3 +86,11 @@ def test_the_installed_commands_help_names_it(monkeypatch, capsys):
     assert demo.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "Usage: contentv [GROUP=OPTION" in out and "python demo.py [GROUP" not in out
+
+
+def test_a_bad_byte_inside_choice_is_one_line_before_anything_is_written(tmp_path, capsys):
+    argv = ["-m", *TINY, 'sampling.prompt=choice("caf\udce9","a dog")', f"hydra.sweep.dir={tmp_path / 's'}"]
+    assert demo.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: sampling.prompt='caf\\udce9' is not valid: UTF-8 text")
+    assert not (tmp_path / "s").exists()  # no multirun.yaml, nothing
