@@ -94,3 +94,25 @@ def test_a_bad_byte_inside_choice_is_one_line_before_anything_is_written(tmp_pat
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: sampling.prompt='caf\\udce9' is not valid: UTF-8 text")
     assert not (tmp_path / "s").exists()  # no multirun.yaml, nothing
+
+
+def test_the_readmes_sweep_lines_expand_as_they_say(tmp_path):
+    """Every `python demo.py -m ...` line of the README's Sweeps section, as a shell splits it, expands into the
+    jobs its comment promises (the prompt line: 4 jobs, each prompt as typed); each job composes."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from contentv.cli.preflight import _compose_job
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Sweeps") :]
+    section = section[: section.index("```", section.index("```bash") + 7)]
+    line = next(ln for ln in section.splitlines() if "choice(" in ln)
+    command, comment = line.split("  # ")
+    args = shlex.split(command)[2:]  # after "python demo.py"
+    jobs = demo.expand_jobs(demo.literal_prompts(args, multirun=True), multirun=True)
+    assert len(jobs) == int(re.match(r"(\d+) jobs", comment).group(1))
+    with demo.hydra_context():
+        prompts = {_compose_job(job)[0].sampling.prompt for job in jobs}
+    assert prompts == {"a red fox, in snow", "the cat's nap"}
