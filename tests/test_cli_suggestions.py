@@ -110,7 +110,7 @@ def test_the_readmes_sweep_lines_expand_as_they_say(tmp_path):
     section = section[: section.index("```", section.index("```bash") + 7)]
     line = next(ln for ln in section.splitlines() if "choice(" in ln)
     command, comment = line.split("  # ")
-    args = shlex.split(command)[2:]  # after "python demo.py"
+    args = [a for a in shlex.split(command)[2:] if a != "-m"]  # after "python demo.py -m"
     jobs = demo.expand_jobs(demo.literal_prompts(args, multirun=True), multirun=True)
     assert len(jobs) == int(re.match(r"(\d+) jobs", comment).group(1))
     with demo.hydra_context():
