@@ -90,6 +90,13 @@ def _bnb_classes():
             # Own code because Params4bit moves its quant state only in its own .to(); group-offload hooks swap
             # `.data` only. The state (absmax, ~1/64 of the weight bytes) then stays on the device.
             state = self.weight.quant_state
+            if x.device.type != "cpu" and getattr(state, "packing_format_for_cpu", False):
+                # Packed for the AVX512-BF16 CPU kernel by a CPU call; only Params4bit.cuda()/.xpu() unpack, not
+                # the .to() of a module or an offload hook: unpack here, or the device path reads a wrong layout.
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                self.weight.data, state = _convert_weight_packed_for_cpu_inverse(self.weight.data, state)
+                self.weight.quant_state = state
             if state is not None and state.absmax.device != x.device:
                 state.to(x.device)
             return super().forward(x)
@@ -137,9 +144,12 @@ def _bnb_nf4(linear: nn.Linear, device: torch.device = CPU) -> nn.Module:
     )
     weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False, quant_type="nf4", module=q)
     q.weight = weight.to(device).to(CPU)  # quantizes on `device`; Params4bit.to() moves the quant state along
-    if linear.out_features % 32 or linear.in_features % q.weight.blocksize:
-        # bitsandbytes' AVX512-BF16 CPU repacking needs out % 32 == 0 and in % blocksize (64) == 0 (ContentV-8B's
-        # layers all do; the tiny model's don't): those layers take bitsandbytes' generic 4-bit path.
+    if q.compute_dtype != torch.bfloat16 or linear.out_features % 32 or linear.in_features % q.weight.blocksize:
+        # On a CPU with AVX512-BF16, bitsandbytes' Linear4bit.forward repacks the weight in place for its fused
+        # gemv_4bit kernel whenever the input is a CPU tensor; that kernel rounds the input to bf16 whatever the
+        # compute dtype. Keep it for bf16 layers it can take (out % 32 == 0, in % blocksize (64) == 0: all of
+        # ContentV-8B's); every other layer takes the generic path (dequantize_4bit, then F.linear in the compute
+        # dtype) that every other CPU and every device runs, so an fp32 run's result does not depend on the ISA.
         q.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)

@@ -27,6 +27,7 @@ from contentv.config import BackendConfig, MemoryConfig, RunConfig, SamplingConf
 from contentv.errors import ConfigError
 from contentv.memory_policy import guidance_mode
 from contentv.models.contentv import SPEC
+from tests.virtual_device import VirtualDevice
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "memory"
 # The presets as the command line composes them; `auto` is the planner choosing among these, not a strategy
@@ -341,6 +342,46 @@ def test_bnb_nf4_weights_are_4bit(quantized):
     assert isinstance(layer.weight, bnb.nn.Params4bit) and layer.weight.bnb_quantized
     assert layer.weight.quant_state is not None and layer.weight.quant_state.quant_type == "nf4"
     assert layer.compute_dtype == torch.float32  # the component's own dtype
+
+
+def _nf4_generic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the generic 4-bit path computes: the dequantized weight, then F.linear in the compute dtype."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    return F.linear(x.to(layer.compute_dtype), weight, layer.bias)
+
+
+def test_bnb_nf4_in_fp32_computes_the_same_on_every_cpu():
+    """Issue 18 §4. On a CPU with AVX512-BF16, Linear4bit.forward repacks its weight for a fused kernel that
+    rounds the input to bf16; an fp32 layer must not (it would differ from every other CPU and every device by
+    ~1e-3). Can only fail on such a CPU (conftest's report header says whether this one has it)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64).eval()  # shapes the fused kernel takes (out % 32, in % 64)
+    layer = mem._bnb_nf4(linear)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        out = layer(x)
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(out, _nf4_generic(layer, x))
+
+
+def test_bnb_nf4_packed_for_the_cpu_still_runs_on_a_device():
+    """A bf16 layer may take the AVX512-BF16 kernel on the CPU, which repacks its weight in place; only
+    Params4bit.cuda()/.xpu() undo that, not a module's .to(): on the device it must compute the generic path's
+    result, not read the packed layout. Can only fail on a CPU with AVX512-BF16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64).to(torch.bfloat16).eval()
+    layer = mem._bnb_nf4(linear)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    with torch.no_grad(), VirtualDevice() as vd:
+        layer(x)  # packs where the CPU can
+        layer.to(vd.device)
+        out = layer(x.to(vd.device)).cpu()
+        layer.to("cpu")
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        expected = _nf4_generic(layer, x)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)  # bf16: one rounding of the absmax, ~1e-2
 
 
 def test_fp8_stores_float8_and_keeps_embeddings(quantized):
