@@ -37,9 +37,26 @@ class Capabilities:
     supports_offload_streams: bool
     batched_guidance: bool
     quantizations: tuple[str, ...]
+    half_precision_kernels: tuple[str, ...] = ()
 
     def quantization_methods(self) -> tuple[str, ...]:
         return self.quantizations
+
+    def check_attention(self, attention: str, dtype: str) -> None:
+        check_kernel_dtype(self.name, self.half_precision_kernels, attention, dtype)
+
+
+def check_kernel_dtype(backend: str, half_only: tuple[str, ...], attention: str, dtype: str) -> None:
+    """ConfigError when `attention` takes only 16-bit inputs and the model computes in `dtype`: caught here, before
+    loading, since flash-attn's own dtype check fails only at the first forward (diffusers checks it only with
+    DIFFUSERS_ATTN_CHECKS set)."""
+    if attention in half_only and dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            "backend.attention",
+            attention,
+            f"auto or sdpa with model.dtype={dtype} on {backend} ({attention} takes bfloat16 or float16 only; "
+            "or set model.dtype=bfloat16)",
+        )
 
 
 class Backend(ABC):
@@ -116,11 +133,19 @@ class Backend(ABC):
 
     # memory.quantization values this kind of device can run (quantization_methods() may narrow it by model).
     quantizations: tuple[str, ...] = memory_policy.QUANTIZATIONS
+    # backend.attention kernels that take only bfloat16/float16 inputs.
+    half_precision_kernels: tuple[str, ...] = ()
 
     @classmethod
     def capabilities(cls) -> Capabilities:
         """This kind of device's capabilities, without building one (no device needed)."""
-        return Capabilities(cls.name, cls.supports_offload_streams, cls.batched_guidance, cls.quantizations)
+        return Capabilities(
+            cls.name, cls.supports_offload_streams, cls.batched_guidance, cls.quantizations, cls.half_precision_kernels
+        )
+
+    def check_attention(self, attention: str, dtype: str) -> None:
+        """ConfigError if kernel `attention` can't take a model computing in `dtype` (before any weights load)."""
+        check_kernel_dtype(self.name, self.half_precision_kernels, attention, dtype)
 
     def quantization_methods(self) -> tuple[str, ...]:
         """memory.quantization values this device can run."""

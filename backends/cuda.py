@@ -59,6 +59,7 @@ class CUDABackend(Backend):
     name = "cuda"
     supports_offload_streams = True
     process_group_backend = "cpu:gloo,cuda:nccl"
+    half_precision_kernels = tuple(DISPATCH)  # flash-attn 2/3 and SageAttention take 16-bit inputs only
 
     @classmethod
     def detect(cls) -> str | None:

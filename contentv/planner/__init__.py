@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from contentv import speedup
 from contentv.config import MemoryConfig, RunConfig, resolve_sampling
 from contentv.errors import ConfigError
 from contentv.memory_policy import Capabilities, check, guidance_passes, with_defaults
@@ -82,6 +83,8 @@ def plan(
     sampling = resolve_sampling(cfg.sampling, cfg.model)
     # The prompt doesn't change memory: a dry run may have none.
     spec.validate(dataclasses.replace(sampling, prompt=sampling.prompt or "dry run"))
+    if hasattr(caps, "check_attention"):  # a dry run refuses what the real run would
+        caps.check_attention(cfg.backend.attention, cfg.model.dtype)
     path = spec.resolve_path(cfg.model)
     m = cfg.model
     key = json.dumps([m.family, path, m.dtype, m.vae_dtype, m.text_encoder_dtype, m.revision])
@@ -105,6 +108,7 @@ def plan(
         guidance = guidance_passes(memory, sampling.guidance_scale, batched)
         try:
             check(memory, caps)
+            speedup.check(cfg.speedup, memory)
             strategy = predict_for_budget(
                 model, with_defaults(memory, spec.quantize_default), guidance, streams, budget
             )
