@@ -59,6 +59,22 @@ def check_kernel_dtype(backend: str, half_only: tuple[str, ...], attention: str,
         )
 
 
+def empty_host_cache() -> bool:
+    """Give the pinned host memory that torch's caching host allocator keeps after its tensors die back to the OS
+    (group offload with streams pins a copy of every weight: 24-38 GiB for ContentV-8B). torch >= 2.10:
+    `torch.accelerator.empty_host_cache()` (CUDA, and torch_npu through the accelerator hooks); older CUDA builds:
+    `torch._C._host_emptyCache()`. Both raise without an accelerator; False where nothing was released."""
+    release = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if release is None or not torch.accelerator.is_available():
+        return False
+    try:
+        release()
+    except RuntimeError as exc:  # a device whose host allocator isn't registered with torch (older torch_npu)
+        log.debug("pinned host memory not released: %s", exc)
+        return False
+    return True
+
+
 class Backend(ABC):
     name: str = ""
     # Can diffusers' group offloading prefetch on a side stream here?
@@ -190,7 +206,8 @@ class Backend(ABC):
         return None
 
     def empty_cache(self) -> None:
-        """Return cached blocks to the device."""
+        """Return cached blocks to the device, and cached pinned host memory to the OS (the runtime calls it when
+        it drops a pipeline)."""
 
     def free_memory(self) -> int | None:
         """Bytes a new pipeline can use on the device (for memory=auto); None where unknown (CPU)."""

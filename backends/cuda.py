@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.base import HALF, Backend
+from backends.base import HALF, Backend, empty_host_cache
 from contentv import _diffusers
 from contentv.attention import AttentionKernel, sdpa
 from contentv.errors import ConfigError
@@ -119,6 +119,7 @@ class CUDABackend(Backend):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+        empty_host_cache()
 
     def free_memory(self) -> int:
         # free + what our own caching allocator holds: a sweep's later jobs plan like the first

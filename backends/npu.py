@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.base import Backend
+from backends.base import Backend, empty_host_cache
 from contentv.attention import AttentionKernel, sdpa
 from contentv.config import NPU_LAYOUTS, BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
@@ -215,6 +215,7 @@ class NPUBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.npu.empty_cache()
+        empty_host_cache()  # torch_npu's pinned memory comes from torch's caching host allocator as well
 
     def free_memory(self) -> int:
         free, _ = torch.npu.mem_get_info(self.device)
