@@ -92,7 +92,9 @@ def plan(
         _COMPONENTS.clear()  # one model at a time: meta modules hold no storage, but many Python objects
         _COMPONENTS[key] = (spec.components_on_meta or generic_components_on_meta)(cfg.model, path)
     components = _COMPONENTS[key]
-    model = ModelCosts(components, (spec.workload or generic_workload)(components, sampling), sampling, math_attention)
+    workload = (spec.workload or generic_workload)(components, sampling)
+    int8_path = "cpu" if getattr(caps, "name", "") == "cpu" else "cuda"
+    model = ModelCosts(components, workload, sampling, math_attention, int8_path)
     budget = budget_from(cfg.memory, budget_bytes)
     streams = caps.supports_offload_streams if caps is not None else True
     batched = getattr(caps, "batched_guidance", True)
