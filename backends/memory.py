@@ -21,6 +21,7 @@ from contentv import _diffusers
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
 from contentv.memory_policy import (
+    GROUP_OFFLOAD_RUN_AHEAD,
     QUANTIZATION_PACKAGES,
     fp8_skip_classes,
     fp8_skip_patterns,
@@ -262,8 +263,33 @@ def _group_offload(module: nn.Module, device: torch.device, blocks: int, use_str
     )
     if hasattr(module, "enable_group_offload"):
         module.enable_group_offload(offload_type="block_level", num_blocks_per_group=blocks, **common)
+        blocks_lists = [c for c in module.children() if isinstance(c, (nn.ModuleList, nn.Sequential))]
+        groups = [block for child in blocks_lists for block in child]
     else:
         apply_group_offloading(module, offload_type="leaf_level", **common)
+        groups = [m for m in module.modules() if isinstance(m, _diffusers.group_offload_layer_types())]
+    if use_stream:
+        bound_run_ahead(groups, device, GROUP_OFFLOAD_RUN_AHEAD)
+
+
+def bound_run_ahead(groups: list[nn.Module], device: torch.device, depth: int) -> None:
+    """Make the host wait for the compute stream once it is `depth` groups ahead.
+
+    With record_stream the device memory of an offloaded group is reused only after the compute stream has run past
+    it; the host waits only for copies, so without a bound it could queue the whole model: reserved memory would
+    climb towards all the weights while allocated memory stays at two groups. An event per group's forward, and
+    a host wait on the one `depth` groups back."""
+    from collections import deque
+
+    pending: deque = deque()
+
+    def done(_module: nn.Module, _args: tuple, _output: object) -> None:
+        pending.append(torch.accelerator.current_stream(device).record_event())
+        while len(pending) > depth:
+            pending.popleft().synchronize()
+
+    for group in groups:
+        group.register_forward_hook(done)
 
 
 def _sequential_offload(pipe: DiffusionPipeline, device: torch.device) -> None:

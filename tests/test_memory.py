@@ -570,6 +570,57 @@ def test_group_offload_with_streams_records_them(ckpt, monkeypatch, streams):
     assert all(kw["non_blocking"] is streams and kw["onload_device"] == torch.device("cpu") for kw in seen)
 
 
+def test_the_host_waits_once_it_is_run_ahead_groups_ahead_of_compute(monkeypatch):
+    """Issue 18 §3: with record_stream a freed group stays reserved until compute reaches it; the host must not
+    queue more than GROUP_OFFLOAD_RUN_AHEAD groups ahead. Fake stream events on the CPU record the order; the GPU
+    check measures the reserved peak (each low-VRAM preset capped at its card size)."""
+    log = []
+
+    class Event:
+        def __init__(self, i: int):
+            self.i = i
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.i}")
+
+    class Stream:
+        count = 0
+
+        def record_event(self) -> Event:
+            Stream.count += 1
+            log.append(f"record {Stream.count}")
+            return Event(Stream.count)
+
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: Stream())
+    blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+    mem.bound_run_ahead(list(blocks), torch.device("cpu"), depth=2)
+    x = torch.randn(1, 4)
+    for block in blocks:
+        x = block(x)
+    assert log == ["record 1", "record 2", "record 3", "wait 1", "record 4", "wait 2", "record 5", "wait 3"]
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_group_offload_with_streams_bounds_every_group(ckpt, monkeypatch, streams):
+    from diffusers import ModelMixin
+
+    bounded = []
+    monkeypatch.setattr(ModelMixin, "enable_group_offload", lambda self, **kw: None)
+    monkeypatch.setattr("diffusers.hooks.apply_group_offloading", lambda module, **kw: None)
+    monkeypatch.setattr(mem, "bound_run_ahead", lambda groups, device, depth: bounded.append((groups, depth)))
+    pipe = load(*ckpt)
+    memory = MemoryConfig(group_offload=True, group_offload_stream=True, text_encoders="offload")
+    mem.place(pipe, memory, torch.device("cpu"), streams=streams)
+    if not streams:
+        assert bounded == []
+        return
+    assert len(bounded) == 4 and {depth for _, depth in bounded} == {memory_policy.GROUP_OFFLOAD_RUN_AHEAD}
+    blocks = list(pipe.transformer.transformer_blocks)
+    assert [groups for groups, _ in bounded].count(blocks) == 1  # block level: each block is a group
+    leaves = [groups for groups, _ in bounded if groups != blocks]  # the text encoders, leaf level
+    assert all(groups and all(isinstance(m, (nn.Linear, nn.Embedding)) for m in groups) for groups in leaves)
+
+
 # ------------------------------------------------------------------ vae_tiling=null: decided per video
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from contentv.config import MemoryConfig, SamplingConfig
 from contentv.errors import ConfigError
-from contentv.memory_policy import placement, text_encoder_mode
+from contentv.memory_policy import GROUP_OFFLOAD_RUN_AHEAD, placement, text_encoder_mode
 from contentv.models.common import Workload, config_get
 from contentv.planner.activations import activation_bytes, decode_bytes, text_encoder_activation_bytes
 from contentv.planner.weights import (
@@ -230,7 +230,8 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         if memory.group_offload:
             sizes = model.sizes("transformer", quant["transformer"])
             group, rest = block_groups(model.components["transformer"][0], sizes, memory.group_offload_blocks)
-            busy_transformer = rest + group * (2 if use_stream else 1)  # running block + the one prefetched
+            # running block + the one prefetched (+ with streams, the freed blocks the compute stream hasn't reached)
+            busy_transformer = rest + group * (2 + GROUP_OFFLOAD_RUN_AHEAD if use_stream else 1)
             idle_transformer = 0
             if use_stream:
                 pinned += model.pinned("transformer", quant["transformer"]) - w["transformer"]
@@ -242,7 +243,8 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         elif mode == "offload":  # leaf-level group offload of each text encoder
             leaves = [leaf_groups(model.components[n][0], model.sizes(n, quant[n])) for n in te]
             te_idle = 0
-            te_busy = max((outside + leaf * (2 if use_stream else 1) for leaf, outside in leaves), default=0)
+            in_flight = 2 + GROUP_OFFLOAD_RUN_AHEAD if use_stream else 1
+            te_busy = max((outside + leaf * in_flight for leaf, outside in leaves), default=0)
             if use_stream:
                 pinned += sum(model.pinned(n, quant[n]) for n in te) - te_all
                 loaded += te_all
