@@ -38,6 +38,7 @@ class Capabilities:
     batched_guidance: bool
     quantizations: tuple[str, ...]
     half_precision_kernels: tuple[str, ...] = ()
+    bnb_int8_dequant: str = "fp16"
 
     def quantization_methods(self) -> tuple[str, ...]:
         return self.quantizations
@@ -151,12 +152,20 @@ class Backend(ABC):
     quantizations: tuple[str, ...] = memory_policy.QUANTIZATIONS
     # backend.attention kernels that take only bfloat16/float16 inputs.
     half_precision_kernels: tuple[str, ...] = ()
+    # bitsandbytes' int8 dequant here: "fp16" (a fused kernel, then a cast) or "fp32" (its default kernels); the
+    # planner counts its temporaries (contentv.planner.activations.bnb_int8_bytes_per_token).
+    bnb_int8_dequant: str = "fp16"
 
     @classmethod
     def capabilities(cls) -> Capabilities:
         """This kind of device's capabilities, without building one (no device needed)."""
         return Capabilities(
-            cls.name, cls.supports_offload_streams, cls.batched_guidance, cls.quantizations, cls.half_precision_kernels
+            cls.name,
+            cls.supports_offload_streams,
+            cls.batched_guidance,
+            cls.quantizations,
+            cls.half_precision_kernels,
+            cls.bnb_int8_dequant,
         )
 
     def check_attention(self, attention: str, dtype: str) -> None:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from backends import memory as mem
+from backends.cpu import CPUBackend as CPU
+from backends.cuda import CUDABackend as CUDA
 from contentv.planner.activations import activation_bytes, bnb_int8_bytes_per_token
 
 
@@ -36,10 +38,10 @@ def int8_layer(dim: int, ff: int, dtype: torch.dtype, device: str = "cpu") -> nn
     return mem._bnb_int8(nn.Linear(dim, ff).to(dtype).eval(), torch.device(device)).to(device)
 
 
-def planned(dim: int, ff: int, tokens: int, dtype: torch.dtype, path: str) -> int:
+def planned(dim: int, ff: int, tokens: int, dtype: torch.dtype, dequant: str) -> int:
     """The planner's FF peak with nothing else alive (live=0): the layer's temporaries and its output."""
     kw = dict(batch=1, video_tokens=tokens, text_tokens=0, dim=dim, ff_dim=ff, dtype=dtype, live=0.0)
-    return activation_bytes(**kw, quantization="bnb_int8", int8_path=path)
+    return activation_bytes(**kw, quantization="bnb_int8", int8_dequant=dequant)
 
 
 @pytest.mark.parametrize(("dim", "ff", "tokens"), [(256, 1024, 512), (384, 1536, 512)])
@@ -53,8 +55,8 @@ def test_planned_int8_temporaries_match_a_real_layer_on_the_cpu(dim, ff, tokens,
     with torch.no_grad():
         layer(x)  # first call: bitsandbytes' lazy set-up is not a temporary
         measured = cpu_peak_bytes(lambda: layer(x))
-    assert measured == tokens * bnb_int8_bytes_per_token(dim, ff, "cpu")
-    assert planned(dim, ff, tokens, dtype, "cpu") == measured
+    assert measured == tokens * bnb_int8_bytes_per_token(dim, ff, "fp32")
+    assert planned(dim, ff, tokens, dtype, CPU.bnb_int8_dequant) == measured
 
 
 def test_the_cuda_path_counts_the_fp16_output_and_its_cast():
@@ -78,4 +80,4 @@ def test_planned_int8_temporaries_match_a_real_layer_on_cuda(dtype):
         base = torch.cuda.memory_allocated()
         layer(x)
         measured = torch.cuda.max_memory_allocated() - base
-    assert measured == pytest.approx(planned(dim, ff, tokens, dtype, "cuda"), rel=0.05)
+    assert measured == pytest.approx(planned(dim, ff, tokens, dtype, CUDA.bnb_int8_dequant), rel=0.05)

@@ -93,8 +93,7 @@ def plan(
         _COMPONENTS[key] = (spec.components_on_meta or generic_components_on_meta)(cfg.model, path)
     components = _COMPONENTS[key]
     workload = (spec.workload or generic_workload)(components, sampling)
-    int8_path = "cpu" if getattr(caps, "name", "") == "cpu" else "cuda"
-    model = ModelCosts(components, workload, sampling, math_attention, int8_path)
+    model = ModelCosts(components, workload, sampling, math_attention, getattr(caps, "bnb_int8_dequant", "fp16"))
     budget = budget_from(cfg.memory, budget_bytes)
     streams = caps.supports_offload_streams if caps is not None else True
     batched = getattr(caps, "batched_guidance", True)

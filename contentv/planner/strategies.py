@@ -112,7 +112,7 @@ class ModelCosts:
     workload: Workload
     sampling: SamplingConfig
     math_attention: bool
-    int8_path: str = "cuda"  # whose bitsandbytes int8 kernels run: "cuda" or "cpu" (bnb_int8_bytes_per_token)
+    int8_dequant: str = "fp16"  # the backend's bitsandbytes int8 dequant (bnb_int8_bytes_per_token)
     _sizes: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
     _pinned: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -151,7 +151,7 @@ class ModelCosts:
             math_attention=self.math_attention,
             attention_chunk=attention_chunk,
             quantization=quantization,
-            int8_path=self.int8_path,
+            int8_dequant=self.int8_dequant,
         )
         return act + self.resident_tensors(batch)
 
