@@ -282,9 +282,10 @@ def bound_run_ahead(groups: list[nn.Module], device: torch.device, depth: int) -
     from collections import deque
 
     pending: deque = deque()
+    streams = getattr(torch, device.type)  # torch.cuda / torch.npu: the module diffusers' group offload uses too
 
     def done(_module: nn.Module, _args: tuple, _output: object) -> None:
-        pending.append(torch.accelerator.current_stream(device).record_event())
+        pending.append(streams.current_stream(device).record_event())
         while len(pending) > depth:
             pending.popleft().synchronize()
 

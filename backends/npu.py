@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.base import Backend, empty_host_cache
+from backends.base import Backend
 from contentv.attention import AttentionKernel, sdpa
 from contentv.config import NPU_LAYOUTS, BackendConfig, MemoryConfig
 from contentv.errors import ConfigError
@@ -215,7 +215,13 @@ class NPUBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.npu.empty_cache()
-        empty_host_cache()  # torch_npu's pinned memory comes from torch's caching host allocator as well
+        # The pinned host cache (group offload with streams pins every weight): torch_npu's own host allocator,
+        # aligned with CUDA's since torch_npu 2.8 (power-of-two blocks), emptied by its own call; older releases
+        # name it empty_pin_memory_cache. Not torch.accelerator.empty_host_cache(): no host allocator is
+        # registered with torch for this device type.
+        release = getattr(torch.npu, "host_empty_cache", None) or getattr(torch.npu, "empty_pin_memory_cache", None)
+        if release is not None:
+            release()
 
     def free_memory(self) -> int:
         free, _ = torch.npu.mem_get_info(self.device)

@@ -42,10 +42,10 @@ def link_torch(site: Path) -> list[str]:
     from packaging.requirements import Requirement
 
     here = Path(torch.__file__).resolve().parents[1]
-    dist = md.distribution("torch")
-    for name in ("torch", "torchgen", "functorch", Path(dist._path).name):
+    (info,) = here.glob(f"torch-{torch.__version__}.dist-info")
+    for name in ("torch", "torchgen", "functorch", info.name):
         (site / name).symlink_to(here / name)
-    reqs = [Requirement(r) for r in dist.requires or []]
+    reqs = [Requirement(r) for r in md.distribution("torch").requires or []]
     return [str(r).split(";")[0] for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 

@@ -95,6 +95,22 @@ def test_releasing_a_pipeline_gives_the_pinned_host_cache_back(monkeypatch):
     assert calls == ["device", "host"]
 
 
+@pytest.mark.parametrize("name", ["host_empty_cache", "empty_pin_memory_cache", None])
+def test_the_npu_backend_empties_torch_npus_own_pinned_cache(monkeypatch, name):
+    """torch_npu keeps its own host allocator (host_empty_cache since 2.8, empty_pin_memory_cache before)."""
+    from types import SimpleNamespace
+
+    from backends.npu import NPUBackend
+
+    calls = []
+    npu = SimpleNamespace(empty_cache=lambda: calls.append("device"))
+    if name:
+        setattr(npu, name, lambda: calls.append("host"))
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    NPUBackend.__new__(NPUBackend).empty_cache()
+    assert calls == (["device", "host"] if name else ["device"])
+
+
 def test_without_an_accelerator_nothing_is_released():
     assert base.empty_host_cache() is (torch.accelerator.is_available())
 

@@ -591,9 +591,9 @@ def test_the_host_waits_once_it_is_run_ahead_groups_ahead_of_compute(monkeypatch
             log.append(f"record {Stream.count}")
             return Event(Stream.count)
 
-    monkeypatch.setattr(torch.accelerator, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
-    mem.bound_run_ahead(list(blocks), torch.device("cpu"), depth=2)
+    mem.bound_run_ahead(list(blocks), torch.device("cuda", 0), depth=2)
     x = torch.randn(1, 4)
     for block in blocks:
         x = block(x)
