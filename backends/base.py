@@ -37,9 +37,43 @@ class Capabilities:
     supports_offload_streams: bool
     batched_guidance: bool
     quantizations: tuple[str, ...]
+    half_precision_kernels: tuple[str, ...] = ()
+    bnb_int8_dequant: str = "fp16"
 
     def quantization_methods(self) -> tuple[str, ...]:
         return self.quantizations
+
+    def check_attention(self, attention: str, dtype: str) -> None:
+        check_kernel_dtype(self.name, self.half_precision_kernels, attention, dtype)
+
+
+def check_kernel_dtype(backend: str, half_only: tuple[str, ...], attention: str, dtype: str) -> None:
+    """ConfigError when `attention` takes only 16-bit inputs and the model computes in `dtype`: caught here, before
+    loading, since flash-attn's own dtype check fails only at the first forward (diffusers checks it only with
+    DIFFUSERS_ATTN_CHECKS set)."""
+    if attention in half_only and dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            "backend.attention",
+            attention,
+            f"auto or sdpa with model.dtype={dtype} on {backend} ({attention} takes bfloat16 or float16 only; "
+            "or set model.dtype=bfloat16)",
+        )
+
+
+def empty_host_cache() -> bool:
+    """Give the pinned host memory that torch's caching host allocator keeps after its tensors die back to the OS
+    (group offload with streams pins a copy of every weight: 24-38 GiB for ContentV-8B). torch >= 2.10:
+    `torch.accelerator.empty_host_cache()` (CUDA, and torch_npu through the accelerator hooks); older CUDA builds:
+    `torch._C._host_emptyCache()`. Both raise without an accelerator; False where nothing was released."""
+    release = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if release is None or not torch.accelerator.is_available():
+        return False
+    try:
+        release()
+    except RuntimeError as exc:  # a device whose host allocator isn't registered with torch (older torch_npu)
+        log.debug("pinned host memory not released: %s", exc)
+        return False
+    return True
 
 
 class Backend(ABC):
@@ -143,11 +177,27 @@ class Backend(ABC):
 
     # memory.quantization values this kind of device can run (quantization_methods() may narrow it by model).
     quantizations: tuple[str, ...] = memory_policy.QUANTIZATIONS
+    # backend.attention kernels that take only bfloat16/float16 inputs.
+    half_precision_kernels: tuple[str, ...] = ()
+    # bitsandbytes' int8 dequant here: "fp16" (a fused kernel, then a cast) or "fp32" (its default kernels); the
+    # planner counts its temporaries (contentv.planner.activations.bnb_int8_bytes_per_token).
+    bnb_int8_dequant: str = "fp16"
 
     @classmethod
     def capabilities(cls) -> Capabilities:
         """This kind of device's capabilities, without building one (no device needed)."""
-        return Capabilities(cls.name, cls.supports_offload_streams, cls.batched_guidance, cls.quantizations)
+        return Capabilities(
+            cls.name,
+            cls.supports_offload_streams,
+            cls.batched_guidance,
+            cls.quantizations,
+            cls.half_precision_kernels,
+            cls.bnb_int8_dequant,
+        )
+
+    def check_attention(self, attention: str, dtype: str) -> None:
+        """ConfigError if kernel `attention` can't take a model computing in `dtype` (before any weights load)."""
+        check_kernel_dtype(self.name, self.half_precision_kernels, attention, dtype)
 
     def quantization_methods(self) -> tuple[str, ...]:
         """memory.quantization values this device can run."""
@@ -191,7 +241,8 @@ class Backend(ABC):
         return None
 
     def empty_cache(self) -> None:
-        """Return cached blocks to the device."""
+        """Return cached blocks to the device, and cached pinned host memory to the OS (the runtime calls it when
+        it drops a pipeline)."""
 
     def free_memory(self) -> int | None:
         """Bytes a new pipeline can use on the device (for memory=auto); None where unknown (CPU)."""

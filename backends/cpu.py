@@ -24,6 +24,7 @@ class CPUBackend(Backend):
     # Batching the two guidance passes gains nothing measurable on a CPU (within noise in
     # benchmarks/cpu_reference.py) and doubles activation memory: auto = sequential here.
     batched_guidance = False
+    bnb_int8_dequant = "fp32"  # bitsandbytes' default int8 kernels dequantize in fp32 here
 
     @classmethod
     def detect(cls) -> str:

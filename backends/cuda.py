@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from backends.base import HALF, Backend
+from backends.base import HALF, Backend, empty_host_cache
 from contentv import _diffusers
 from contentv.attention import AttentionKernel, sdpa
 from contentv.errors import ConfigError
@@ -59,6 +59,7 @@ class CUDABackend(Backend):
     name = "cuda"
     supports_offload_streams = True
     process_group_backend = "cpu:gloo,cuda:nccl"
+    half_precision_kernels = tuple(DISPATCH)  # flash-attn 2/3 and SageAttention take 16-bit inputs only
 
     @classmethod
     def detect(cls) -> str | None:
@@ -118,6 +119,7 @@ class CUDABackend(Backend):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+        empty_host_cache()
 
     def free_memory(self) -> int:
         # free + what our own caching allocator holds: a sweep's later jobs plan like the first

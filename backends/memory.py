@@ -21,6 +21,7 @@ from contentv import _diffusers
 from contentv.config import MemoryConfig
 from contentv.errors import ConfigError
 from contentv.memory_policy import (
+    GROUP_OFFLOAD_RUN_AHEAD,
     QUANTIZATION_PACKAGES,
     fp8_skip_classes,
     fp8_skip_patterns,
@@ -90,6 +91,13 @@ def _bnb_classes():
             # Own code because Params4bit moves its quant state only in its own .to(); group-offload hooks swap
             # `.data` only. The state (absmax, ~1/64 of the weight bytes) then stays on the device.
             state = self.weight.quant_state
+            if x.device.type != "cpu" and getattr(state, "packing_format_for_cpu", False):
+                # Packed for the AVX512-BF16 CPU kernel by a CPU call; only Params4bit.cuda()/.xpu() unpack, not
+                # the .to() of a module or an offload hook: unpack here, or the device path reads a wrong layout.
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                self.weight.data, state = _convert_weight_packed_for_cpu_inverse(self.weight.data, state)
+                self.weight.quant_state = state
             if state is not None and state.absmax.device != x.device:
                 state.to(x.device)
             return super().forward(x)
@@ -137,9 +145,12 @@ def _bnb_nf4(linear: nn.Linear, device: torch.device = CPU) -> nn.Module:
     )
     weight = bnb.nn.Params4bit(linear.weight.data.contiguous(), requires_grad=False, quant_type="nf4", module=q)
     q.weight = weight.to(device).to(CPU)  # quantizes on `device`; Params4bit.to() moves the quant state along
-    if linear.out_features % 32 or linear.in_features % q.weight.blocksize:
-        # bitsandbytes' AVX512-BF16 CPU repacking needs out % 32 == 0 and in % blocksize (64) == 0 (ContentV-8B's
-        # layers all do; the tiny model's don't): those layers take bitsandbytes' generic 4-bit path.
+    if q.compute_dtype != torch.bfloat16 or linear.out_features % 32 or linear.in_features % q.weight.blocksize:
+        # On a CPU with AVX512-BF16, bitsandbytes' Linear4bit.forward repacks the weight in place for its fused
+        # gemv_4bit kernel whenever the input is a CPU tensor; that kernel rounds the input to bf16 whatever the
+        # compute dtype. Keep it for bf16 layers it can take (out % 32 == 0, in % blocksize (64) == 0: all of
+        # ContentV-8B's); every other layer takes the generic path (dequantize_4bit, then F.linear in the compute
+        # dtype) that every other CPU and every device runs, so an fp32 run's result does not depend on the ISA.
         q.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -252,8 +263,34 @@ def _group_offload(module: nn.Module, device: torch.device, blocks: int, use_str
     )
     if hasattr(module, "enable_group_offload"):
         module.enable_group_offload(offload_type="block_level", num_blocks_per_group=blocks, **common)
+        blocks_lists = [c for c in module.children() if isinstance(c, (nn.ModuleList, nn.Sequential))]
+        groups = [block for child in blocks_lists for block in child]
     else:
         apply_group_offloading(module, offload_type="leaf_level", **common)
+        groups = [m for m in module.modules() if isinstance(m, _diffusers.group_offload_layer_types())]
+    if use_stream:
+        bound_run_ahead(groups, device, GROUP_OFFLOAD_RUN_AHEAD)
+
+
+def bound_run_ahead(groups: list[nn.Module], device: torch.device, depth: int) -> None:
+    """Make the host wait for the compute stream once it is `depth` groups ahead.
+
+    With record_stream the device memory of an offloaded group is reused only after the compute stream has run past
+    it; the host waits only for copies, so without a bound it could queue the whole model: reserved memory would
+    climb towards all the weights while allocated memory stays at two groups. An event per group's forward, and
+    a host wait on the one `depth` groups back."""
+    from collections import deque
+
+    pending: deque = deque()
+    streams = getattr(torch, device.type)  # torch.cuda / torch.npu: the module diffusers' group offload uses too
+
+    def done(_module: nn.Module, _args: tuple, _output: object) -> None:
+        pending.append(streams.current_stream(device).record_event())
+        while len(pending) > depth:
+            pending.popleft().synchronize()
+
+    for group in groups:
+        group.register_forward_hook(done)
 
 
 def _sequential_offload(pipe: DiffusionPipeline, device: torch.device) -> None:

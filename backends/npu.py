@@ -238,6 +238,13 @@ class NPUBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.npu.empty_cache()
+        # The pinned host cache (group offload with streams pins every weight): torch_npu's own host allocator,
+        # aligned with CUDA's since torch_npu 2.8 (power-of-two blocks), emptied by its own call; older releases
+        # name it empty_pin_memory_cache. Not torch.accelerator.empty_host_cache(): no host allocator is
+        # registered with torch for this device type.
+        release = getattr(torch.npu, "host_empty_cache", None) or getattr(torch.npu, "empty_pin_memory_cache", None)
+        if release is not None:
+            release()
 
     def free_memory(self) -> int:
         free, _ = torch.npu.mem_get_info(self.device)

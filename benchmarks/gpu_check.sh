@@ -8,6 +8,11 @@
 #   benchmarks/gpu_check.sh            # on the GPU machine (the device tool: carry .whl, timeout_s 540)
 #   benchmarks/gpu_check.sh --smoke    # the same steps on the CPU with the tiny models, 1 step, tiny size
 #
+# Steps: wheels, a ~10 s pre-flight that imports everything the check needs (the check stops there if anything is
+# missing: no device time spent on runs that can't start), env, the planner, the cuda tests (bitsandbytes' ones
+# deselected unless it is installed or carried), then the benchmark runs, each skipped rather than started when
+# less than its realistic minimum is left (ContentV-8B: ~60 s per preset, its load included).
+#
 # Writes under $OUT (default ./gpu_check_out; at most 8 files, as the device tool brings back):
 #   gpu_check.log  everything printed          steps.jsonl      each step: ok | failed | timeout | skipped | out_of_time
 #   env.txt        nvidia-smi, versions        cuda_tests.xml   the cuda tests (junit)
@@ -54,7 +59,6 @@ if ((SMOKE)); then
     WARMUP=${GPU_CHECK_WARMUP:-0}
     SIZE=${GPU_CHECK_SIZE:-32x48x9}
     RECORD=${GPU_CHECK_RECORD:-0}
-    MIN_RUN_S=10
     # One process for both tiny models (imports cost more than the runs here).
     RUNS=${GPU_CHECK_RUNS:-"tiny_contentv,tiny_cogvideox_5b none,low_vram_24g,low_vram_8g 400 decode"}
 else
@@ -65,7 +69,6 @@ else
     WARMUP=${GPU_CHECK_WARMUP:-1}
     SIZE=${GPU_CHECK_SIZE:-}
     RECORD=${GPU_CHECK_RECORD:-1}
-    MIN_RUN_S=40 # imports, random weights and 3 steps of ContentV-8B take about that
     # Box per run: a cap, not a plan; the budget cuts the later ones. The decode (125 frames in fp32) is
     # measured where a preset changes it (untiled: none; tiled: low_vram_24g); the others reuse that time.
     RUNS=${GPU_CHECK_RUNS:-"contentv_8b none 110 decode; contentv_8b low_vram_24g 120 decode;
@@ -83,6 +86,23 @@ if [[ -n $SIZE ]]; then
 fi
 
 log() { printf '[gpu_check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+# Seconds one preset needs at the least in a benchmark process, its share of the imports and the load included
+# (ContentV-8B: imports ~10 s, 27 GB of random bf16 weights ~25 s, placement, 3 steps of 3-15 s: 50-80 s). A run
+# starts only when its presets' minimum is left, so a late run is skipped ("out_of_time") rather than killed by
+# its box halfway with nothing recorded.
+min_run_s() { # min_run_s MODELS PRESETS
+    local model n total=0
+    n=$(tr ',' '\n' <<<"$2" | grep -c .)
+    for model in ${1//,/ }; do
+        case $model in
+            contentv_8b) total=$((total + 60 * n)) ;;
+            cogvideox_5b) total=$((total + 45 * n)) ;;
+            *) total=$((total + 10)) ;; # the tiny models: seconds for all their presets together
+        esac
+    done
+    echo "$total"
+}
 
 record() { # record STEP STATUS SECONDS NOTE: one line of steps.jsonl
     local note=${4//\\/\\\\}
@@ -145,6 +165,31 @@ EOF
     cat "$OUT/env.txt"
 }
 
+preflight() { # everything the check imports, before any device time goes into runs that could not start
+    boxed "$PY" - "$BACKEND" <<'EOF'
+import importlib, sys, time
+t0 = time.perf_counter()
+modules = ["torch", "numpy", "PIL", "psutil", "yaml", "safetensors", "tokenizers", "sentencepiece", "transformers",
+           "accelerate", "huggingface_hub", "diffusers", "hydra", "omegaconf", "pytest", "pytest_timeout", "demo",
+           "backends", "backends.cuda", "contentv.runtime", "contentv.planner", "contentv.models.contentv.pipeline",
+           "contentv.models.cogvideox.pipeline", "benchmarks.gpu_presets", "benchmarks.gpu_tables",
+           "benchmarks.random_weights"]
+missing = []
+for name in modules:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # each failure is reported, then the check stops
+        missing.append(f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+import torch
+if sys.argv[1] == "cuda" and not torch.cuda.is_available():
+    missing.append("torch.cuda.is_available() is False")
+for line in missing:
+    print("preflight:", line)
+print(f"preflight: {len(modules) - len(missing)} of {len(modules)} imports in {time.perf_counter() - t0:.1f} s")
+sys.exit(1 if missing else 0)
+EOF
+}
+
 install_wheels() {
     boxed "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
 }
@@ -176,10 +221,18 @@ main() {
         record wheels skipped 0 "no ${WHEELS:-wheels folder}/*.whl: the installed packages are used"
     fi
 
-    # 2. the machine and the versions
+    # 2. pre-flight: stop here when the check can't import what it needs
+    run_step preflight 30 5 preflight
+    if ! tail -1 "$OUT/steps.jsonl" | grep -q '"status": "ok"'; then
+        log "pre-flight failed: stopping before any run (see the lines above)"
+        "$PY" benchmarks/gpu_tables.py --summary "$OUT" || true
+        return 1
+    fi
+
+    # 3. the machine and the versions
     run_step env 30 5 write_env
 
-    # 3. the planner's predictions, on the CPU in the background while the tests use the GPU
+    # 4. the planner's predictions, on the CPU in the background while the tests use the GPU
     local models
     models=$(tr ';' '\n' <<<"$RUNS" | awk 'NF {print $1}' | tr ',' '\n' | sort -u | paste -sd, -)
     local plan_t0=$SECONDS plan_rc=0 plan_pid="" left=$((BUDGET_S - (SECONDS - START)))
@@ -189,9 +242,14 @@ main() {
         plan_pid=$!
     fi
 
-    # 4. the cuda-marked tests (they skip without a GPU)
+    # 5. the cuda-marked tests (they skip without a GPU); bitsandbytes' only where it is installed or carried
+    local select=()
+    if ! "$PY" -c 'import bitsandbytes' >/dev/null 2>&1; then
+        select=(-k "not bnb and not int8")
+        log "cuda_tests: no bitsandbytes here: its tests deselected (make_wheels.sh --with-bitsandbytes carries it)"
+    fi
     run_step cuda_tests "$TESTS_S" 20 boxed "$PY" -m pytest -m cuda -q -p no:cacheprovider --timeout=120 \
-        --junitxml="$OUT/cuda_tests.xml" tests
+        "${select[@]}" --junitxml="$OUT/cuda_tests.xml" tests
 
     if [[ -z $plan_pid ]]; then
         FAILED=1
@@ -203,15 +261,16 @@ main() {
         record plan failed "$((SECONDS - plan_t0))" "exit status $plan_rc: each benchmark plans for itself"
     fi
 
-    # 5. the benchmark runs, one process each
+    # 6. the benchmark runs, one process each
     local run model presets box decode
     while IFS= read -r run; do
         read -r model presets box decode <<<"$run" || true
         [[ -n ${model:-} ]] || continue
-        run_step "bench $model $presets" "$box" "$MIN_RUN_S" bench "$model" "$presets" "${decode:-decode}"
+        run_step "bench $model $presets" "$box" "$(min_run_s "$model" "$presets")" bench "$model" "$presets" \
+            "${decode:-decode}"
     done < <(tr ';' '\n' <<<"$RUNS")
 
-    # 6. the summary: steps, tests, results and targets
+    # 7. the summary: steps, tests, results and targets
     "$PY" benchmarks/gpu_tables.py --summary "$OUT" || FAILED=1
     local results=("$OUT"/gpu_*.jsonl)
     log "done in $((SECONDS - START)) s; results in ${results[*]}"

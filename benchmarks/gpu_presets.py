@@ -273,6 +273,7 @@ def run_preset(name: str, args, backend, prediction: dict | None, rows: Rows, ba
     rows.write(row)  # if this process dies (time box, crash), the tables say the preset didn't finish
     row["status"] = "failed"
     pipe = None
+    row["memory_cap_bytes"] = cap_memory(backend, name)
     try:
         memory = load_preset(name)
         row["memory"] = dataclasses.asdict(memory)
@@ -306,6 +307,7 @@ def run_preset(name: str, args, backend, prediction: dict | None, rows: Rows, ba
             callback_on_step_end=on_step,
         )
         row["tokens"], flops = tokens_and_flops(pipe, args.model, s)
+        row["pinned_host_bytes"] = pinned_host_bytes()  # beside the planner's host figure (pinned copies rounded)
         row.update(status="ok", decode="pending" if args.decode else "skipped", decode_from=args.decode_from)
         summarize(row, stages, args.warmup, flops, rows)
         compare(row, prediction)
@@ -329,7 +331,32 @@ def run_preset(name: str, args, backend, prediction: dict | None, rows: Rows, ba
         del pipe
         gc.collect()
         backend.empty_cache()
+        cap_memory(backend, None)
     return row
+
+
+def pinned_host_bytes() -> int | None:
+    """Bytes torch's caching host allocator holds (pinned blocks, each rounded up to a power of two); None off CUDA."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not torch.cuda.is_initialized():
+        return None
+    found = stats()
+    return found.get("allocated_bytes.current", found.get("allocated_bytes.all.current"))
+
+
+def cap_memory(backend, preset: str | None) -> int | None:
+    """A low-VRAM preset runs capped at its card size (low_vram_16g: 16 GiB) with the caching allocator's
+    per-process fraction, so a larger GPU measures what that card would do: an allocation that would need more
+    reserved memory fails with an out-of-memory error there, as on the card. None: uncapped (also resets)."""
+    from benchmarks.readme_tables import card_gib
+
+    if backend.name != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(backend.device).total_memory
+    card = card_gib(preset) if preset else None
+    cap = min(card * 2**30, total) if card else total
+    torch.cuda.set_per_process_memory_fraction(cap / total, backend.device)
+    return cap if card else None
 
 
 def base_row(args, backend) -> dict:

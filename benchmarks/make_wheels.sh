@@ -13,7 +13,7 @@
 # archive, so its pure-Python wheel is built here.
 #
 # --with-bitsandbytes: bitsandbytes (43 MB; its CUDA 13 library included) instead of imageio-ffmpeg, for the
-# three `cuda` tests of bnb_int8/bnb_nf4/int8, which otherwise fail with "needs bitsandbytes". Both don't fit
+# `cuda` tests of bnb_int8/bnb_nf4/int8, which gpu_check.sh deselects where bitsandbytes is missing. Both don't fit
 # in the 64 MiB that travels; the GPU check writes no video, so it never imports imageio-ffmpeg.
 set -euo pipefail
 

@@ -96,6 +96,13 @@ def guidance_passes(memory: MemoryConfig, guidance_scale: float | None, batched_
     return guidance_mode(memory, batched_by_default)
 
 
+# Group offload with streams frees each onloaded group with `record_stream`: its device memory stays reserved until
+# the compute stream has used it, while the host, waiting only for copies, can run ahead of compute by many groups.
+# The backends make the host wait once it is this many groups ahead (backends/memory.py, bound_run_ahead), so at
+# most this many freed groups are still reserved beside the running and the prefetched one; the planner counts them.
+GROUP_OFFLOAD_RUN_AHEAD = 2
+
+
 def use_streams(memory: MemoryConfig, caps: Capabilities) -> bool:
     """Group offload prefetches on a side stream when asked and the device has offload streams."""
     return bool(memory.group_offload and memory.group_offload_stream and caps.supports_offload_streams)

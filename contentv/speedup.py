@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from contentv import _diffusers
-from contentv.config import SpeedupConfig
+from contentv.config import MemoryConfig, SpeedupConfig
 from contentv.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and diffusers load with the pipeline, not with this module
@@ -17,15 +17,31 @@ if TYPE_CHECKING:  # torch and diffusers load with the pipeline, not with this m
 log = logging.getLogger(__name__)
 CACHES = ("none", "first_block")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes whose inductor options turn on CUDA graphs (torch._inductor.list_mode_options: "triton.cudagraphs").
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Offload that gives the weights new storage on every forward: a CUDA graph replays the addresses it recorded
+# (cudagraph trees re-record on a changed parameter address, then give up), so these can't work with one.
+# model_cpu_offload moves the weights once per video, which only re-records once per video.
+PER_CALL_OFFLOAD = ("group_offload", "sequential_cpu_offload")
 
 
-def check(cfg: SpeedupConfig) -> None:
+def check(cfg: SpeedupConfig, memory: MemoryConfig | None = None) -> None:
+    """ConfigError for a bad speed-up setting, or one that can't work with `memory` (None: not known yet)."""
     if cfg.cache not in CACHES:
         raise ConfigError("speedup.cache", cfg.cache, CACHES)
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError("speedup.compile_mode", cfg.compile_mode, COMPILE_MODES)
     if not cfg.cache_threshold > 0:
         raise ConfigError("speedup.cache_threshold", cfg.cache_threshold, "a number > 0 (e.g. 0.05)")
+    if memory is not None and cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+        for flag in PER_CALL_OFFLOAD:
+            if getattr(memory, flag):
+                raise ConfigError(
+                    "speedup.compile_mode",
+                    cfg.compile_mode,
+                    f"default or max-autotune-no-cudagraphs with memory.{flag} (a CUDA graph replays the weight "
+                    "addresses it recorded; this offload gives the weights new storage on every forward)",
+                )
 
 
 def first_block_cache(denoiser: ModelMixin, threshold: float) -> None:

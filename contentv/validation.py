@@ -144,7 +144,9 @@ def check_settings(
     # memory=auto: the preset the planner picks is checked again once chosen
     memory_policy.check(cfg.memory, caps if cfg.memory.name != "auto" else None)
     memory_policy.check_components(cfg.memory, spec.components)
-    speedup.check(cfg.speedup)
+    speedup.check(cfg.speedup, cfg.memory if cfg.memory.name != "auto" else None)
+    if hasattr(caps, "check_attention"):  # the backend's kernel must take the model's dtype (dry runs: the planner)
+        caps.check_attention(cfg.backend.attention, cfg.model.dtype)
     parallel.check(cfg.parallel, cfg.memory, cfg.speedup)
     lay = parallel.layout(cfg.parallel, world_size)
     if lay.context_parallel:

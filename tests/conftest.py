@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -131,9 +133,27 @@ STANDIN = {
 }
 
 
-def pytest_report_header(config):
-    """The suite's tiers, as the README gives them."""
-    return ['tiers: fast = -m "not slow and not standin"; full = no -m']
+def cpu_features() -> str:
+    """The CPU features the run had (issue 18 §4): bitsandbytes and oneDNN pick kernels by them."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8", "asimd", "sve")
+    shown = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+    return f"cpu: {platform.machine()}, torch capability {torch.backends.cpu.get_cpu_capability()}, flags: {shown}"
+
+
+def pytest_report_header(config) -> list[str]:
+    return [cpu_features(), 'tiers: fast = -m "not slow and not standin"; full = no -m']
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """-q (the project's addopts) hides the header: CI's log gets the CPU line at the end instead."""
+    if config.get_verbosity() < 0:
+        terminalreporter.write_line(cpu_features())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -345,3 +345,21 @@ def test_startup_smoke(cache_dir):
     (split,) = [ln for ln in out.splitlines() if ln.startswith("imports of a tiny run: ")]
     total, ours = (float(x) for x in re.findall(r"([\d.]+) s", split)[:2])
     assert 0 < ours < total and "torch" in split  # the runtime's own modules are a part of what torch and co. take
+
+
+def test_a_low_vram_preset_is_measured_capped_at_its_card_size(monkeypatch):
+    """Issue 18 §3: on an 80 GB GPU, low_vram_16g runs with the caching allocator capped at 16 GiB (what the card
+    has), the others uncapped; the cap is lifted after each preset."""
+    from types import SimpleNamespace
+
+    from benchmarks import gpu_presets
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GiB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: fractions.append(f))
+    cuda = SimpleNamespace(name="cuda", device=torch.device("cuda", 0))
+    assert gpu_presets.cap_memory(cuda, "low_vram_16g") == 16 * GiB and fractions[-1] == pytest.approx(0.2)
+    assert gpu_presets.cap_memory(cuda, "low_vram_8g") == 8 * GiB and fractions[-1] == pytest.approx(0.1)
+    assert gpu_presets.cap_memory(cuda, "none") is None and fractions[-1] == 1.0
+    assert gpu_presets.cap_memory(cuda, None) is None and fractions[-1] == 1.0
+    assert gpu_presets.cap_memory(SimpleNamespace(name="cpu"), "low_vram_8g") is None and len(fractions) == 4

@@ -27,6 +27,7 @@ from contentv.config import BackendConfig, MemoryConfig, RunConfig, SamplingConf
 from contentv.errors import ConfigError
 from contentv.memory_policy import guidance_mode
 from contentv.models.contentv import SPEC
+from tests.virtual_device import VirtualDevice
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "memory"
 # The presets as the command line composes them; `auto` is the planner choosing among these, not a strategy
@@ -343,6 +344,46 @@ def test_bnb_nf4_weights_are_4bit(quantized):
     assert layer.compute_dtype == torch.float32  # the component's own dtype
 
 
+def _nf4_generic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the generic 4-bit path computes: the dequantized weight, then F.linear in the compute dtype."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    return F.linear(x.to(layer.compute_dtype), weight, layer.bias)
+
+
+def test_bnb_nf4_in_fp32_computes_the_same_on_every_cpu():
+    """Issue 18 §4. On a CPU with AVX512-BF16, Linear4bit.forward repacks its weight for a fused kernel that
+    rounds the input to bf16; an fp32 layer must not (it would differ from every other CPU and every device by
+    ~1e-3). Can only fail on such a CPU (conftest's report header says whether this one has it)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64).eval()  # shapes the fused kernel takes (out % 32, in % 64)
+    layer = mem._bnb_nf4(linear)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        out = layer(x)
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(out, _nf4_generic(layer, x))
+
+
+def test_bnb_nf4_packed_for_the_cpu_still_runs_on_a_device():
+    """A bf16 layer may take the AVX512-BF16 kernel on the CPU, which repacks its weight in place; only
+    Params4bit.cuda()/.xpu() undo that, not a module's .to(): on the device it must compute the generic path's
+    result, not read the packed layout. Can only fail on a CPU with AVX512-BF16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64).to(torch.bfloat16).eval()
+    layer = mem._bnb_nf4(linear)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    with torch.no_grad(), VirtualDevice() as vd:
+        layer(x)  # packs where the CPU can
+        layer.to(vd.device)
+        out = layer(x.to(vd.device)).cpu()
+        layer.to("cpu")
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        expected = _nf4_generic(layer, x)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)  # bf16: one rounding of the absmax, ~1e-2
+
+
 def test_fp8_stores_float8_and_keeps_embeddings(quantized):
     pipe, _, _ = quantized("fp8")
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
@@ -527,6 +568,57 @@ def test_group_offload_with_streams_records_them(ckpt, monkeypatch, streams):
     assert len(seen) == 4  # the transformer (block level) and three text encoders (leaf level)
     assert all(kw["use_stream"] is streams and kw["record_stream"] is streams for kw in seen)
     assert all(kw["non_blocking"] is streams and kw["onload_device"] == torch.device("cpu") for kw in seen)
+
+
+def test_the_host_waits_once_it_is_run_ahead_groups_ahead_of_compute(monkeypatch):
+    """Issue 18 §3: with record_stream a freed group stays reserved until compute reaches it; the host must not
+    queue more than GROUP_OFFLOAD_RUN_AHEAD groups ahead. Fake stream events on the CPU record the order; the GPU
+    check measures the reserved peak (each low-VRAM preset capped at its card size)."""
+    log = []
+
+    class Event:
+        def __init__(self, i: int):
+            self.i = i
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.i}")
+
+    class Stream:
+        count = 0
+
+        def record_event(self) -> Event:
+            Stream.count += 1
+            log.append(f"record {Stream.count}")
+            return Event(Stream.count)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+    mem.bound_run_ahead(list(blocks), torch.device("cuda", 0), depth=2)
+    x = torch.randn(1, 4)
+    for block in blocks:
+        x = block(x)
+    assert log == ["record 1", "record 2", "record 3", "wait 1", "record 4", "wait 2", "record 5", "wait 3"]
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_group_offload_with_streams_bounds_every_group(ckpt, monkeypatch, streams):
+    from diffusers import ModelMixin
+
+    bounded = []
+    monkeypatch.setattr(ModelMixin, "enable_group_offload", lambda self, **kw: None)
+    monkeypatch.setattr("diffusers.hooks.apply_group_offloading", lambda module, **kw: None)
+    monkeypatch.setattr(mem, "bound_run_ahead", lambda groups, device, depth: bounded.append((groups, depth)))
+    pipe = load(*ckpt)
+    memory = MemoryConfig(group_offload=True, group_offload_stream=True, text_encoders="offload")
+    mem.place(pipe, memory, torch.device("cpu"), streams=streams)
+    if not streams:
+        assert bounded == []
+        return
+    assert len(bounded) == 4 and {depth for _, depth in bounded} == {memory_policy.GROUP_OFFLOAD_RUN_AHEAD}
+    blocks = list(pipe.transformer.transformer_blocks)
+    assert [groups for groups, _ in bounded].count(blocks) == 1  # block level: each block is a group
+    leaves = [groups for groups, _ in bounded if groups != blocks]  # the text encoders, leaf level
+    assert all(groups and all(isinstance(m, (nn.Linear, nn.Embedding)) for m in groups) for groups in leaves)
 
 
 # ------------------------------------------------------------------ vae_tiling=null: decided per video

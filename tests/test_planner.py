@@ -474,15 +474,16 @@ def test_predicted_denoising_peak_matches_the_gpu_within_10_percent():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_bnb_int8_matmul_temporaries_are_counted(batch):
-    """bitsandbytes' int8 matmul holds per token the int8 input, an int32 accumulator and an fp16 dequantized
-    output at the FF up-projection (2432 -> 9728): +1.7 GiB at 432x768x125 in batch 2 over the bf16 peak."""
+    """bitsandbytes' int8 matmul holds per token the int8 input, an int32 accumulator, an fp16 dequantized output
+    and its bf16 cast at the FF up-projection (2432 -> 9728): +3.2 GiB at 432x768x125 in batch 2 over the bf16
+    peak (tests/test_bnb_temporaries.py checks the per-token bytes against a real layer)."""
     kw = dict(batch=batch, video_tokens=41_472, text_tokens=333, dim=2432, ff_dim=4 * 2432, dtype=torch.bfloat16)
     plain = activation_bytes(**kw, live=architecture.BLOCK_LIVE)
     int8 = activation_bytes(**kw, live=architecture.BLOCK_LIVE, quantization="bnb_int8")
     tokens = batch * 41_805
-    assert int8 - plain == tokens * (2432 + 2 * 4 * 2432)  # dim + 6 ff - 2 * 2 ff (the bf16 FF tensors)
+    assert int8 - plain == tokens * (2432 + 4 + 4 * 4 * 2432)  # dim + 4 + 8 ff - 2 * 2 ff (the bf16 FF tensors)
     if batch == 2:
-        assert 1.6 * GiB < int8 - plain < 1.8 * GiB
+        assert 3.1 * GiB < int8 - plain < 3.3 * GiB
     # and the int8 preset's denoising stage carries them: it saves less than the transformer's weights shrink
     cfg = full_size_run()
     memories = {

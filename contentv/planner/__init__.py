@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from contentv import speedup
 from contentv.config import MemoryConfig, RunConfig, resolve_sampling
 from contentv.errors import ConfigError
 from contentv.memory_policy import Capabilities, check, guidance_passes, with_defaults
@@ -83,6 +84,8 @@ def plan(
     sampling = resolve_sampling(cfg.sampling, cfg.model)
     # The prompt doesn't change memory: a dry run may have none.
     spec.validate(dataclasses.replace(sampling, prompt=sampling.prompt or "dry run"))
+    if hasattr(caps, "check_attention"):  # a dry run refuses what the real run would
+        caps.check_attention(cfg.backend.attention, cfg.model.dtype)
     path = spec.resolve_path(cfg.model)
     m = cfg.model
     key = json.dumps([m.family, path, m.dtype, m.vae_dtype, m.text_encoder_dtype, m.revision])
@@ -90,7 +93,8 @@ def plan(
         _COMPONENTS.clear()  # one model at a time: meta modules hold no storage, but many Python objects
         _COMPONENTS[key] = (spec.components_on_meta or generic_components_on_meta)(cfg.model, path)
     components = _COMPONENTS[key]
-    model = ModelCosts(components, (spec.workload or generic_workload)(components, sampling), sampling, math_attention)
+    workload = (spec.workload or generic_workload)(components, sampling)
+    model = ModelCosts(components, workload, sampling, math_attention, getattr(caps, "bnb_int8_dequant", "fp16"))
     budget = budget_from(cfg.memory, budget_bytes)
     streams = caps.supports_offload_streams if caps is not None else True
     batched = getattr(caps, "batched_guidance", True)
@@ -106,6 +110,7 @@ def plan(
         guidance = guidance_passes(memory, sampling.guidance_scale, batched)
         try:
             check(memory, caps)
+            speedup.check(cfg.speedup, memory)
             strategy = predict_for_budget(
                 model, with_defaults(memory, spec.quantize_default), guidance, streams, budget
             )

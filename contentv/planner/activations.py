@@ -35,6 +35,7 @@ def activation_bytes(
     math_attention: bool = False,
     attention_chunk: int = 0,
     quantization: str = "none",
+    int8_dequant: str = "fp16",
 ) -> int:
     """Peak transient bytes of one DiT forward over `batch` sequences of video + text tokens, width `dim`.
 
@@ -46,19 +47,16 @@ def activation_bytes(
       kernel's workspace: O(N) for flash / memory-efficient SDPA (an fp32 logsumexp per query and head),
       O(N^2) for the math kernel (scores and softmax, per query chunk under attention slicing).
     - quantized linears add their own temporaries at the largest one, the FF up-projection (dim -> ff_dim):
-      bnb_int8 (bitsandbytes' CUDA path, MatMul8bitLt.forward / int8_mixed_scaled_mm): per token, the int8
-      input (dim bytes) while the int32 accumulator (4 ff_dim) and its fp16 dequantized output (2 ff_dim)
-      exist, before the cast to the compute dtype: the peak is live units + dim + 6 ff_dim bytes per token
-      (its fp16 input copy, 2 dim, is freed once quantized); bnb_nf4 dequantizes the layer's weight
-      (ff_dim x dim in the compute dtype) for the matmul.
-    Checked against a meta-device trace of the real blocks (tests/test_planner.py); the quantized terms follow
-    bitsandbytes' code (its CPU kernels allocate differently, so a CPU trace can't check them).
+      bnb_int8: `bnb_int8_bytes_per_token` (replaces the two ff_dim-wide tensors); bnb_nf4 dequantizes the
+      layer's weight (ff_dim x dim in the compute dtype) for the matmul.
+    Checked against a meta-device trace of the real blocks (tests/test_planner.py) and, for bnb_int8's fp32
+    dequant (bitsandbytes' default kernels, the CPU's), an allocation trace of a real bitsandbytes layer (tests/test_bnb_temporaries.py).
     """
     n = video_tokens + text_tokens
     unit = batch * n * dim * dtype.itemsize
     ff_peak = unit * (live + 2 * ff_dim / dim)
     if quantization == "bnb_int8":
-        ff_peak = max(ff_peak, unit * live + batch * n * (dim + 6 * ff_dim))
+        ff_peak = max(ff_peak, unit * live + batch * n * bnb_int8_bytes_per_token(dim, ff_dim, int8_dequant))
     elif quantization == "bnb_nf4":
         ff_peak += ff_dim * dim * dtype.itemsize
     if math_attention:
@@ -67,6 +65,21 @@ def activation_bytes(
     else:
         workspace = batch * heads * n * 4
     return int(max(ff_peak, 7 * unit + workspace))
+
+
+def bnb_int8_bytes_per_token(dim: int, ff_dim: int, dequant: str = "fp16") -> int:
+    """Peak bytes per token inside a bitsandbytes int8 Linear (dim -> ff_dim, threshold 6.0, inference), its output
+    included (MatMul8bitLt.forward -> int8_mixed_scaled_mm -> int8_scaled_mm): the int8 input rows (dim) and their
+    fp32 scales (4) stay alive while the int32 accumulator (4 ff_dim) is dequantized. `dequant` is the backend's
+    (Capabilities.bnb_int8_dequant):
+      fp16: a fused kernel writes fp16 (2 ff_dim), then `.to(bf16)` (2 ff_dim) while both are alive: 8 ff_dim
+        (bitsandbytes' CUDA kernel).
+      fp32: the default dequant, `acc * (row * col) * c`, computes in fp32: the accumulator and three more 4-byte
+        ff_dim-wide tensors alive at once: 16 ff_dim (the CPU's; tests/test_bnb_temporaries.py traces a real
+        layer). Without AVX-512 the CPU's int8 matmul runs in fp32 with an fp32 copy of the weight (4 ff_dim dim
+        bytes, per layer, not counted: ~1 % of the per-token bytes at ContentV-8B's 83,610 tokens).
+    The input's fp16, abs and outlier-mask copies (~6 dim) are freed before the matmul."""
+    return dim + 4 + (16 if dequant == "fp32" else 8) * ff_dim
 
 
 def text_encoder_activation_bytes(module: nn.Module, tokens: int, dtype: torch.dtype) -> int:

@@ -16,10 +16,17 @@ from torch import nn
 
 from contentv.config import MemoryConfig, SamplingConfig
 from contentv.errors import ConfigError
-from contentv.memory_policy import placement, text_encoder_mode
+from contentv.memory_policy import GROUP_OFFLOAD_RUN_AHEAD, placement, text_encoder_mode
 from contentv.models.common import Workload, config_get
 from contentv.planner.activations import activation_bytes, decode_bytes, text_encoder_activation_bytes
-from contentv.planner.weights import block_groups, largest_direct, leaf_groups, sum_buffers, tensor_bytes
+from contentv.planner.weights import (
+    block_groups,
+    largest_direct,
+    leaf_groups,
+    pinned_bytes,
+    sum_buffers,
+    tensor_bytes,
+)
 
 GiB = 2**30
 # A strategy fits when its predicted peak is at most (1 - MARGIN) * budget (allocator fragmentation,
@@ -105,7 +112,9 @@ class ModelCosts:
     workload: Workload
     sampling: SamplingConfig
     math_attention: bool
+    int8_dequant: str = "fp16"  # the backend's bitsandbytes int8 dequant (bnb_int8_bytes_per_token)
     _sizes: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
+    _pinned: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def sizes(self, name: str, quantization: str) -> dict[int, int]:
         key = (name, quantization)
@@ -116,6 +125,14 @@ class ModelCosts:
 
     def bytes(self, name: str, quantization: str = "none") -> int:
         return sum(self.sizes(name, quantization).values())
+
+    def pinned(self, name: str, quantization: str = "none") -> int:
+        """Host bytes of the component's pinned copies (group offload with streams), as the allocator rounds them."""
+        key = (name, quantization)
+        if key not in self._pinned:
+            module, dtype = self.components[name]
+            self._pinned[key] = pinned_bytes(module, dtype, quantization)
+        return self._pinned[key]
 
     def denoise_bytes(self, batch: int, attention_chunk: int, quantization: str = "none") -> int:
         module, dtype = self.components["transformer"]
@@ -134,6 +151,7 @@ class ModelCosts:
             math_attention=self.math_attention,
             attention_chunk=attention_chunk,
             quantization=quantization,
+            int8_dequant=self.int8_dequant,
         )
         return act + self.resident_tensors(batch)
 
@@ -181,7 +199,10 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         "decoding": model.decode()[1 if memory.vae_tiling else 0] + model.resident_tensors(1),
     }
     use_stream = memory.group_offload_stream and streams
-    pinned = 0  # pinned host copies made beside the loaded weights (freed, the loaded ones, after a first pass)
+    # Group offload with streams pins a copy of each tensor (rounded up to a power of two by torch's caching host
+    # allocator); the loaded weights are freed after a first pass, so the pinned copies are what the host keeps.
+    pinned = 0  # pinned bytes beyond the loaded weights they replace
+    loaded = 0  # loaded weights alive beside their pinned copies until that first pass
 
     if memory.sequential_cpu_offload:
         # accelerate moves each module's own weights to the device when it runs; buffers stay there.
@@ -209,9 +230,12 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         if memory.group_offload:
             sizes = model.sizes("transformer", quant["transformer"])
             group, rest = block_groups(model.components["transformer"][0], sizes, memory.group_offload_blocks)
-            busy_transformer = rest + group * (2 if use_stream else 1)  # running block + the one prefetched
+            # running block + the one prefetched (+ with streams, the freed blocks the compute stream hasn't reached)
+            busy_transformer = rest + group * (2 + GROUP_OFFLOAD_RUN_AHEAD if use_stream else 1)
             idle_transformer = 0
-            pinned += w["transformer"] if use_stream else 0
+            if use_stream:
+                pinned += model.pinned("transformer", quant["transformer"]) - w["transformer"]
+                loaded += w["transformer"]
         else:
             busy_transformer = idle_transformer = w.get("transformer", 0)
         if mode == "device":
@@ -219,8 +243,11 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         elif mode == "offload":  # leaf-level group offload of each text encoder
             leaves = [leaf_groups(model.components[n][0], model.sizes(n, quant[n])) for n in te]
             te_idle = 0
-            te_busy = max((outside + leaf * (2 if use_stream else 1) for leaf, outside in leaves), default=0)
-            pinned += te_all if use_stream else 0
+            in_flight = 2 + GROUP_OFFLOAD_RUN_AHEAD if use_stream else 1
+            te_busy = max((outside + leaf * in_flight for leaf, outside in leaves), default=0)
+            if use_stream:
+                pinned += sum(model.pinned(n, quant[n]) for n in te) - te_all
+                loaded += te_all
         elif mode == "release":
             te_idle, te_busy = 0, te_all
         else:  # cpu: encoded on the CPU
@@ -231,6 +258,7 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
             "decoding": always + te_idle + idle_transformer,
         }
         host = total - always - (te_all if mode == "device" else 0) - (0 if memory.group_offload else idle_transformer)
+        host += pinned
     stage_bytes = {s: int(resident[s] + act[s]) for s in STAGES}
     full = sum(model.bytes(n) for n in names)  # loading reads every weight at full precision first
     return Strategy(
@@ -240,7 +268,7 @@ def predict(model: ModelCosts, memory: MemoryConfig, guidance: str, streams: boo
         device_bytes=max(stage_bytes.values()),
         stage_bytes=stage_bytes,
         host_bytes=int(host + BASE_HOST_BYTES),
-        host_peak_bytes=int(max(host + pinned, full) + BASE_HOST_BYTES),
+        host_peak_bytes=int(max(host + loaded, full) + BASE_HOST_BYTES),
         time=relative_time(memory, guidance, streams),
     )
 

@@ -124,6 +124,35 @@ def tensor_bytes(module: nn.Module, dtype: torch.dtype, quantization: str = "non
     return out
 
 
+def host_allocation(nbytes: int) -> int:
+    """Bytes torch's caching host allocator takes to pin a tensor of `nbytes`: the next power of two
+    (CachingHostAllocator.h, `c10::llvm::PowerOf2Ceil`, in torch 2.x CUDA builds and torch_npu; torch 2.13's
+    `pinned_max_round_threshold` is unset by default, i.e. every size is rounded)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+# Quantization method -> the separately pinned tensors of a quantized Linear weight (diffusers pins each parameter
+# and buffer on its own; a tensor subclass pins each inner tensor).
+_PINNED_PARTS: dict[str, Callable[[int, int], tuple[int, ...]]] = {
+    "bnb_int8": lambda rows, n: (n, rows * 4),  # Int8Params; the fp32 row scales are the `weight_scale` buffer
+    "bnb_nf4": lambda rows, n: ((n + 1) // 2,),  # Params4bit; its quant state is no parameter: not pinned
+    "torchao_int8": lambda rows, n: (n, rows * 4, rows),  # qdata, scale, zero point
+}
+
+
+def pinned_bytes(module: nn.Module, dtype: torch.dtype, quantization: str = "none") -> int:
+    """Host bytes of the pinned copies diffusers' group offload with streams makes of `module` (one `pin_memory()`
+    per parameter and buffer, each rounded up by the allocator), plus what stays unpinned (nf4's state)."""
+    sizes = tensor_bytes(module, dtype, quantization)
+    parts = {key: (n,) for key, n in sizes.items()}
+    if quantization in _PINNED_PARTS:
+        skip = skip_parts(module)
+        for name, m in module.named_modules():
+            if quantizable(name, m, skip):
+                parts[id(m.weight)] = _PINNED_PARTS[quantization](m.weight.shape[0], m.weight.numel())
+    return sum(sum(map(host_allocation, p)) + sizes[key] - sum(p) for key, p in parts.items())
+
+
 def weight_bytes(module: nn.Module, dtype: torch.dtype, quantization: str = "none") -> int:
     """Exact bytes of one component's parameters and buffers once loaded in `dtype` and quantized."""
     return sum(tensor_bytes(module, dtype, quantization).values())

@@ -66,7 +66,10 @@ class ContentVJointAttnProcessor:
         if encoder_hidden_states is not None:
             # The last block is context-pre-only: its text output is unused, and returning a slice of
             # `out` would keep the whole (B, S, H*D) attention output alive through the feed-forward.
-            context = None if attn.context_pre_only else attn.to_add_out(out[:, n_video:])
-            out = attn.to_out[1](attn.to_out[0](out[:, :n_video]))
-            return out, context
+            # contiguous(): with B > 1 both slices are strided, and nn.Linear on a strided half-precision input
+            # rounds the matmul, then the bias add; a contiguous one rounds once, as B = 1 (sequential) does.
+            context = None if attn.context_pre_only else attn.to_add_out(out[:, n_video:].contiguous())
+            video = out[:, :n_video].contiguous()  # (B, Sv, H*D)
+            del out
+            return attn.to_out[1](attn.to_out[0](video)), context
         return attn.to_out[1](attn.to_out[0](out))
