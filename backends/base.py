@@ -210,9 +210,10 @@ class Backend(ABC):
     def prepare(self, pipe: Any, memory: MemoryConfig, spec: ModelSpec) -> dict:
         """Apply the memory strategy and attention kernel to a pipeline loaded on the CPU.
 
-        Returns what was applied, for the run's record. `memory` was checked when the run was resolved
-        (contentv.resolve): it is applied as it is.
+        Returns what was applied, for the run's record. `memory` was checked and decided when the run was resolved
+        (contentv.resolve); the mechanisms still refuse a contradiction before anything moves (a direct caller).
         """
+        self.check_memory(memory)
         memory = memory_policy.with_defaults(memory, spec.quantize_default)
         applied: dict = {"memory_preset": memory.name}
         applied["quantization"] = mem.quantize(pipe, memory, self)

@@ -373,7 +373,11 @@ class Runtime:
         if len(run.prompts) == 1 and not run.config().sampling.prompt_file:
             return [self.run(run, callback_on_step_end)]
         results = []
-        log.info("%d prompts%s", len(run.prompts), f" from {run.config().sampling.prompt_file}" if run.config().sampling.prompt_file else "")
+        log.info(
+            "%d prompts%s",
+            len(run.prompts),
+            f" from {run.config().sampling.prompt_file}" if run.config().sampling.prompt_file else "",
+        )
         for i, prompt in enumerate(run.prompts, 1):
             log.info("prompt %d of %d: %s", i, len(run.prompts), prompt)
             results.append(self.run(run.item(prompt), callback_on_step_end))

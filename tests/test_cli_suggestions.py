@@ -39,7 +39,7 @@ def test_additions_where_the_schema_takes_free_keys_still_work():
         ('"a cat, sitting"', "a cat, sitting"),  # Hydra's documented quoting: the content
         ("'it\\'s a cat'", "it's a cat"),
         ('"a" and "b"', '"a" and "b"'),  # not one quoted string: as typed
-        ("a cat's \"nap\"", "a cat's \"nap\""),
+        ('a cat\'s "nap"', 'a cat\'s "nap"'),
     ],
 )
 def test_a_hydra_quoted_prompt_means_its_content(value, text):

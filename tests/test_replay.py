@@ -67,7 +67,11 @@ def test_replay_says_what_differs(recorded, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{}", "a sidecar written by this runtime"), ("not json", "a readable JSON sidecar"), (None, "an existing sidecar")],
+    [
+        ("{}", "a sidecar written by this runtime"),
+        ("not json", "a readable JSON sidecar"),
+        (None, "an existing sidecar"),
+    ],
 )
 def test_replay_refuses_what_is_not_a_sidecar_in_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "x.json"

@@ -17,9 +17,7 @@ if TYPE_CHECKING:  # contentv.config and contentv.runtime import torch
 log = logging.getLogger(__name__)
 
 
-def start_job(
-    job_dir: Path, cfg: RunConfig, job: int, rank: int = 0, prompts: list[str] | None = None
-) -> str | None:
+def start_job(job_dir: Path, cfg: RunConfig, job: int, rank: int = 0, prompts: list[str] | None = None) -> str | None:
     """Before job `job` runs: None when it finished in an earlier run of the sweep (skip it); otherwise the note
     for its rows: empty, or why it is redone and where the files of the earlier attempt went. `prompts`: the job's
     prompts as its resolved run read them."""
