@@ -632,7 +632,7 @@ def test_vae_tiling_null_is_decided_per_video_and_recorded(cache_dir, tmp_path, 
 
     presets = demo.load_presets(("model", "memory"))
     runtime = Runtime(cpu_backend(), presets=presets.memories)
-    caplog.set_level(logging.INFO, logger="contentv.runtime")
+    caplog.set_level(logging.INFO, logger="contentv.resolve")  # where the run is decided, once
     ran = {}
     for height, width, frames in ((256, 384, 9), (32, 48, 5)):
         cfg = RunConfig(model=copy.deepcopy(presets.models["tiny_contentv"]), backend=BackendConfig(name="cpu"))
