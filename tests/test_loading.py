@@ -222,3 +222,24 @@ def test_prompt_embeddings_from_a_text_encoder_only_pipeline_give_the_same_video
     call = {k: v for k, v in COG_CALL.items() if k != "prompt"}
     frames = generate(denoiser, call, prompt_embeds=embeds, negative_prompt_embeds=negative)
     assert torch.allclose(frames, generate(full, COG_CALL, negative_prompt=""), atol=1e-6)
+
+
+def test_the_command_line_loads_a_folder_saved_with_another_diffusers_scheduler(tmp_path, cache_dir):
+    """A CogVideoX folder the Python API saved with DDIMScheduler passes the command line's checkpoint check (any
+    diffusers scheduler), and one naming a class diffusers doesn't have is still refused."""
+    import json
+    import shutil
+
+    import contentv
+    from contentv.errors import ConfigError
+    from contentv.models.cogvideox import SPEC
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(contentv.tiny_checkpoint("tiny_cogvideox"), folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "_class_name": "DDIMScheduler"}))
+    SPEC.check_checkpoint(str(folder))
+    config.write_text(json.dumps({**data, "_class_name": "NoSuchScheduler"}))
+    with pytest.raises(ConfigError, match="NoSuchScheduler"):
+        SPEC.check_checkpoint(str(folder))

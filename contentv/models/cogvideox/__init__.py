@@ -34,6 +34,15 @@ EXPECTED_CLASSES = {
     "vae/config.json": ("AutoencoderKLCogVideoX",),
     "scheduler/scheduler_config.json": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
 }
+def _a_diffusers_scheduler(name: object) -> bool:
+    """`name` is a scheduler class diffusers has."""
+    if not isinstance(name, str) or not name.endswith("Scheduler") or not name.isidentifier():
+        return False
+    import diffusers
+
+    return hasattr(diffusers, name)
+
+
 # Every subfolder CogVideoXRuntimePipeline.from_pretrained loads, checked before any weights load.
 LAYOUT = (
     checkpoint.tokenizer("tokenizer", "T5 tokenizer", checkpoint.T5_TOKENIZER_FILES),
@@ -86,6 +95,8 @@ def check_checkpoint(path: str) -> None:
     configs = {f: checkpoint.read_json(path, *f.split("/")) or {} for f in EXPECTED_CLASSES}
     for f, expected in EXPECTED_CLASSES.items():
         found = configs[f].get("_class_name")
+        if f.startswith("scheduler/") and _a_diffusers_scheduler(found):
+            continue  # any diffusers scheduler loads (a pipeline saved with DDIMScheduler, as diffusers allows)
         if found not in expected:
             raise ConfigError(
                 "model.path", path, f"a CogVideoX checkpoint ({f} names {found!r}, expected {' or '.join(expected)})"
