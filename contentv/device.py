@@ -32,6 +32,9 @@ class DeviceBackend(Capabilities, Protocol):
     def attention_kernel(self) -> AttentionKernel:
         """The kernel backend.attention names (ConfigError for an unknown or unavailable one)."""
 
+    def check_attention(self, attention: str, dtype: str) -> None:
+        """ConfigError if the kernel `attention` can't take `dtype` (model.dtype) on this device (no device needed)."""
+
     def check_memory(self, memory: MemoryConfig) -> None:
         """ConfigError if this device can't run `memory`."""
 
