@@ -1,21 +1,19 @@
 """The web page: `python demo.py mode=ui` (needs the optional extra: pip install 'contentv[ui]').
 
-The community app's page on this runtime: model preset, prompt, negative prompt, frames, fps, size, steps,
-guidance, seed (or random), backend and the memory options (presets, one offload mode, VAE slicing/tiling,
-attention slicing, INT8/NF4/FP8 weights; "Predict memory" shows the planner's table, and memory=auto shows it
-before running the preset it picks). The logic is `contentv.studio.Studio` (no gradio); this module lays out
-the widgets, wires the events and serves the page. gradio is imported only inside functions, so the runtime
-works without it.
+The community app's page on this runtime: model preset, prompt, negative prompt, frames, fps, size, steps, guidance,
+seed (or random), backend and the memory options (presets, one offload mode, VAE slicing/tiling, attention slicing,
+INT8/NF4/FP8 weights; "Predict memory" shows the planner's table, as memory=auto does before running its pick). The
+logic is `contentv.studio.Studio` (no gradio); this module lays out the widgets, wires the events and serves the
+page; gradio is imported only inside functions, so the runtime works without it.
 
 What the server exposes (to the page and API clients alike): the routes the page and gradio_client use
-(contentv.served.RouteGuard); only videos and their sidecars, linked into a private folder (never the output
-tree with its logs and Hydra configs); checkpoint folders and hub ids only from `ui.allowed_paths`; every
-value checked by the Studio as the command line checks it; at most `ui.max_queue` generations waiting and
-`ui.max_queue_per_client` per browser session or remote address (contentv.jobqueue).
+(contentv.served.RouteGuard); only videos and their sidecars, linked into a private folder (never the output tree
+with its logs and Hydra configs); checkpoint folders and hub ids only from `ui.allowed_paths`; every value checked
+by the Studio as the command line checks it; at most `ui.max_queue` generations waiting and `ui.max_queue_per_client`
+per browser session or remote address (contentv.jobqueue).
 """
 
-# No `from __future__ import annotations` here: gradio finds its `gr.Request` argument through the
-# handlers' evaluated type hints, and those hints name the lazily imported module.
+# No `from __future__ import annotations`: gradio finds `gr.Request` through the handlers' evaluated type hints.
 
 import asyncio
 import html
@@ -484,13 +482,15 @@ def launch(
         _abandon(studio, cache, old_env)
         raise
     server = Server(blocks=blocks, studio=studio, url=blocks.local_url, cache_dir=cache, _restore=old_env)
-    print(f"ContentV page on {server.url} (Ctrl-C to stop)", file=sys.stderr)
-    if block:
-        try:
-            with sigterm_exits():  # SIGTERM: exit 143 through server.close(), so the private folders go
-                blocks.block_thread()
-        finally:
-            server.close()
+    line = f"ContentV page on {server.url} (Ctrl-C to stop)"
+    if not block:
+        return print(line, file=sys.stderr) or server
+    try:
+        with sigterm_exits():  # SIGTERM: exit 143 through server.close(); set before the line callers wait for
+            print(line, file=sys.stderr)
+            blocks.block_thread()
+    finally:
+        server.close()
     return server
 
 
