@@ -294,7 +294,7 @@ class Studio:
         """Validate the form without loading anything and queue the job: (job, "") or (None, one error line).
 
         Refused first if this session or address already has its share of the queue or the queue is full
-        (contentv.jobqueue), then by the command line's checks (contentv.validation.validate_run).
+        (contentv.jobqueue), then by the command line's checks and decisions (contentv.resolve.resolve_run).
         """
         refused = self.queue.refusal(session, client)
         if refused:

@@ -192,7 +192,7 @@ def apply(pipe: DiffusionPipeline, cfg: ParallelConfig, spec: ModelSpec, world: 
     transformer = pipe.transformer
     if lay.context_parallel:
         ContextParallelConfig, DiffusersParallelConfig = _diffusers.context_parallel_configs()
-        # (validate_run checked the token and head counts against the degrees before loading: check_split)
+        # (resolve_run checked the token and head counts against the degrees before loading: check_split)
         cp = ContextParallelConfig(
             ring_degree=lay.ring,
             ulysses_degree=lay.ulysses,
