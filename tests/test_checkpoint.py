@@ -25,9 +25,9 @@ from contentv.config import ModelConfig, SamplingConfig
 from contentv.errors import ConfigError
 from contentv.models.cogvideox import SPEC as COG
 from contentv.models.contentv import LAYOUT, SPEC
+from tests.helpers import SMALL, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["sampling.height=32", "sampling.width=48", "sampling.num_frames=5", "sampling.num_inference_steps=1"]
 
 
 @pytest.fixture
@@ -306,18 +306,6 @@ def test_hub_ids_are_left_to_the_runtime(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the command line
-
-
-def run_demo(args: list[str], cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "demo.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:

@@ -14,16 +14,10 @@ import pytest
 
 import demo
 from contentv.video import read_mp4_frames, read_mp4_metadata
+from tests.helpers import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_contentv", "backend=cpu"]
-
-
-def run_demo(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "demo.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "desync_worker.py"
 pytestmark = pytest.mark.slow
-TINY = ["model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=1", "sampling.height=32"]
-TINY += ["sampling.width=48", "sampling.num_frames=5", "sampling.prompt=a red fox", "parallel=cfg"]
+TINY = [*helpers.TINY, "parallel=cfg"]
 LIMIT_S = 240
 
 

@@ -19,11 +19,11 @@ import backends
 from backends.base import Backend
 from contentv.config import BackendConfig, ModelConfig, RunConfig
 from contentv.runtime import Runtime
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONF = ROOT / "tests" / "conf"
 TARGET = "tests.virtual_backend:VirtualBackend"
-SMALL = ["sampling.height=32", "sampling.width=48", "sampling.num_frames=5", "sampling.num_inference_steps=1"]
 # What a production file would have to say to know about the test backend or its device.
 MENTIONS = re.compile(r"\bvirtual\b|virtual_?backend|virtual_?device|[\"']lazy(:\d+)?[\"']", re.IGNORECASE)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import demo
+from tests import helpers
 
-TINY = ["model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=1", "sampling.height=32"]
-TINY += ["sampling.width=48", "sampling.num_frames=5", "sampling.prompt=a red fox", "memory=auto"]
+TINY = [*helpers.TINY, "memory=auto"]
 
 
 def frames(video) -> np.ndarray:

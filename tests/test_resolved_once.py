@@ -19,9 +19,9 @@ import contentv.validation
 import demo
 from contentv.config import BackendConfig
 from contentv.form import Form
+from tests import helpers
 
-TINY = ["model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=1", "sampling.height=32"]
-TINY += ["sampling.width=48", "sampling.num_frames=5", "sampling.prompt=a red fox"]
+TINY = [*helpers.TINY]
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_contentv", "backend=cpu", "sampling.num_inference_steps=1", "sampling.height=32"]
-TINY += ["sampling.width=48", "sampling.num_frames=5", "sampling.prompt=a red fox"]
+TINY = [*helpers.TINY]
 
 
 def env(cache_dir: Path) -> dict:
