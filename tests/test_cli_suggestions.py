@@ -116,3 +116,21 @@ def test_the_readmes_sweep_lines_expand_as_they_say(tmp_path):
     with demo.hydra_context():
         prompts = {_compose_job(job)[0].sampling.prompt for job in jobs}
     assert prompts == {"a red fox, in snow", "the cat's nap"}
+
+
+@pytest.mark.slow
+def test_the_readmes_first_sweep_line_runs_verbatim(tmp_path, cache_dir):
+    """The README's first sweep line, as typed (plus a sweep folder of the test's), runs its 4 jobs on the tiny model."""
+    import shlex
+    from pathlib import Path
+
+    from tests.helpers import run_demo
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Sweeps") :]
+    line = next(ln for ln in section.splitlines() if ln.startswith("python demo.py -m model=tiny_contentv"))
+    args = shlex.split(line.split("  #")[0])[2:]
+    proc = run_demo([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep: 4 jobs, 0 done, 4 to run" in proc.stderr
+    assert len(list((tmp_path / "sweep").glob("*/*.mp4"))) == 4
