@@ -117,3 +117,9 @@ def test_stages_are_observed_in_order(tiny_pipe):
 
     run(tiny_pipe, stage_context=stage, num_inference_steps=1)
     assert seen == ["text_encoding", "denoising", "decoding"]
+
+
+def test_max_sequence_length_above_t5s_512_is_refused_from_python_too(tiny_pipe):
+    """The command line refuses it per model before loading; a Python caller of the pipeline gets SD3's limit too."""
+    with pytest.raises(ValueError, match="max_sequence_length=600 is not valid: an integer in 1..512"):
+        tiny_pipe("a cat", height=32, width=48, num_frames=5, num_inference_steps=1, max_sequence_length=600)

@@ -61,6 +61,12 @@ class ContentVPipelineOutput(BaseOutput):
     frames: Any
 
 
+def check_sequence_length(max_sequence_length: object) -> None:
+    """T5 tokens: 1..512, as SD3's pipeline and the reference refuse more (ValueError otherwise)."""
+    if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
+        raise ValueError(f"max_sequence_length={max_sequence_length!r} is not valid: an integer in 1..512")
+
+
 class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
     """Text-to-video with ContentV-8B. Use like any diffusers pipeline:
 
@@ -300,6 +306,7 @@ class ContentVPipeline(RuntimePlacement, StableDiffusion3Pipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor {name!r}: must be one of {self._callback_tensor_inputs}")
+        check_sequence_length(max_sequence_length)
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
