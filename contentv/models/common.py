@@ -278,7 +278,7 @@ class RuntimePlacement:
 
 # diffusers' DiffusionPipeline.from_pretrained arguments passed on to every component's loader.
 HUB_ARGS = ("revision", "local_files_only", "cache_dir", "token", "force_download", "proxies")
-# ... and to the weight-bearing components only (device_map: one device for every component, e.g. "cuda").
+# ... and to the weight-bearing components only (device_map: one device, named as torch names it, for every component).
 WEIGHT_ARGS = ("device_map", "max_memory", "offload_folder", "low_cpu_mem_usage")
 # diffusers' other loader arguments: refused with the reason, in one line.
 UNSUPPORTED_ARGS = {
