@@ -17,9 +17,9 @@
 Every setting is checked before anything is loaded or written: a bad one prints one line naming the
 option, the value and what is allowed, and exits with status 2 (debug=true shows a traceback).
 
-The command line itself lives in the package (`contentv.cli`: composition, --help, pre-flight, the job function,
+The command line itself lives in the package (`contentv_cli`: composition, --help, pre-flight, the job function,
 the sweep callback); this file is the command users type. From Python, the same presets:
-`from contentv.cli import load_config, load_presets`.
+`from contentv_cli import load_config, load_presets`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import sys
 
 import contentv  # noqa: F401 - first, and light (no torch): a run's start-up is measured from here (IMPORTED_AT)
-from contentv.cli import (
+from contentv_cli import (
     UsageError,
     expand_jobs,
     group_options,
@@ -37,7 +37,7 @@ from contentv.cli import (
     load_presets,
     main,
 )
-from contentv.cli.compose import GROUPS
+from contentv_cli.compose import GROUPS
 
 __all__ = ["GROUPS", "UsageError", "expand_jobs", "group_options", "hydra_context", "literal_prompts"]
 __all__ += ["load_config", "load_presets", "main"]

@@ -79,7 +79,7 @@ class Runtime:
     """Holds one prepared pipeline, reused while (model, memory) stay the same on this backend.
 
     `presets`: the memory presets `memory=auto` chooses from (the entry point composes them from conf/memory;
-    `contentv.cli.load_presets()` gives them to Python users). `world`: this process's place in a multi-process
+    `contentv_cli.load_presets()` gives them to Python users). `world`: this process's place in a multi-process
     launch (one process by default).
 
     Every entry point hands it a `ResolvedRun` (`Runtime.resolve` makes one; `run`, `run_all` and `generate` also

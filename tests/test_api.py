@@ -182,7 +182,7 @@ def readme_python_blocks() -> list[str]:
 def test_readme_from_python_has_both_snippets():
     blocks = readme_python_blocks()
     assert len(blocks) == 2
-    assert "contentv.tiny_checkpoint(" in blocks[0] and "from contentv.cli import load_config" in blocks[1]
+    assert "contentv.tiny_checkpoint(" in blocks[0] and "from contentv_cli import load_config" in blocks[1]
 
 
 @pytest.mark.slow

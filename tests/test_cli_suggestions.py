@@ -57,7 +57,7 @@ def test_an_empty_hydra_quoted_prompt_is_refused():
 
 
 def test_the_readmes_choice_sweep_expands_to_each_prompt_as_typed():
-    from contentv.cli.preflight import _compose_job
+    from contentv_cli.preflight import _compose_job
 
     argv = [*TINY, 'sampling.prompt=choice("a red fox, in snow","the cat\'s nap")', "sampling.seed=1,2"]
     jobs = demo.expand_jobs(demo.literal_prompts(argv, multirun=True), multirun=True)
@@ -103,7 +103,7 @@ def test_the_readmes_sweep_lines_expand_as_they_say(tmp_path):
     import shlex
     from pathlib import Path
 
-    from contentv.cli.preflight import _compose_job
+    from contentv_cli.preflight import _compose_job
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("## Sweeps") :]

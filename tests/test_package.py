@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Printed as JSON by the installed copy: where each module lives, what its configs compose to.
 PROBE = """
 import json, sys
-import backends, contentv, contentv.cli as cli
-from contentv.cli.compose import config_dir
+import backends, contentv, contentv_cli as cli
+from contentv_cli.compose import config_dir
 from hydra import compose
 from hydra.utils import get_class
 
 out = {m.__name__: m.__file__ for m in (backends, contentv, cli)}
 out["configs"] = str(config_dir())
-out["callback"] = sys.modules[get_class("contentv.cli.sweep.SweepSummary").__module__].__file__
+out["callback"] = sys.modules[get_class("contentv_cli.sweep.SweepSummary").__module__].__file__
 with cli.hydra_context():
     out["launchers"] = {
         name: compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher._target_
@@ -112,10 +112,10 @@ def test_wheel_carries_configs_entry_point_and_floors(installed):
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert configs
     assert {f"contentv/{c}" for c in configs} <= names  # every config, launchers included, inside the package
-    assert {"contentv/conf/__init__.py", "contentv/cli/__init__.py", "backends/__init__.py"} <= names
+    assert {"contentv/conf/__init__.py", "contentv_cli/__init__.py", "backends/__init__.py"} <= names
     # nothing at the top level that a user's project is likely to have
     assert not any(n.startswith(("tests/", "conf/")) or n == "demo.py" for n in names), sorted(names)[:20]
-    assert "contentv = contentv.cli:main" in entry
+    assert "contentv = contentv_cli:main" in entry
     assert "Requires-Dist: torch>=2.6" in meta
     assert 'Requires-Dist: contentv[quant,serve,sweep,ui]; extra == "test"' in meta  # the test extra reuses the others
 
@@ -129,7 +129,7 @@ def test_installed_copy_runs_from_another_folder(installed, tmp_path, cache_dir)
     out = run(venv, [venv / "bin" / "python", "-c", PROBE, *(launchers if plugins else [])], here)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    for module in ("backends", "contentv", "contentv.cli", "configs", "callback"):
+    for module in ("backends", "contentv", "contentv_cli", "configs", "callback"):
         assert Path(found[module]).resolve().is_relative_to(purelib.resolve()), (module, found[module])
     assert found["models"] == sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
     for name, target in found["launchers"].items():
@@ -176,7 +176,7 @@ def test_every_package_folder_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {
         ".".join(p.parent.relative_to(ROOT).parts)
-        for top in ("contentv", "backends")
+        for top in ("contentv", "contentv_cli", "backends")
         for p in (ROOT / top).rglob("__init__.py")
     }
     assert found | {"contentv.conf"} == listed

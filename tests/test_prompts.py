@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import demo
-from contentv.cli.preflight import _compose_job
+from contentv_cli.preflight import _compose_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_contentv", "backend=cpu"]

@@ -34,6 +34,8 @@ EXPECTED_CLASSES = {
     "vae/config.json": ("AutoencoderKLCogVideoX",),
     "scheduler/scheduler_config.json": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
 }
+
+
 def _a_diffusers_scheduler(name: object) -> bool:
     """`name` is a scheduler class diffusers has."""
     if not isinstance(name, str) or not name.endswith("Scheduler") or not name.isidentifier():

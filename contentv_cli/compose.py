@@ -1,7 +1,7 @@
 """Composing configs with Hydra: overrides -> jobs -> typed `RunConfig`s, and the presets of each group.
 
 The one place that knows Hydra's grammar. `expand_jobs` is the one job expansion: the pre-flight check and the
-sweeper (`contentv.cli.sweep.Sweeper`, which Hydra's multirun uses) both call it, so they always agree on the jobs
+sweeper (`contentv_cli.sweep.Sweeper`, which Hydra's multirun uses) both call it, so they always agree on the jobs
 of a sweep, `hydra.sweeper.params` included. Python users: `load_config([...])` and `load_presets()`.
 """
 
@@ -39,13 +39,17 @@ class UsageError(Exception):
 
 def config_dir() -> Path:
     """The folder of the Hydra configs: the repository's conf/ (a checkout or an editable install), else the copy
-    installed inside the package (contentv/conf in a wheel). Addressed by path, never as a top-level `conf` module,
+    installed inside the library (contentv/conf in a wheel). Addressed by path, never as a top-level `conf` module,
     so a user's own `conf` package can't shadow it."""
-    here = Path(__file__).resolve().parents[1]
-    for folder in (here.parent / "conf", here / "conf"):
+    import contentv
+
+    here = Path(__file__).resolve().parents[1]  # the repository, or site-packages
+    for folder in (here / "conf", Path(contentv.__file__).resolve().parent / "conf"):
         if (folder / "config.yaml").is_file():
             return folder
-    raise UsageError(f"the runtime's configs are missing: no config.yaml in {here.parent / 'conf'} or {here / 'conf'}")
+    raise UsageError(
+        f"the runtime's configs are missing: no config.yaml in {here / 'conf'} or {here / 'contentv/conf'}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -6,8 +6,8 @@
 - `job`: the function Hydra runs per job (it trusts the resolved run).
 - `sweep`: the sweeper (the same job expansion) and the sweep summary callback.
 
-This package is the entry layer: it may import Hydra and `backends`; the rest of `contentv` never does. Python
-users who want the command line's presets: `from contentv.cli import load_config, load_presets`.
+This package is the entry layer, beside the library: it may import Hydra and `backends`; `contentv` never does. Python
+users who want the command line's presets: `from contentv_cli import load_config, load_presets`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from contentv.cli.compose import (
+from contentv_cli.compose import (
     UsageError,
     expand_jobs,
     group_options,
@@ -51,18 +51,18 @@ def _main(argv: list[str]) -> int:
 
     _diffusers.defer_quantization_libraries()  # imported only when a quantization is selected
     if argv[:1] == ["replay"]:  # a video again from its sidecar
-        from contentv.cli import replay
+        from contentv_cli import replay
 
         return replay.main(argv[1:])
     import hydra
 
     from backends import distributed
-    from contentv.cli import job
-    from contentv.cli.compose import config_dir, quote_text, register_configs
-    from contentv.cli.help import help_text
-    from contentv.cli.preflight import check_hydra_modes, preflight, reserve_run_dir
-    from contentv.cli.sweep import install_sweeper
     from contentv.errors import ConfigError
+    from contentv_cli import job
+    from contentv_cli.compose import config_dir, quote_text, register_configs
+    from contentv_cli.help import help_text
+    from contentv_cli.preflight import check_hydra_modes, preflight, reserve_run_dir
+    from contentv_cli.sweep import install_sweeper
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     typed = list(argv)  # as the user typed it (the sidecar records it)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from contentv import COMMAND
-from contentv.cli.compose import (
+from contentv_cli.compose import (
     GROUPS,
     UsageError,
     _compose,

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import contentv
-from contentv.cli.compose import load_presets
+from contentv_cli.compose import load_presets
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from contentv.cli.preflight import Prepared
     from contentv.config import BackendConfig, RunConfig
     from contentv.runtime import RunResult, Runtime
+    from contentv_cli.preflight import Prepared
 
 log = logging.getLogger("demo")
 
@@ -135,7 +135,7 @@ def run_single(prepared: Prepared) -> None:
     from hydra.types import HydraContext, RunMode
     from omegaconf import open_dict
 
-    from contentv.cli.compose import hydra_context
+    from contentv_cli.compose import hydra_context
 
     cfg = prepared.composed
     with hydra_context(), open_dict(cfg):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 
-from contentv.cli.compose import expand_jobs, expand_parsed
+from contentv_cli.compose import expand_jobs, expand_parsed
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -21,7 +21,7 @@ SWEEPER = "hydra_plugins.contentv_sweeper.ContentVSweeper"
 
 
 def split_jobs(overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-    """The sweeper's batches of jobs: the command line's one expansion (`contentv.cli.compose.expand_jobs`), so the
+    """The sweeper's batches of jobs: the command line's one expansion (`contentv_cli.compose.expand_jobs`), so the
     jobs the pre-flight check resolved are the jobs that run, in the same order, and prompt values (choice() items
     included) reach each job exactly as typed."""
     jobs = expand_parsed(overrides, multirun=True)
@@ -47,7 +47,7 @@ def install_sweeper() -> None:
 def _validate_batch(self: Any, batch: Any) -> None:
     """Hydra's sweeper composes every job once more to check it; the pre-flight check composed and resolved each
     job already (in this process), so that is skipped. Without one (a caller of Hydra's API), Hydra's check runs."""
-    from contentv.cli import job
+    from contentv_cli import job
 
     if job.prepared() is None:
         type(self).__mro__[1].validate_batch_is_legal(self, batch)
@@ -59,7 +59,7 @@ def sweep_jobs(config: DictConfig) -> list[tuple[Path, Any]]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
-    from contentv.cli import job as jobs_module
+    from contentv_cli import job as jobs_module
 
     prepared = jobs_module.prepared()
     subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
@@ -125,7 +125,7 @@ class SweepSummary(Callback):
 
 def _prompts(num: int) -> list[str] | None:
     """Job `num`'s prompts as the pre-flight check read them (None: read them again)."""
-    from contentv.cli import job
+    from contentv_cli import job
 
     prepared = job.prepared()
     if prepared is None or not prepared.multirun or num >= len(prepared.jobs) or prepared.jobs[num].run is None:

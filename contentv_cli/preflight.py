@@ -1,7 +1,7 @@
 """The pre-flight check: every job of the command line composed, checked and resolved before Hydra writes anything.
 
 Each job is resolved once (`contentv.resolve.resolve_run`: settings, files, kernel, memory decisions) on one
-backend built once for the process, and handed to the job function (`contentv.cli.job`), which trusts it. Under
+backend built once for the process, and handed to the job function (`contentv_cli.job`), which trusts it. Under
 torchrun the memory decisions need every rank (rank 0 decides from the smallest free memory), so there the check
 covers settings and files and the job function resolves the run collectively.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from contentv.cli.compose import UsageError, _compose, compose_error, expand_jobs, hydra_context, load_presets
+from contentv_cli.compose import UsageError, _compose, compose_error, expand_jobs, hydra_context, load_presets
 
 if TYPE_CHECKING:
     from contentv.config import RunConfig
