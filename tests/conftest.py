@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,63 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
         if "npu" in item.keywords and not has_npu:
             item.add_marker(pytest.mark.skip(reason="needs an Ascend NPU with torch_npu"))
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A command-line run made as a user makes it: its folder, arguments, exit status, printed text, and the
+    top-level modules the process had imported when it ended."""
+
+    folder: Path
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    imported: frozenset[str]
+
+
+@pytest.fixture(scope="session")
+def golden_run(tmp_path_factory, cache_dir) -> CliRun:
+    """One tiny video through a real `python demo.py` process (output to files, as in a log or CI), shared by every
+    test that only reads what it wrote or printed. Tests that add files copy the folder first."""
+    import subprocess
+
+    from tests.helpers import demo_env
+
+    top = tmp_path_factory.mktemp("golden")
+    folder, probe = top / "run", top / "imported.json"
+    args = ("model=tiny_contentv", "backend=cpu", "sampling.prompt=a red fox walks in snow", f"hydra.run.dir={folder}")
+    env = demo_env(cache_dir, faults={"CONTENTV_PROBE_IMPORTS": str(probe)})
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST")}  # a user's shell, not pytest's
+    cmd = [sys.executable, str(ROOT / "demo.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=top, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = frozenset(json.loads(probe.read_text()))
+    return CliRun(folder, args, proc.returncode, proc.stdout, proc.stderr, imported)
+
+
+@pytest.fixture(scope="session")
+def cpu_frames(cache_dir):
+    """`cpu_frames(cfg, key="", prepare=None)`: the frames of `cfg` run on the CPU with every weight resident, the
+    reference a device run must match. Made once per config for the whole session; `prepare(pipeline)` is a step
+    before the run that changes its output (e.g. smaller VAE tiles), named by `key`."""
+    import dataclasses
+
+    import backends
+    from contentv.config import BackendConfig
+    from contentv.runtime import Runtime
+
+    made: dict[tuple[str, str], object] = {}
+
+    def get(cfg, key: str = "", prepare=None):
+        assert cfg.backend.name == "cpu", "the reference run is the CPU's"
+        index = (json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), key)
+        if index not in made:
+            runtime = Runtime(backends.build_backend(BackendConfig(name="cpu")), progress=False)
+            if prepare is not None:
+                prepare(runtime.pipeline(cfg))
+            made[index] = runtime.generate(cfg).frames
+            runtime.release()
+        return made[index]
+
+    return get

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from contentv.errors import ConfigError, GenerationCancelled
 from contentv.models.cogvideox import SPEC
 from contentv.models.cogvideox.attention import CogVideoXKernelAttnProcessor
 from contentv.models.cogvideox.pipeline import CogVideoXRuntimePipeline
+from tests.helpers import demo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("tiny_cogvideox", "tiny_cogvideox_5b")
@@ -34,20 +34,8 @@ def tiny_cfg(name: str) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def cog_cache(tmp_path_factory):
-    """A CONTENTV_CACHE shared by this module (and its demo.py subprocesses): each tiny model builds once."""
-    path = tmp_path_factory.mktemp("cogvideox-cache")
-    old = os.environ.get("CONTENTV_CACHE")
-    os.environ["CONTENTV_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("CONTENTV_CACHE", None)
-    else:
-        os.environ["CONTENTV_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def ckpts(cog_cache) -> dict[str, str]:
+def ckpts(cache_dir) -> dict[str, str]:
+    """Each tiny variant built once per test session, in the session's shared cache (tests/conftest.py)."""
     return {name: SPEC.resolve_path(tiny_cfg(name)) for name in VARIANTS}
 
 
@@ -86,7 +74,7 @@ def test_tiny_checkpoint_layout_and_components(ckpts, name):
     assert all(isinstance(p, CogVideoXKernelAttnProcessor) for p in pipe.transformer.attn_processors.values())
 
 
-def test_tiny_variant_is_chosen_by_name(cog_cache):
+def test_tiny_variant_is_chosen_by_name(cache_dir):
     with pytest.raises(ConfigError, match="model.name"):
         SPEC.resolve_path(tiny_cfg("tiny_cogvideox_xl"))
 
@@ -339,9 +327,9 @@ def test_vae_tiling_decodes_in_tiles(ckpts, latents_2b):
 
 
 @pytest.fixture(scope="module")
-def demo_runs(ckpts, cog_cache, tmp_path_factory):
+def demo_runs(ckpts, cache_dir, tmp_path_factory):
     """Both tiny variants through demo.py, run side by side (checkpoints already built in the shared cache)."""
-    env = {**os.environ, "CONTENTV_CACHE": str(cog_cache), "PYTHONPATH": str(ROOT)}
+    env = demo_env(cache_dir)
     runs = {}
     for name in VARIANTS:
         out = tmp_path_factory.mktemp(name)

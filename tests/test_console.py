@@ -52,14 +52,14 @@ def run_logged(tmp_path: Path, cache_dir: Path, *extra: str) -> subprocess.Compl
     )
 
 
-def test_a_logged_run_prints_its_summary_once_and_nothing_else(tmp_path, cache_dir):
-    proc = run_logged(tmp_path, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.strip() == ""  # no warnings, no bars redrawn into a log
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert [ln.split()[0] for ln in lines] == [*SUMMARY, "imported:"], proc.stdout
-    assert lines[-1] == "imported: []"  # quantization=none: bitsandbytes and torchao never imported
-    log = (tmp_path / "run" / "demo.log").read_text()
+def test_a_logged_run_prints_its_summary_once_and_nothing_else(golden_run):
+    """The shared command-line run (tests/conftest.py: output to files, a user's environment)."""
+    assert golden_run.stderr.strip() == ""  # no warnings, no bars redrawn into a log
+    lines = [ln for ln in golden_run.stdout.splitlines() if ln.strip()]
+    assert [ln.split()[0] for ln in lines] == list(SUMMARY), golden_run.stdout
+    assert "contentv" in golden_run.imported  # the probe saw the run's modules ...
+    assert not {"bitsandbytes", "torchao"} & golden_run.imported  # ... and no quantization library (none chosen)
+    log = (golden_run.folder / "demo.log").read_text()
     assert "[INFO]" in log and "loading tiny_contentv" in log  # the details are kept in the run folder
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_contentv", "backend=cpu"]
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("run")
-    proc = run_demo([*TINY, f"hydra.run.dir={out}", "sampling.prompt=a red fox walks in snow"], cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
-def test_tiny_run_writes_a_playable_mp4_and_sidecar(first_run):
-    out, proc = first_run
+def test_tiny_run_writes_a_playable_mp4_and_sidecar(golden_run):
+    out = golden_run.folder
     videos = list(out.glob("*.mp4"))
     assert len(videos) == 1
     video = videos[0]
-    assert f"video:   {video}" in proc.stdout  # the summary says where the file is
+    assert f"video:   {video}" in golden_run.stdout  # the summary says where the file is
     frames, fps = read_mp4_frames(video)
     assert frames.shape == (13, 64, 96, 3) and fps == 8.0  # tiny_contentv's defaults
     assert frames.std() > 1.0  # not a blank video
@@ -52,8 +45,9 @@ def test_tiny_run_writes_a_playable_mp4_and_sidecar(first_run):
     assert not [p for p in out.iterdir() if "partial" in p.name]
 
 
-def test_same_seed_gives_the_same_video_and_never_overwrites(first_run, cache_dir):
-    out, _ = first_run
+def test_same_seed_gives_the_same_video_and_never_overwrites(golden_run, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    shutil.copytree(golden_run.folder, out)  # the shared run's folder stays as it was made
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
     proc = run_demo(
         [*TINY, f"hydra.run.dir={out}", "sampling.prompt=a red fox walks in snow", "output.sidecar=false"], cache_dir

@@ -35,7 +35,6 @@ import numpy as np
 import pytest
 from torch import nn
 
-import backends
 import demo
 from contentv.config import BackendConfig, MemoryConfig, RunConfig
 from contentv.runtime import Runtime
@@ -179,26 +178,6 @@ def run_on_device(backend, family: str, memory: MemoryConfig, guidance: str) -> 
 
 
 @pytest.fixture(scope="module")
-def cpu_frames():
-    """Frames of the CPU run that a device run must match: everything resident, with the case's settings that
-    change the output (quantization, VAE tiling); one per key, made on first use."""
-    cpu = backends.build_backend(BackendConfig(name="cpu"))
-    cache: dict[tuple, np.ndarray] = {}
-
-    def get(family: str, memory: MemoryConfig, guidance: str) -> np.ndarray:
-        ref = M(quantization=memory.quantization, vae_tiling=memory.vae_tiling)
-        key = (family, guidance, ref.quantization, ref.vae_tiling)
-        if key not in cache:
-            cfg = run_config(family, ref, guidance, "cpu")
-            runtime = Runtime(cpu)
-            small_tiles(runtime.pipeline(cfg), ref)
-            cache[key] = runtime.generate(cfg).frames
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def device_runs(virtual_backend):
     cache: dict[tuple, DeviceRun] = {}
 
@@ -220,17 +199,24 @@ def test_the_design_covers_every_strategy_with_every_family_and_guidance_mode():
 
 
 @pytest.mark.slow
+def reference(cpu_frames, family: str, memory: MemoryConfig, guidance: str) -> np.ndarray:
+    """The CPU run a device run must match: everything resident, with the case's settings that change the output
+    (quantization, VAE tiling: the tiles made as small as the device run's)."""
+    ref = M(quantization=memory.quantization, vae_tiling=memory.vae_tiling)
+    return cpu_frames(run_config(family, ref, guidance, "cpu"), "small tiles", lambda pipe: small_tiles(pipe, ref))
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_runs_on_the_device_and_matches_the_cpu(case, device_runs, cpu_frames):
     name, family, guidance = case
     strategy = STRATEGIES[name]
     run = device_runs(*case)
-    expected = cpu_frames(family, strategy.memory, guidance)
+    expected = reference(cpu_frames, family, strategy.memory, guidance)
     diff = float(np.abs(run.frames - expected).max())
     assert run.frames.shape == expected.shape and diff <= TOL, diff
     assert len(run.forwards) == (1 if guidance == "batched" else 2)  # one step: the guidance mode reached the loop
     if strategy.memory.vae_tiling:  # the tiled decoder ran: the frames differ from an untiled decode
-        untiled = cpu_frames(family, M(quantization=strategy.memory.quantization), guidance)
+        untiled = reference(cpu_frames, family, M(quantization=strategy.memory.quantization), guidance)
         assert np.abs(run.frames - untiled).max() > 1e-3
 
 

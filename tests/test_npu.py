@@ -975,20 +975,6 @@ def _run_config(backend: str, memory: MemoryConfig, dtype: str = "float32") -> R
     return cfg
 
 
-@pytest.fixture(scope="module")
-def cpu_frames(tiny_ckpt, single_thread):
-    """Frames of the same video on the CPU, all weights resident, SDPA: one run per dtype, made on first use."""
-    cache: dict[str, object] = {}
-
-    def get(dtype: str):
-        if dtype not in cache:
-            cpu = backends.build_backend(BackendConfig(name="cpu"))
-            cache[dtype] = Runtime(cpu, progress=False).generate(_run_config("cpu", MemoryConfig(), dtype)).frames
-        return cache[dtype]
-
-    return get
-
-
 def _generate_on_the_npu(backend: NPUBackend, cfg: RunConfig):
     """One video by the runtime on the virtual npu -> (frames, the devices of the transformer's tensor inputs)."""
     runtime = Runtime(backend, progress=False)
@@ -1015,7 +1001,7 @@ def test_generates_on_the_npu(npu_device, cpu_frames, preset: str):
     npu, vd = npu_device
     npu0 = torch.device("npu", 0)
     frames, inputs = _generate_on_the_npu(NPUBackend(BackendConfig(name="npu")), _run_config("npu", MEMORY[preset]))
-    expected = cpu_frames("float32")
+    expected = cpu_frames(_run_config("cpu", MemoryConfig(), "float32"))
     assert inputs == {npu0}
     assert vd.log.h2d_count > 0 and npu.calls == []  # fp32: no fused kernel
     assert frames.shape == expected.shape and float(abs(frames - expected).max()) <= 1e-5
@@ -1036,7 +1022,7 @@ def test_fused_attention_runs_on_the_npu(npu_device, cpu_frames, attention: str,
     npu0 = torch.device("npu", 0)
     backend = NPUBackend(BackendConfig(name="npu", attention=attention, options={"layout": layout}))
     frames, inputs = _generate_on_the_npu(backend, _run_config("npu", MEMORY[preset], "bfloat16"))
-    expected = cpu_frames("bfloat16")
+    expected = cpu_frames(_run_config("cpu", MemoryConfig(), "bfloat16"))
     op = FUSION if attention == "npu_fusion" else FUSED_INFER
     assert inputs == {npu0} and npu.calls and {name for name, _ in npu.calls} == {op}
     assert frames.shape == expected.shape and float(abs(frames - expected).max()) <= 0.05

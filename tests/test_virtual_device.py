@@ -654,12 +654,13 @@ def _modules(pipe) -> list[nn.Module]:
 
 
 @pytest.fixture(scope="module")
-def cpu_frames(tiny_ckpt) -> np.ndarray:
+def cpu_call_frames(tiny_ckpt) -> np.ndarray:
+    """The same pipeline call on the CPU (a call, not a run: the conftest's cpu_frames are runs')."""
     return _generate(_load(tiny_ckpt))
 
 
 @pytest.fixture(scope="module")
-def device_run(tiny_ckpt, cpu_frames) -> dict:
+def device_run(tiny_ckpt, cpu_call_frames) -> dict:
     """One pipeline call with every component on the virtual device: frames, peak, and the copies made,
     per stage (text_encoding, denoising, decoding) and per transformer forward."""
     stages: dict[str, object] = {}
@@ -683,12 +684,12 @@ def device_run(tiny_ckpt, cpu_frames) -> dict:
         return dict(frames=frames, stages=stages, calls=calls, log=vd.log, peak=vd.max_memory_allocated())
 
 
-def test_contentv_pipeline_on_the_device_equals_cpu(device_run, cpu_frames):
+def test_contentv_pipeline_on_the_device_equals_cpu(device_run, cpu_call_frames):
     frames, stages, calls = device_run["frames"], device_run["stages"], device_run["calls"]
     assert frames.shape == (1, 13, 64, 96, 3)
     # Not bit-exact: device copies are 64-byte aligned, and text_encoder_2's projection weight is loaded at a
     # 24-byte offset on the CPU, so BLAS rounds one ulp differently there (the transformer and VAE are exact).
-    assert np.abs(frames - cpu_frames).max() <= 1e-5
+    assert np.abs(frames - cpu_call_frames).max() <= 1e-5
     assert len(calls) == CALL["num_inference_steps"]  # batched guidance: one forward per step
     assert all(c.d2h_count == 0 for c in calls), "a sync inside the transformer forward"
     assert stages["decoding"].d2h_count == 1  # the frames, for numpy
@@ -707,7 +708,7 @@ def test_contentv_decoding_makes_no_host_to_device_copy(device_run):
 
 
 @pytest.mark.parametrize("kind", ["model", "sequential"])
-def test_accelerate_offload_with_an_explicit_device(vd, tiny_ckpt, cpu_frames, device_run, kind):
+def test_accelerate_offload_with_an_explicit_device(vd, tiny_ckpt, cpu_call_frames, device_run, kind):
     from diffusers import DiffusionPipeline
 
     pipe = _load(tiny_ckpt)
@@ -719,7 +720,7 @@ def test_accelerate_offload_with_an_explicit_device(vd, tiny_ckpt, cpu_frames, d
     assert pipe._execution_device == vd.device
     vd.reset_peak_memory_stats()
     frames = _generate(pipe)
-    assert np.abs(frames - cpu_frames).max() <= 1e-5
+    assert np.abs(frames - cpu_call_frames).max() <= 1e-5
     assert vd.log.h2d_bytes >= total  # every weight was uploaded during the call
     where = {p.device.type for m in _modules(pipe) for p in m.parameters()}
     assert where == ({"cpu"} if kind == "model" else {"meta"})  # and is off the device after it
@@ -734,7 +735,7 @@ def test_accelerate_offload_with_an_explicit_device(vd, tiny_ckpt, cpu_frames, d
 
 
 @pytest.mark.slow
-def test_contentv_pipeline_overhead_is_a_few_times_cpu(tiny_ckpt, cpu_frames):
+def test_contentv_pipeline_overhead_is_a_few_times_cpu(tiny_ckpt, cpu_call_frames):
     """min of two runs each, interleaved, so load from other processes hits both sides alike."""
     pipe = _load(tiny_ckpt)
     cpu, dev = [], []

@@ -6,6 +6,8 @@ CONTENTV_FAULT_LOG=<file>         one JSON line per event: {"event": "generate" 
 CONTENTV_FAULT_FAIL_SEED=<n>      Runtime.generate raises for sampling.seed == n: a job failing at run time.
 CONTENTV_FAULT_PREEMPT_JOB=<name> the first generation of job folder <name> sends SIGUSR2 to its own process, as
                                   SLURM (through submitit) signals a preempted job; once per log file.
+CONTENTV_PROBE_IMPORTS=<file>     at exit, the names of the top-level modules the process imported (JSON list):
+                                  an observation only, nothing changes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 LOG = os.environ.get("CONTENTV_FAULT_LOG")
 FAIL_SEED = os.environ.get("CONTENTV_FAULT_FAIL_SEED")
 PREEMPT_JOB = os.environ.get("CONTENTV_FAULT_PREEMPT_JOB")
+PROBE_IMPORTS = os.environ.get("CONTENTV_PROBE_IMPORTS")
 
 
 def _event(event: str, job: str) -> None:
@@ -56,5 +59,15 @@ def _install() -> None:
     contentv.sweep.jobs.write_job_record = logged_write_job_record
 
 
+def _write_imports() -> None:
+    import sys
+
+    Path(PROBE_IMPORTS).write_text(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+
+
 if LOG or FAIL_SEED or PREEMPT_JOB:
     _install()
+if PROBE_IMPORTS:
+    import atexit
+
+    atexit.register(_write_imports)
