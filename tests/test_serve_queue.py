@@ -100,6 +100,28 @@ def test_expire_removes_only_finished_jobs_past_their_age(tmp_path):
     assert store.get("video_0000") is None and store.get("video_0001")["status"] == "in_progress"
 
 
+def test_a_database_made_before_the_session_column_opens_and_gains_it(tmp_path):
+    import re
+    import sqlite3
+
+    from contentv.serve.store import SCHEMA
+
+    old = re.sub(r"DEFAULT 0,(\s+-- deleted)", r"DEFAULT 0 \1", re.sub(r"\n\s*session TEXT[^\n]*", "", SCHEMA))
+    assert "session" not in old
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript(old)
+    db.execute(
+        "INSERT INTO jobs (id, owner, status, model, model_key, prompt, size, seconds, run, created_at) "
+        "VALUES ('video_old', 'a', 'queued', 'm', 'm', 'p', '48x32', '1', '{}', 0)"
+    )
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "jobs.sqlite3")
+    assert store.get("video_old")["session"] is None and store.claim("w", None, 0)["id"] == "video_old"
+    store.add({**job(1), "session": "tab"}, 10, 10)
+    assert Store(tmp_path / "jobs.sqlite3").get("video_0001")["session"] == "tab"
+
+
 # ------------------------------------------------------------------------------------------ live servers
 
 
