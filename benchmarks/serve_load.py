@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                       # 4 clients, 20 tiny jobs, 2 CPU workers; records
     python benchmarks/serve_load.py --clients 8 --jobs 40 --no-record
+    python benchmarks/serve_load.py --clients 2 --jobs 3 --workers 1 --repeats 1 --out /tmp/serve_load.jsonl  # smoke
 
 One server (tiny_contentv, 48x32, 5 frames, 1 step) with `--workers` CPU workers. Three measurements:
 
@@ -14,8 +15,8 @@ One server (tiny_contentv, 48x32, 5 frames, 1 step) with `--workers` CPU workers
 - warm_vs_fresh: one tiny job through the idle server (submit -> completed) against the same job as a fresh
   command-line process (`python demo.py ...`, wall time), median of `--repeats`: the warm-worker saving.
 
-Appends to benchmarks/results/serve_load.jsonl; the README's Serve figures are generated from it
-(python benchmarks/readme_tables.py --write).
+Appends to benchmarks/results/serve_load.jsonl (or `--out`); the README's Serve figures are generated from it
+(python benchmarks/readme_tables.py --write). Exits 1 when a scenario was not exactly-once.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="CPU workers of the server")
     parser.add_argument("--repeats", type=int, default=3, help="warm and fresh runs each (median)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON-lines file the rows are appended to")
     args = parser.parse_args(argv)
     base = {
         "commit": git_commit(ROOT),
@@ -218,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(row)
     print(json.dumps(row))
     if not args.no_record:
-        with OUT.open("a") as f:
+        with args.out.open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        print(f"recorded: {OUT.relative_to(ROOT)}")
+        print(f"recorded: {args.out}")
     return 0 if all(r.get("exactly_once", True) for r in rows) else 1
 
 

@@ -175,9 +175,10 @@ class UIConfig:
     host: str = "127.0.0.1"
     # TCP port of the page (0 = any free port).
     port: int = 7860
-    # Generations waiting in the queue at most (one runs at a time).
+    # Generations waiting in the queue at most (one runs at a time). The queue is kept in <output dir>/ui-jobs.sqlite3
+    # (output.dir, else outputs/ui): a page started again on the same folder runs the jobs a killed one left.
     max_queue: int = 8
-    # Generations one browser session may have waiting or running at once.
+    # Generations one browser session (and one remote address) may have waiting or running at once.
     max_queue_per_client: int = 2
     # Checkpoint folders the page may load besides the model presets (the page offers no other server paths).
     allowed_paths: list[str] = field(default_factory=list)

@@ -82,6 +82,23 @@ def _remove_all_private() -> None:
         remove_private(path)
 
 
+def private_gradio_cache() -> tuple[str, dict[str, str | None]]:
+    """A fresh folder for gradio's copies of served files (GRADIO_TEMP_DIR, read as components are made), so
+    the file route never reaches the machine-wide /tmp/gradio of other apps; returns it and the old value."""
+    cache = str(private_dir("contentv-gradio-"))
+    old = {"GRADIO_TEMP_DIR": os.environ.get("GRADIO_TEMP_DIR")}
+    os.environ["GRADIO_TEMP_DIR"] = cache
+    return cache, old
+
+
+def restore_env(old: dict[str, str | None]) -> None:
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @contextlib.contextmanager
 def sigterm_exits() -> Iterator[None]:
     """Inside the block, SIGTERM raises SystemExit(143) in the main thread, so `finally` blocks and atexit run

@@ -130,3 +130,35 @@ def sidecar_record(cfg: RunConfig, result: RunResult, device: dict) -> dict:
         },
         "stages": stages,
     }
+
+
+def describe_result(record: dict, reused: bool, video: Path | None, sidecar: Path | None) -> str:
+    """Markdown for the page: what ran, per-stage time, peak memory, where the files are."""
+    cfg = record.get("config", {})
+    s, m = cfg.get("sampling", {}), cfg.get("model", {})
+    prepared = record.get("prepared", {})
+    peak = record.get("peak_memory", {})
+    device = record.get("device", {})
+    timings = record.get("timings_s", {})
+    stages = " · ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in timings.items())
+    lines = [
+        f"**{m.get('name')}** on **{device.get('backend')}** ({device.get('device')}) · seed **{record.get('seed')}**"
+        f" · {s.get('width')}×{s.get('height')}, {s.get('num_frames')} frames at {s.get('fps')} fps"
+        f" · {s.get('num_inference_steps')} steps, guidance {s.get('guidance_scale')}",
+        f"**time:** {timings.get('total', sum(timings.values())):.2f} s ({stages};"
+        f" {record.get('seconds_per_step', 0):.3f} s/step)",
+        f"**peak memory:** device {_gib(peak.get('device_bytes'))} · host RSS {_gib(peak.get('host_rss_bytes'))}",
+        f"**pipeline:** {'reused (no weights loaded)' if reused else 'loaded'} · memory preset"
+        f" {prepared.get('memory_preset')} · placement {prepared.get('placement')} · attention"
+        f" {prepared.get('attention_kernel')} · quantization {prepared.get('quantization')}",
+    ]
+    changes = prepared.get("output_changes") or []
+    if changes:
+        lines.append("**changes the output:** " + "; ".join(changes))
+    if video is not None:
+        lines.append(f"**video:** `{video.name}`" + (f" · **sidecar:** `{sidecar.name}`" if sidecar else ""))
+    return "\n\n".join(lines)
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"

@@ -5,14 +5,20 @@ are config fields: each `Form` field names the option it sets, and its conversio
 switch) comes from that option's type in contentv/config.py, so the page and the command line accept the
 same values and report bad ones with the same line. Presets (model, memory, backend) are the ones the entry
 point composed (Hydra); the backend factory is injected (contentv never imports `backends`).
+
+Jobs are durable (contentv.jobqueue): admitted into `<output dir>/ui-jobs.sqlite3` with the resolved run's config,
+run one at a time in arrival order by the thread that asked (the page's /generate call) or, for a job nobody waits
+for (found after a restart, or dropped by its caller), by the Studio's runner thread.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,10 +49,12 @@ from contentv.form import (
     offload_mode,
     page_memory_fields,
 )
-from contentv.jobqueue import Job, JobQueue
+from contentv.jobqueue import JOBS_FILE, Job, JobQueue, jobs_html
 from contentv.resolve import ResolvedRun
 from contentv.runtime import Runtime
+from contentv.serve.store import Store, new_id
 from contentv.served import GALLERY_LIMIT, ServedFiles
+from contentv.sidecar import describe_result
 from contentv.validation import is_hub_id
 
 if TYPE_CHECKING:
@@ -67,38 +75,6 @@ class Outcome:
     metadata: str = ""  # markdown: timings, peak memory, placement
     record: dict = field(default_factory=dict)
     reused: bool = False  # the loaded pipeline was reused (no weights loaded)
-
-
-def describe_result(record: dict, reused: bool, video: Path | None, sidecar: Path | None) -> str:
-    """Markdown for the page: what ran, per-stage time, peak memory, where the files are."""
-    cfg = record.get("config", {})
-    s, m = cfg.get("sampling", {}), cfg.get("model", {})
-    prepared = record.get("prepared", {})
-    peak = record.get("peak_memory", {})
-    device = record.get("device", {})
-    timings = record.get("timings_s", {})
-    stages = " · ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in timings.items())
-    lines = [
-        f"**{m.get('name')}** on **{device.get('backend')}** ({device.get('device')}) · seed **{record.get('seed')}**"
-        f" · {s.get('width')}×{s.get('height')}, {s.get('num_frames')} frames at {s.get('fps')} fps"
-        f" · {s.get('num_inference_steps')} steps, guidance {s.get('guidance_scale')}",
-        f"**time:** {timings.get('total', sum(timings.values())):.2f} s ({stages};"
-        f" {record.get('seconds_per_step', 0):.3f} s/step)",
-        f"**peak memory:** device {_gib(peak.get('device_bytes'))} · host RSS {_gib(peak.get('host_rss_bytes'))}",
-        f"**pipeline:** {'reused (no weights loaded)' if reused else 'loaded'} · memory preset"
-        f" {prepared.get('memory_preset')} · placement {prepared.get('placement')} · attention"
-        f" {prepared.get('attention_kernel')} · quantization {prepared.get('quantization')}",
-    ]
-    changes = prepared.get("output_changes") or []
-    if changes:
-        lines.append("**changes the output:** " + "; ".join(changes))
-    if video is not None:
-        lines.append(f"**video:** `{video.name}`" + (f" · **sidecar:** `{sidecar.name}`" if sidecar else ""))
-    return "\n\n".join(lines)
-
-
-def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 # ---------------------------------------------------------------------------------------- studio
@@ -137,8 +113,16 @@ class Studio:
         self.serve_dir = self.files.dir
         self.runtimes: dict[str, Runtime] = {}
         self._runtimes_lock = threading.Lock()
-        # One generation at a time, in arrival order, with a share per client (ui.max_queue_per_client).
-        self.queue = JobQueue(cfg.ui.max_queue, cfg.ui.max_queue_per_client)
+        # One generation at a time, in arrival order, with a share per client (ui.max_queue_per_client); the queue of
+        # record is a SQLite file in the output folder, so a restarted page finds every job admitted before.
+        self.queue = JobQueue(Store(self.output_dir / JOBS_FILE), cfg.ui.max_queue, cfg.ui.max_queue_per_client)
+        for outcome, ids in self.queue.recover(self.output_dir).items():
+            if ids:
+                log.warning("after a restart, %d interrupted page job(s) %s: %s", len(ids), outcome, ", ".join(ids))
+        # Runs the jobs no page waits for (found after a restart, or whose caller went away).
+        self._closed = threading.Event()
+        self._runner = threading.Thread(target=self._run_orphans, name="page-runner", daemon=True)
+        self._runner.start()
 
     # ------------------------------------------------------------ page defaults
 
@@ -306,8 +290,10 @@ class Studio:
         except Exception as exc:  # noqa: BLE001 - e.g. a planner bug: one line in the page, traceback in the log
             log.exception("checking the form failed")
             return None, f"error: {first_line(exc, with_type=True)}"
-        job = Job(cfg=run.config(), run=run, session=session, client=client, plan=plan)
-        refused = self.queue.admit(job)  # again: others may have queued while this form was checked
+        job_id = new_id()
+        run = dataclasses.replace(run, invocation=_invocation(job_id))  # the sidecar names its job (recovery)
+        job = Job(cfg=run.config(), run=run, session=session, client=client, plan=plan, id=job_id)
+        refused = self.queue.admit(job)  # committed to the store, unless others filled the queue meanwhile
         return (None, refused) if refused else (job, "")
 
     def busy(self) -> bool:
@@ -342,7 +328,39 @@ class Studio:
                 job.outcome = Outcome(False, "cancelled before it started: no video written")
             return job.outcome
         finally:
-            self.queue.done(job)
+            self.queue.done(job, job.outcome)
+
+    def _run_orphans(self) -> None:
+        """The runner thread: jobs no caller waits for, when their turn comes."""
+        while not self._closed.is_set():
+            taken = self.queue.next_orphan(timeout=1.0)
+            if taken is None:
+                continue
+            job, row = taken
+            try:
+                job.outcome = self._run_stored(job, row)
+            finally:
+                self.queue.done(job, job.outcome)
+
+    def _run_stored(self, job: Job, row: dict) -> Outcome:
+        """A job from the store: its config is the resolved run's, checked again on this backend (contentv.resolve:
+        the decisions come out as before) and run; a model path this page no longer offers is refused."""
+        from contentv.serve.workers import run_from_dict
+
+        try:
+            cfg = run_from_dict(json.loads(row["run"]))
+            preset = self.models.get(cfg.model.name)
+            if cfg.model.path not in (getattr(preset, "path", None), *self.allowed_paths):
+                raise ConfigError("model.path", cfg.model.path, "a checkpoint this page offers (ui.allowed_paths)")
+            run = self.preflight(cfg)
+        except ConfigError as exc:
+            return Outcome(False, f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. a row from another version: that job fails, the page serves on
+            log.exception("page job %s could not be read back", job.id)
+            return Outcome(False, f"error: {first_line(exc, with_type=True)}")
+        job.run = dataclasses.replace(run, invocation=_invocation(job.id))
+        job.cfg = job.run.config()
+        return self._run(job, None)
 
     def _run(self, job: Job, progress: Callable[[int, int, str], None] | None) -> Outcome:
         run = job.run  # checked and decided when the job was queued; trusted now
@@ -363,6 +381,7 @@ class Studio:
         def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
             marks.append(time.perf_counter())
             done = i + 1
+            self.queue.progress(job, min(99, int(100 * done / total)))  # the page's table
             if len(marks) > 1:  # per-step time from step ends (the first includes loading and encoding)
                 per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
                 text = f"step {done}/{total} · {per_step:.2f} s/step · ~{per_step * (total - done):.0f} s left"
@@ -411,9 +430,33 @@ class Studio:
         """(video path, caption) of the newest videos under the output folder, newest first."""
         return self.files.gallery(limit)
 
+    def queue_html(self) -> str:
+        """The page's queue table: the newest jobs with their state, progress, prompt (as text) and video link."""
+        rows = self.queue.rows()
+        links = {}
+        for row in rows:
+            if row["status"] == "completed" and row["video"]:
+                try:
+                    links[row["id"]] = self.serve(self.output_dir / row["video"])
+                except ValueError:  # removed since, or not a video under the output folder
+                    pass
+        return jobs_html(rows, links)
+
+    def active(self) -> bool:
+        """Jobs are waiting or running (the page refreshes its table meanwhile)."""
+        return bool(self.queue.store.active())
+
     def close(self) -> None:
-        """Remove the served links (the videos themselves stay)."""
+        """Start no more jobs, stop the runner, remove the served links (the videos and the queue stay)."""
+        self._closed.set()
+        self.queue.stop()
+        self._runner.join(5)
         self.files.close()
+
+
+def _invocation(job_id: str) -> dict:
+    """A page job's invocation record (in its sidecar): the process's arguments and the job id."""
+    return {"argv": list(sys.argv), "ui_job": job_id}
 
 
 def _preset(option: str, name: Any, presets: dict[str, Any]) -> Any:

@@ -10,7 +10,8 @@ What the server exposes (to the page and API clients alike): the routes the page
 (contentv.served.RouteGuard); only videos and their sidecars, linked into a private folder (never the output tree
 with its logs and Hydra configs); checkpoint folders and hub ids only from `ui.allowed_paths`; every value checked
 by the Studio as the command line checks it; at most `ui.max_queue` generations waiting and `ui.max_queue_per_client`
-per browser session or remote address (contentv.jobqueue).
+per browser session or remote address (contentv.jobqueue). The queue is durable (`<output dir>/ui-jobs.sqlite3`): the
+page shows it, and a restarted page runs the jobs a killed one left.
 """
 
 # No `from __future__ import annotations`: gradio finds `gr.Request` through the handlers' evaluated type hints.
@@ -18,7 +19,6 @@ per browser session or remote address (contentv.jobqueue).
 import asyncio
 import html
 import logging
-import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +39,7 @@ from contentv.form import (
     field_kind,
 )
 from contentv.memory_policy import QUANTIZATIONS
-from contentv.served import RouteGuard, remove_private, sigterm_exits
+from contentv.served import RouteGuard, private_gradio_cache, remove_private, restore_env, sigterm_exits
 from contentv.studio import Studio
 from contentv.validation import check_ui
 
@@ -236,6 +236,10 @@ def build_blocks(studio: Studio) -> "gradio.Blocks":
         gallery = gr.Gallery(
             studio.served_gallery(), label="Outputs", columns=4, fit_columns=False, height=420, elem_id="gallery"
         )
+        # The queue of record (the output folder's ui-jobs.sqlite3): every page's jobs, refreshed while any is active.
+        gr.Markdown("### Queue (kept across restarts)")
+        jobs = gr.HTML(studio.queue_html(), elem_id="jobs")
+        ticks = gr.Timer(2.0, active=studio.active())
 
         # The form as keyword inputs named after the options (also the API's parameter names).
         form_inputs = {
@@ -274,6 +278,12 @@ def build_blocks(studio: Studio) -> "gradio.Blocks":
         )
         cancel_btn.click(on_cancel, None, [status], cancels=[running], concurrency_limit=None, api_name="cancel")
         refresh.click(studio.served_gallery, None, [gallery], queue=False, api_name="gallery")
+        # The queue table: at load, then every tick while jobs wait or run (Generate starts the ticks).
+        page_only = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+        on_tick = lambda: (studio.queue_html(), gr.Timer(active=studio.active()))  # noqa: E731
+        run_btn.click(lambda: gr.Timer(active=True), None, [ticks], **page_only)
+        ticks.tick(on_tick, None, [jobs, ticks], **page_only)
+        blocks.load(on_tick, None, [jobs, ticks], **page_only)
         blocks.load(on_auto_plan, None, [plan], inputs_kwargs=form_inputs, queue=False, api_visibility="private")
     return blocks
 
@@ -406,26 +416,7 @@ class Server:
         self.studio.close()
         if self.cache_dir:
             remove_private(self.cache_dir)
-        _restore_env(self._restore)
-
-
-def _private_gradio_cache() -> tuple[str, dict[str, str | None]]:
-    """A fresh folder for gradio's copies of served files (GRADIO_TEMP_DIR, read as components are made), so
-    the file route never reaches the machine-wide /tmp/gradio of other apps; returns it and the old value."""
-    from contentv.served import private_dir
-
-    cache = str(private_dir("contentv-gradio-"))
-    old = {"GRADIO_TEMP_DIR": os.environ.get("GRADIO_TEMP_DIR")}
-    os.environ["GRADIO_TEMP_DIR"] = cache
-    return cache, old
-
-
-def _restore_env(old: dict[str, str | None]) -> None:
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        restore_env(self._restore)
 
 
 def launch(
@@ -446,7 +437,7 @@ def launch(
         print(warning, file=sys.stderr)
     # gradio checks its own URL over HTTP at start; those request lines are noise in our log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    cache, old_env = _private_gradio_cache()
+    cache, old_env = private_gradio_cache()
     studio = Studio(cfg, presets, build_backend)
     try:
         studio.output_dir.mkdir(parents=True, exist_ok=True)
@@ -497,4 +488,4 @@ def launch(
 def _abandon(studio: Studio, cache: str, old_env: dict[str, str | None]) -> None:
     studio.close()
     remove_private(cache)
-    _restore_env(old_env)
+    restore_env(old_env)

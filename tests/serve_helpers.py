@@ -65,11 +65,13 @@ class LiveServer:
 
         return openai.OpenAI(base_url=self.api, api_key=api_key, **kw)
 
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
+    def health(self, api_key: str | None = None) -> dict:
+        """/health; with the server's key (where it has one) it lists the workers."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.get(self.url + "/health", headers=headers, timeout=10).json()
 
-    def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in self.health()["workers"]]
+    def worker_pids(self, api_key: str | None = None) -> list[int]:
+        return [w["pid"] for w in self.health(api_key)["workers"]]
 
     def kill(self) -> None:
         """SIGKILL, as a crash or the OOM killer would."""
@@ -113,7 +115,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def steps_lasting(server: LiveServer, seconds: float = 3.0) -> int:
+def steps_lasting(server: LiveServer, seconds: float = 2.0, api_key: str = "unused") -> int:
     """Denoising steps that take about `seconds` on this machine (from the seconds per step the finished jobs'
     sidecars recorded), so a job is reliably still running when a test kills something, on slow and fast
     machines alike; 20..1000. Runs a one-step job first where none has finished yet."""
@@ -124,5 +126,5 @@ def steps_lasting(server: LiveServer, seconds: float = 3.0) -> int:
         return [json.loads(p.read_text())["seconds_per_step"] for p in (server.folder / "videos").glob("*.json")]
 
     if not per_step():
-        server.client().videos.create_and_poll(prompt="a first job times a step", extra_body=FAST, **TINY)
+        server.client(api_key).videos.create_and_poll(prompt="a first job times a step", extra_body=FAST, **TINY)
     return max(20, min(1000, round(seconds / statistics.median(per_step()))))

@@ -347,6 +347,28 @@ def test_startup_smoke(cache_dir):
     assert 0 < ours < total and "torch" in split  # the runtime's own modules are a part of what torch and co. take
 
 
+@pytest.mark.slow
+def test_serve_load_smoke(cache_dir, tmp_path):
+    """The service load benchmark in a tiny configuration (one worker, three jobs), recorded to a temporary file:
+    every accepted job finished exactly once, only the killed worker's job failed, and every figure is there."""
+    results = ROOT / "benchmarks" / "results" / "serve_load.jsonl"
+    before = results.read_bytes()
+    out = tmp_path / "serve_load.jsonl"
+    args = ("--clients", "2", "--jobs", "3", "--workers", "1", "--repeats", "1", "--out", str(out))
+    run("serve_load.py", *args, cache_dir=cache_dir)
+    steady, killed, warm = (json.loads(line) for line in out.read_text().splitlines())
+    for row in (steady, killed):
+        assert row["exactly_once"] is True and row["accepted"] == row["jobs"] == 3, row
+        assert row["lost"] == row["unfinished"] == row["missing_videos"] == row["duplicate_videos"] == 0, row
+        assert row["claimed_twice"] == 0 and row["admission_p99_ms"] >= row["admission_p50_ms"] > 0
+        assert row["jobs_per_min"] > 0 and row["workers"] == 1 and row["commit"] and row["cpu_count"]
+    assert (steady["scenario"], steady["completed"], steady["failed"]) == ("steady", 3, 0)
+    assert (killed["scenario"], killed["completed"], killed["failed"]) == ("worker_killed", 2, 1)
+    assert killed["failed_codes"] == ["worker_died"]
+    assert warm["scenario"] == "warm_vs_fresh" and warm["fresh_s"] > warm["warm_s"] > 0 and warm["ratio"] > 1
+    assert results.read_bytes() == before  # the recorded results are not touched
+
+
 def test_a_low_vram_preset_is_measured_capped_at_its_card_size(monkeypatch):
     """Issue 18 §3: on an 80 GB GPU, low_vram_16g runs with the caching allocator capped at 16 GiB (what the card
     has), the others uncapped; the cap is lifted after each preset."""

@@ -1,7 +1,11 @@
 """Safe to expose: a non-loopback bind needs a key, Bearer auth, and the limits (queue in total and per key, body
-size, prompt length), each answered with OpenAI's error object and the status the official client maps."""
+size, prompt length), each answered with OpenAI's error object and the status the official client maps. The same
+server (one worker start for the module) then has its worker killed, and its finished jobs expire."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import httpx
 import pytest
@@ -55,6 +59,7 @@ def server(tmp_path_factory, tiny_ckpt):
         "serve.max_queue_per_key=2",
         "serve.max_body_bytes=4096",
         "serve.max_prompt_chars=200",
+        "serve.job_ttl_hours=0.0015",  # jobs expire 5.4 s after they finish (the last test waits for it)
     )
     yield live
     assert live.stop() == 0
@@ -112,3 +117,38 @@ def test_a_full_queue_is_429_and_deleting_frees_it(server):
     third = client.videos.create_and_poll(prompt="three", extra_body=FAST, **TINY)
     assert third.status == "completed"
     assert not list((server.folder / "videos").glob(f"{first.id}*"))
+
+
+def running(client, video_id: str):
+    v = client.videos.retrieve(video_id)
+    return v if v.status == "in_progress" and v.progress > 0 else None
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_only_its_job_and_is_restarted_and_old_jobs_expire(server):
+    client = server.client(api_key=KEY)
+    slow = {"num_inference_steps": steps_lasting(server, api_key=KEY)}
+    victim = client.videos.create(prompt="victim", extra_body=slow, **TINY)
+    after = client.videos.create(prompt="queued behind it", extra_body=FAST, **TINY)
+    wait_for(lambda: running(client, victim.id), what="the job to start")
+    (pid,) = server.worker_pids(KEY)
+    os.kill(pid, signal.SIGKILL)
+    failed = client.videos.poll(victim.id)
+    assert failed.status == "failed" and failed.error.code == "worker_died"
+    assert "SIGKILL" in failed.error.message and "restarted" in failed.error.message
+    assert client.videos.poll(after.id).status == "completed"  # the next job runs on the new worker
+    (worker,) = server.health(KEY)["workers"]
+    assert worker["pid"] != pid and worker["restarts"] == 1
+    # expiry: the finished job and its files go once its age passes serve.job_ttl_hours
+    files = server.folder / "videos"
+    assert (files / f"{after.id}.mp4").exists()
+
+    def expired():
+        try:
+            client.videos.retrieve(after.id)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_for(expired, timeout=40, every=0.5, what="the job to expire")
+    assert not list(files.glob(f"{after.id}*"))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import html
+import json
 import os
+import re
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,8 @@ from contentv import studio as st
 from contentv import ui
 from contentv.config import BackendConfig, OutputConfig, RunConfig, SamplingConfig
 from contentv.errors import ConfigError
-from contentv.jobqueue import Job, JobQueue
+from contentv.jobqueue import JOBS_FILE, Job, JobQueue
+from contentv.serve.store import Store
 from contentv.served import ServedFiles
 from contentv.validation import validate_run
 
@@ -418,13 +423,11 @@ def test_only_regular_videos_and_their_sidecars_are_served(tmp_path):
 # ------------------------------------------------------------------------------------------ queue
 
 
-def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_size():
-    q = JobQueue(max_queue=4, max_per_client=2)
-    held = []  # the queue counts the jobs someone still holds (a prepared job dropped unrun frees its place)
+def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_size(tmp_path):
+    q = JobQueue(Store(tmp_path / JOBS_FILE), max_queue=4, max_per_client=2)
 
     def admit(session, client):
-        held.append(Job(cfg=None, session=session, client=client))
-        return q.admit(held[-1])
+        return q.admit(Job(cfg=None, session=session, client=client))
 
     remote = "203.0.113.5"
     assert admit("a", remote) is None and admit("b", remote) is None
@@ -440,12 +443,12 @@ def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_s
     assert admit("x", "127.0.0.1") is None
     full = "error: the queue is full (4 generations waiting, ui.max_queue); try again later"
     assert admit("y", "127.0.0.1") == full and q.refusal(session="z", client="::1") == full
-    del held[:]
-    assert q.refusal(session="z", client="::1") is None
+    # an admitted job holds its place until it ends (its caller going away doesn't end it: it is in the store)
+    assert len(q.cancel(session="a")) == 2 and q.refusal(session="z", client="::1") is None
 
 
-def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_once():
-    q = JobQueue(max_queue=8, max_per_client=8)
+def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_once(tmp_path):
+    q = JobQueue(Store(tmp_path / JOBS_FILE), max_queue=8, max_per_client=8)
     first, second, third = (Job(cfg=None, session=s) for s in ("1", "2", "3"))
     for job in (first, second, third):
         assert q.admit(job) is None
@@ -473,6 +476,70 @@ def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_o
     q.done(first)
     threads[1].join(5)
     assert order == ["cancelled 2", "3"] and not q.busy() and q.pending("3") == 0
+    states = {r["session"]: (r["status"], r["error_code"]) for r in q.rows()}
+    assert states["2"] == ("failed", "cancelled") and states["1"][0] == states["3"][0] == "failed"  # no outcome given
+
+
+# ------------------------------------------------------------------------------------------ the durable queue
+
+
+def test_an_admitted_job_is_in_the_store_with_its_resolved_config(studio):
+    job, message = studio.prepare(form(studio, memory="auto", budget_gb=16, seed=5), session="stored")
+    assert job is not None, message
+    row = studio.queue.store.get(job.id)
+    assert (row["status"], row["session"], row["prompt"], row["size"]) == ("queued", "stored", job.cfg.sampling.prompt,
+                                                                            "48x32")  # fmt: skip
+    stored = json.loads(row["run"])
+    assert stored == dataclasses.asdict(job.cfg)  # what runs: memory=auto's choice, the model's defaults filled in
+    assert stored["memory"]["name"] == "none" and stored["sampling"]["fps"] == 8 and stored["sampling"]["seed"] == 5
+    assert studio.cancel(session="stored") == 1
+    assert studio.queue.store.get(job.id)["error_code"] == "cancelled"
+
+
+def test_a_restarted_page_finishes_every_job_once(cache_dir, tmp_path):
+    """The page was killed with job 0 just published (its row not yet updated), job 1 running and job 2 waiting; a
+    page started again on the same folder settles job 0 as completed, re-queues job 1 and runs 1 and 2, once each."""
+    cfg = tiny_cfg(tmp_path, max_queue_per_client=4)
+    first = st.Studio(cfg, PRESETS, build_backend)
+    jobs = [first.prepare(form(first, prompt=f"job {i}", num_inference_steps=1), session="tab")[0] for i in range(3)]
+    assert first.generate(jobs[0]).ok
+    first.close()  # runs nothing more; what follows is the state a SIGKILL leaves
+    store = first.queue.store
+    store._db().execute("UPDATE jobs SET status = 'in_progress' WHERE id = ?", (jobs[0].id,))
+    assert store.take(jobs[1].id, "page") is not None
+
+    second = st.Studio(cfg, PRESETS, build_backend)  # no page waits for these: its runner runs them
+    try:
+        until(lambda: not second.active(), timeout=120)
+        rows = {r["id"]: r for r in second.queue.rows()}
+        assert [rows[j.id]["status"] for j in jobs] == ["completed"] * 3
+        assert [rows[j.id]["attempts"] for j in jobs] == [1, 2, 1]  # job 1 ran again from the start, once
+        assert rows[jobs[1].id]["started_at"] < rows[jobs[2].id]["started_at"]  # in arrival order
+        sidecars = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+        assert sorted(s["invocation"]["ui_job"] for s in sidecars) == sorted(j.id for j in jobs)
+        assert len(list(tmp_path.glob("*.mp4"))) == 3 and all((tmp_path / rows[j.id]["video"]).is_file() for j in jobs)
+        assert {f"job {i} (seed 42)" for i in range(3)} <= {caption for _, caption in second.gallery()}
+    finally:
+        second.close()
+
+
+def test_the_queue_table_shows_prompts_as_text_and_links_finished_videos(cache_dir, tmp_path):
+    studio = st.Studio(tiny_cfg(tmp_path), PRESETS, build_backend)
+    try:
+        hostile = '<img src=x onerror="alert(1)"><script>alert(2)</script> & a fox'
+        job, _ = studio.prepare(form(studio, prompt="a fox", num_inference_steps=1))
+        assert studio.generate(job).ok
+        waiting, _ = studio.prepare(form(studio, prompt=hostile), session="t")
+        table = studio.queue_html()
+        assert "<img" not in table and "<script" not in table and "onerror" not in table.replace("onerror=&quot;", "")
+        assert html.escape(hostile) in table and "waiting" in table
+        link = re.search(r'href="gradio_api/file=([^"]+)"', table).group(1)
+        served = Path(urllib.parse.unquote(html.unescape(link)))
+        assert served.parent.parent == studio.serve_dir and served.read_bytes() == job.outcome.video.read_bytes()
+        studio.cancel(session="t")
+        assert "failed: cancelled before it started" in studio.queue_html()
+    finally:
+        studio.close()
 
 
 def until(condition, timeout: float = 10) -> None:

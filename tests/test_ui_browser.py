@@ -123,6 +123,11 @@ def test_generate_plays_the_video_in_the_page(server, page):
     assert (
         page.request.get(link.get_attribute("href")).body() == (out / "a-small-boat-on-a-lake_seed42.mp4").read_bytes()
     )
+    # the queue table (refreshed while jobs are active) shows the job done, with a link that serves its video
+    row = page.locator("#jobs tr", has_text="a small boat on a lake")
+    expect(row).to_contain_text("done")
+    href = row.locator("a").evaluate("a => a.href")  # as the browser resolves it
+    assert page.request.get(href).body() == (out / "a-small-boat-on-a-lake_seed42.mp4").read_bytes()
 
 
 def test_bad_frames_shows_the_command_lines_error_and_runs_nothing(server, page):

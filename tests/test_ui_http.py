@@ -324,3 +324,81 @@ def test_the_command_line_says_one_line_for_a_busy_port(site, capsys):
     lines = err.strip().splitlines()
     assert exc.value.code == 2 and "Traceback" not in err and sum(ln.startswith("error") for ln in lines) == 1
     assert lines[-1] == f"error: ui.port={site.port} is not valid: a free port (another program listens on it)"
+
+
+# ------------------------------------------------------------------------------------------ restarts
+
+
+class PageProcess:
+    """`python demo.py mode=ui` with the tiny model on the CPU, on a free port, in its own process."""
+
+    def __init__(self, folder: Path, *overrides: str):
+        import subprocess
+        import sys
+
+        from tests.helpers import SMALL, demo_env
+
+        args = ["mode=ui", "model=tiny_contentv", "backend=cpu", *SMALL, "ui.port=0", f"output.dir={folder}"]
+        args += [f"hydra.run.dir={folder / 'hydra'}", *overrides]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "demo.py"), *args],
+            cwd=ROOT,
+            env={**demo_env(), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        for text in self.proc.stderr:
+            self.lines.append(text)
+            m = re.search(r"ContentV page on (http://\S+)", text)
+            if m:
+                self.url = m.group(1)
+                break
+        else:
+            raise RuntimeError("the page did not start:\n" + "".join(self.lines[-30:]))
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+
+    def stop(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+
+@pytest.mark.slow
+def test_a_page_killed_mid_job_and_started_again_finishes_every_job_once(cache_dir, tmp_path):
+    """SIGKILL while one job runs and two wait; the page started again on the same folder re-queues the interrupted
+    job (nothing of it was published) and runs all three, once each, with nobody's tab open."""
+    import signal
+
+    from contentv.jobqueue import JOBS_FILE
+    from contentv.serve.store import Store
+
+    first = PageProcess(tmp_path, "ui.max_queue_per_client=3")
+    store = Store(tmp_path / JOBS_FILE)
+    try:
+        page = gradio_client.Client(first.url, verbose=False, download_files=False)
+        page.submit(api_name="/generate", prompt="a long one", num_inference_steps=150, **API)
+        wait_for(lambda: store.active(), timeout=60)  # admitted (it loads the model, then takes ~2 s here)
+        for n in (1, 2):
+            page.submit(api_name="/generate", prompt=f"waiting {n}", **API)
+        wait_for(lambda: [r["progress"] > 0 for r in store.active()] == [True, False, False], timeout=120)
+    finally:
+        first.stop(signal.SIGKILL)
+    rows = store.active()
+    assert [r["status"] for r in rows] == ["in_progress", "queued", "queued"]
+    second = PageProcess(tmp_path)
+    try:
+        wait_for(lambda: not store.active(), timeout=180)
+        done = {r["prompt"]: r for r in store.page(None, 10, "asc")[0]}
+        assert {p: (r["status"], r["attempts"]) for p, r in done.items()} == {
+            "a long one": ("completed", 2),  # re-queued once, then ran from the start
+            "waiting 1": ("completed", 1),
+            "waiting 2": ("completed", 1),
+        }
+        sidecars = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+        assert sorted(s["invocation"]["ui_job"] for s in sidecars) == sorted(r["id"] for r in rows)  # once each
+        assert len(list(tmp_path.glob("*.mp4"))) == 3
+        gallery = gradio_client.Client(second.url, verbose=False, download_files=False).predict(api_name="/gallery")
+        assert {"a long one (seed 42)", "waiting 1 (seed 42)", "waiting 2 (seed 42)"} <= {g["caption"] for g in gallery}
+    finally:
+        assert second.stop(signal.SIGTERM) == 143, "".join(second.lines[-20:])

@@ -10,6 +10,10 @@ same job; the claim records who took it and when. After a restart `recover` sett
 
 Video files are named after the job id (`<id>.mp4`, `<id>.json`, `<id>.png`), so a job's files are found
 without trusting anything a client sent. Stdlib only.
+
+The Gradio page (contentv.jobqueue) keeps its jobs in a Store of its own (`<output dir>/ui-jobs.sqlite3`): the same
+schema and the same recovery, with its own admission rule (`add_checked`), its own turn (`take`), the browser session
+in `session`, and its own way to find a published video (`recover(..., find=)`: its files keep the page's names).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +52,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     sidecar TEXT,
     thumbnail TEXT,
     stats TEXT,                             -- per-stage seconds and peak memory (JSON)
-    deleted INTEGER NOT NULL DEFAULT 0      -- deleted while running: files go when it finishes
+    deleted INTEGER NOT NULL DEFAULT 0,     -- deleted while running: files go when it finishes
+    session TEXT                            -- the Gradio page's browser session (null for API jobs)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+# Columns added after the first release: (name, definition); a database made before them gains them when opened.
+MIGRATIONS = (("session", "TEXT"),)
 ACTIVE = ("queued", "in_progress")
 MAX_ATTEMPTS = 2
 
@@ -74,7 +82,13 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._db().executescript(SCHEMA)
+        db = self._db()
+        db.executescript(SCHEMA)
+        with self._tx():
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in MIGRATIONS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -104,19 +118,34 @@ class Store:
 
     def add(self, job: dict, max_total: int, max_owner: int) -> dict:
         """Commit a new queued job (fields of SCHEMA; id and times filled in) unless a limit is reached."""
-        with self._tx() as db:
-            total = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE).fetchone()[0]
-            if total >= max_total:
+
+        def limits(active: list[dict]) -> None:
+            if len(active) >= max_total:
                 raise QueueFull("serve.max_queue", max_total)
-            mine = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?) AND owner = ?", (*ACTIVE, job["owner"])
-            ).fetchone()[0]
-            if mine >= max_owner:
+            if sum(r["owner"] == job["owner"] for r in active) >= max_owner:
                 raise QueueFull("serve.max_queue_per_key", max_owner)
+
+        return self.add_checked(job, limits)
+
+    def add_checked(self, job: dict, check: Callable[[list[dict]], None]) -> dict:
+        """Commit a new queued job after `check(jobs waiting or running)` passed; it raises to refuse (nothing is
+        added). One transaction: two callers can't both take the last place."""
+        with self._tx() as db:
+            check(self._active(db))
             row = {"status": "queued", "created_at": time.time(), **job}
             cols = ", ".join(row)
             db.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
         return self.get(row["id"])
+
+    @staticmethod
+    def _active(db: sqlite3.Connection) -> list[dict]:
+        # A job deleted while running still runs: it still counts.
+        rows = db.execute("SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq", ACTIVE)
+        return [dict(r) for r in rows.fetchall()]
+
+    def active(self) -> list[dict]:
+        """The jobs waiting or running, in arrival order."""
+        return self._active(self._db())
 
     def get(self, job_id: str) -> dict | None:
         row = self._db().execute("SELECT * FROM jobs WHERE id = ? AND deleted = 0", (job_id,)).fetchone()
@@ -177,6 +206,19 @@ class Store:
             )
         return {**dict(row), "status": "in_progress", "worker": worker, "attempts": row["attempts"] + 1}
 
+    def take(self, job_id: str, worker: str) -> dict | None:
+        """Claim this queued job for `worker` (the page's own turn rule chose it); None if it is no longer queued."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'in_progress', worker = ?, started_at = ?, attempts = attempts + 1, "
+                "progress = 0 WHERE id = ?",
+                (worker, time.time(), job_id),
+            )
+        return {**dict(row), "status": "in_progress", "worker": worker, "attempts": row["attempts"] + 1}
+
     def set_progress(self, job_id: str, percent: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'in_progress'", (percent, job_id))
@@ -222,23 +264,24 @@ class Store:
 
     # ------------------------------------------------------------ the server's housekeeping
 
-    def recover(self, videos: Path) -> dict[str, list[str]]:
-        """Settle the jobs a killed server left running (see the module docstring); returns ids by outcome."""
+    def recover(self, videos: Path, find: Callable[[str], dict | None] | None = None) -> dict[str, list[str]]:
+        """Settle the jobs a killed server left running (see the module docstring); returns ids by outcome.
+
+        `find(job_id)`: the files a job published ({"video", "sidecar", "thumbnail"}: names under `videos`), or None;
+        by default `<id>.mp4` with its `<id>.json` (a video linked without its sidecar is removed: not published)."""
         out: dict[str, list[str]] = {"completed": [], "requeued": [], "failed": []}
         with self._tx() as db:
             for row in db.execute("SELECT * FROM jobs WHERE status = 'in_progress'").fetchall():
                 job_id = row["id"]
-                video, sidecar = videos / f"{job_id}.mp4", videos / f"{job_id}.json"
-                if video.is_file() and sidecar.is_file():
-                    thumb = videos / f"{job_id}.png"
+                files = (find or (lambda i: _published(videos, i)))(job_id)
+                if files is not None:
                     db.execute(
                         "UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, video = ?, "
                         "sidecar = ?, thumbnail = ? WHERE id = ?",
-                        (time.time(), video.name, sidecar.name, thumb.name if thumb.is_file() else None, job_id),
+                        (time.time(), files.get("video"), files.get("sidecar"), files.get("thumbnail"), job_id),
                     )
                     out["completed"].append(job_id)
                     continue
-                video.unlink(missing_ok=True)  # linked without its sidecar: not published
                 if row["attempts"] >= MAX_ATTEMPTS:
                     message = f"interrupted {row['attempts']} times by a server restart while running; not retried"
                     db.execute(
@@ -253,6 +296,13 @@ class Store:
             db.execute("DELETE FROM jobs WHERE deleted = 1 AND status != 'in_progress'")
         return out
 
+    def close(self) -> None:
+        """Close this thread's connection (others close with their threads)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
     def expire(self, now: float | None = None) -> list[dict]:
         """Remove finished jobs past their expires_at; returns their rows (the caller removes the files)."""
         now = time.time() if now is None else now
@@ -264,3 +314,13 @@ class Store:
             ).fetchall()
             db.executemany("DELETE FROM jobs WHERE id = ?", [(r["id"],) for r in rows])
         return [dict(r) for r in rows]
+
+
+def _published(videos: Path, job_id: str) -> dict | None:
+    """The service's rule: `<id>.mp4` and its `<id>.json` (and `<id>.png`) were published; a video linked without its
+    sidecar is removed (the kill came between the two links: not published)."""
+    video, sidecar, thumb = videos / f"{job_id}.mp4", videos / f"{job_id}.json", videos / f"{job_id}.png"
+    if video.is_file() and sidecar.is_file():
+        return {"video": video.name, "sidecar": sidecar.name, "thumbnail": thumb.name if thumb.is_file() else None}
+    video.unlink(missing_ok=True)
+    return None
