@@ -2,7 +2,8 @@
 
 The tiny checkpoints are copied and damaged as a download or a conversion could: a folder missing, pickle weights,
 a truncated safetensors file, a config that isn't JSON or doesn't match the weights. Command-line cases run
-demo.py in a subprocess: exit 2, one error line, no traceback, and Hydra's run folder never created.
+demo.main in this process (one runs demo.py as a real process): exit 2, one error line, no traceback, and Hydra's
+run folder never created.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from contentv.config import ModelConfig, SamplingConfig
 from contentv.errors import ConfigError
 from contentv.models.cogvideox import SPEC as COG
 from contentv.models.contentv import LAYOUT, SPEC
-from tests.helpers import SMALL, run_demo
+from tests.helpers import SMALL, run_demo, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,26 +320,37 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str
     return errors[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", DAMAGES)
-def test_demo_refuses_a_damaged_checkpoint_before_anything_is_written(ckpt, name, tmp_path, cache_dir):
+def refuse_damaged(capsys, ckpt: Path, name: str, tmp_path: Path, real_process: bool = False) -> None:
     damage, words = DAMAGES[name]
     damage(ckpt)
     run = tmp_path / "run"
     args = ["model=tiny_contentv", "model.tiny=false", "model.name=local", f"model.path={ckpt}", "backend=cpu"]
-    proc = run_demo([*args, *SMALL, f"hydra.run.dir={run}"], cache_dir)
+    args = [*args, *SMALL, f"hydra.run.dir={run}"]
+    proc = run_demo(args) if real_process else run_in_process(capsys, args)
     assert_one_error_line(proc, f"error: model.path='{ckpt}' is not valid: ", words)
     assert not run.exists()
 
 
+@pytest.mark.parametrize("name", DAMAGES)
+def test_demo_refuses_a_damaged_checkpoint_before_anything_is_written(capsys, ckpt, name, tmp_path, cache_dir):
+    """demo.main in this process, each damage."""
+    refuse_damaged(capsys, ckpt, name, tmp_path)
+
+
 @pytest.mark.slow
-def test_demo_refuses_a_cogvideox_config_that_is_not_json(tiny_cog, tmp_path, cache_dir):
+def test_a_real_process_refuses_a_damaged_checkpoint(capsys, ckpt, tmp_path, cache_dir):
+    """Once as a real process, the damage found deepest (a tensor's shape against its config, past the imports of
+    the loading libraries): exit 2 and one error line on stderr as the user sees them, no traceback, no run folder."""
+    refuse_damaged(capsys, ckpt, "shape_mismatch", tmp_path, real_process=True)
+
+
+def test_demo_refuses_a_cogvideox_config_that_is_not_json(capsys, tiny_cog, tmp_path, cache_dir):
     c = Path(shutil.copytree(tiny_cog, tmp_path / "cog"))
     (c / "transformer" / "config.json").write_text('{"_class_name": "CogVideoXTransformer3DModel",\n"x": }')
     run = tmp_path / "run"
     args = ["model=tiny_cogvideox", "model.tiny=false", "model.name=local", f"model.path={c}", "backend=cpu"]
-    proc = run_demo(
-        [*args, "sampling.height=32", "sampling.width=48", "sampling.num_frames=9", f"hydra.run.dir={run}"], cache_dir
+    proc = run_in_process(
+        capsys, [*args, "sampling.height=32", "sampling.width=48", "sampling.num_frames=9", f"hydra.run.dir={run}"]
     )
     assert_one_error_line(proc, f"model.path='{c}'", "transformer/config.json is not valid JSON (line 2")
     assert not run.exists()

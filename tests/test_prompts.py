@@ -5,9 +5,6 @@ free-text prompt stays one job, and prompts are swept with an explicit `choice(.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,8 @@ from omegaconf import OmegaConf
 
 import demo
 from contentv_cli.preflight import _compose_job
+from tests.helpers import SMALL, run_demo, run_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_contentv", "backend=cpu"]
 
 # One prompt per class of character that Hydra's override grammar or OmegaConf would otherwise interpret.
@@ -48,48 +45,40 @@ def test_any_text_composes_exactly(name: str, key: str):
     assert getattr(cfg.sampling, key.split(".")[1]) == text
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_any_text_from_the_command_line(name: str, tmp_path: Path):
-    """A real process: the composed job config (`--cfg job`) holds the text exactly, and nothing fails."""
+def test_any_text_from_the_command_line(name: str, tmp_path: Path, capsys):
+    """The command line (demo.main, in this process): the composed job config (`--cfg job`) holds the text exactly,
+    and nothing fails."""
     text = PROMPTS[name]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "demo.py"), *TINY, f"sampling.prompt={text}", "--cfg", "job"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=120,
-    )
+    proc = run_in_process(capsys, [*TINY, f"sampling.prompt={text}", "--cfg", "job"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     composed = OmegaConf.create(proc.stdout)
     assert composed.sampling.prompt == text
 
 
+# Every class in one prompt, for the one real process.
+EVERY_CLASS = " | ".join(PROMPTS.values())
+
+
 @pytest.mark.slow
-def test_a_video_from_a_prompt_with_every_class(tmp_path: Path, cache_dir: Path):
-    """One real generation: the sidecar records the prompt and negative prompt exactly as typed."""
+def test_any_text_from_the_command_line_of_a_real_process(tmp_path: Path):
+    """A real process, once, with every class in one prompt: what only a process shows, argv's bytes (non-ASCII,
+    line breaks, quotes) reaching the command line and the config coming back on stdout, exit 0."""
+    proc = run_demo(
+        [*TINY, f"sampling.prompt={EVERY_CLASS}", "--cfg", "job"], env={"PYTHONWARNINGS": "ignore"}, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    composed = OmegaConf.create(proc.stdout)
+    assert composed.sampling.prompt == EVERY_CLASS
+
+
+@pytest.mark.slow
+def test_a_video_from_a_prompt_with_every_class(tmp_path: Path, cache_dir: Path, capsys, single_thread):
+    """One generation (in this process): the sidecar records the prompt and negative prompt exactly as typed."""
     prompt = " | ".join(PROMPTS[n] for n in ("comma", "mixed_quotes", "brackets", "braces", "colon", "emoji"))
     negative = PROMPTS["interpolation"] + " " + PROMPTS["equals"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "demo.py"),
-            *TINY,
-            f"sampling.prompt={prompt}",
-            f"sampling.negative_prompt={negative}",
-            "sampling.height=32",
-            "sampling.width=48",
-            "sampling.num_frames=5",
-            "sampling.num_inference_steps=1",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"},
-        timeout=600,
-    )
+    args = [*TINY, f"sampling.prompt={prompt}", f"sampling.negative_prompt={negative}", *SMALL]
+    proc = run_in_process(capsys, [*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sidecar,) = (tmp_path / "run").rglob("*.json")
     record = json.loads(sidecar.read_text())

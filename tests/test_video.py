@@ -33,6 +33,7 @@ from contentv.video import (
     write_mp4,
     write_video,
 )
+from tests.helpers import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -361,22 +362,15 @@ def test_slugify():
 # ------------------------------------------------------------------------------------------ the command line
 
 
-def run_demo(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "demo.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "content,words", [(b"a red fox\n\xff\xfe walks\n", "byte 10 is not UTF-8"), (b"a cat\x00\n", "NUL bytes")]
 )
-def test_demo_refuses_a_prompt_file_that_is_not_text(tmp_path, cache_dir, content, words):
+def test_demo_refuses_a_prompt_file_that_is_not_text(tmp_path, cache_dir, capsys, content, words):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(content)
     run = tmp_path / "run"
-    proc = run_demo(["model=tiny_contentv", "backend=cpu", f"sampling.prompt_file={prompts}", f"hydra.run.dir={run}"])
+    args = ["model=tiny_contentv", "backend=cpu", f"sampling.prompt_file={prompts}", f"hydra.run.dir={run}"]
+    proc = run_in_process(capsys, args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert len(errors) == 1 and f"sampling.prompt_file='{prompts}' is not valid" in errors[0] and words in errors[0]
