@@ -36,6 +36,7 @@ from typing import Any
 from contentv.serve.store import Store, new_id
 
 JOBS_FILE = "ui-jobs.sqlite3"
+LOCK_FILE = ".ui-jobs.lock"  # one page per queue (contentv.folder_lock); a server on the folder has a queue of its own
 WORKER = "page"  # the store's `worker` of a page job
 CANCELLED_BEFORE = "cancelled before it started: no video written"
 TABLE_ROWS = 20  # the page's table: the newest jobs

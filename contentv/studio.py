@@ -35,6 +35,7 @@ from contentv.config import (
     resolve_sampling,
 )
 from contentv.errors import ConfigError, GenerationCancelled, first_line
+from contentv.folder_lock import lock_queue
 from contentv.form import (
     MEMORY_FIELDS,
     MODEL_DEFAULT_FIELDS,
@@ -49,7 +50,7 @@ from contentv.form import (
     offload_mode,
     page_memory_fields,
 )
-from contentv.jobqueue import JOBS_FILE, Job, JobQueue, jobs_html
+from contentv.jobqueue import JOBS_FILE, LOCK_FILE, Job, JobQueue, jobs_html
 from contentv.resolve import ResolvedRun
 from contentv.runtime import Runtime
 from contentv.serve.store import Store, new_id
@@ -108,6 +109,16 @@ class Studio:
         # output.dir, else outputs/ (so command-line runs in outputs/<date>/<time>/ appear too).
         self.gallery_dir = Path(cfg.output.dir or "outputs").absolute()
         self.output_dir = self.gallery_dir if cfg.output.dir else self.gallery_dir / "ui"
+        # One page per queue, taken before the queue is opened: a second page here would re-queue this one's running
+        # job and run jobs too (ConfigError on output.dir, naming the page that holds it; released by close()).
+        self.lock = lock_queue(self.output_dir, LOCK_FILE, "page", JOBS_FILE)
+        try:
+            self._open(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, cfg: RunConfig) -> None:
         # The only files the page serves: links to videos and sidecars in a private folder.
         self.files = ServedFiles(self.gallery_dir)
         self.serve_dir = self.files.dir
@@ -329,6 +340,7 @@ class Studio:
             return job.outcome
         finally:
             self.queue.done(job, job.outcome)
+            self._release_if_idle()
 
     def _run_orphans(self) -> None:
         """The runner thread: jobs no caller waits for, when their turn comes."""
@@ -341,6 +353,7 @@ class Studio:
                 job.outcome = self._run_stored(job, row)
             finally:
                 self.queue.done(job, job.outcome)
+                self._release_if_idle()
 
     def _run_stored(self, job: Job, row: dict) -> Outcome:
         """A job from the store: its config is the resolved run's, checked again on this backend (contentv.resolve:
@@ -452,6 +465,12 @@ class Studio:
         self.queue.stop()
         self._runner.join(5)
         self.files.close()
+        self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        """After close(), once no job of this page runs (a running one is left to finish): let another page in."""
+        if self._closed.is_set() and not self.queue.busy():
+            self.lock.release()
 
 
 def _invocation(job_id: str) -> dict:

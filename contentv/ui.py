@@ -437,8 +437,8 @@ def launch(
         print(warning, file=sys.stderr)
     # gradio checks its own URL over HTTP at start; those request lines are noise in our log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    studio = Studio(cfg, presets, build_backend)  # first: it refuses a folder whose queue another page holds
     cache, old_env = private_gradio_cache()
-    studio = Studio(cfg, presets, build_backend)
     try:
         studio.output_dir.mkdir(parents=True, exist_ok=True)
         blocks = build_blocks(studio)

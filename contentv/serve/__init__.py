@@ -23,6 +23,7 @@ from contentv.config import Presets, RunConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_DIR = "outputs/serve"
+LOCK_FILE = ".serve.lock"  # one server per output.dir (contentv.folder_lock); a page there has a queue of its own
 
 
 def check_available() -> None:
@@ -54,17 +55,28 @@ class Server:
     """A running server: `url`, `folder`, `stop()`. `start` returns it; `main` blocks on it."""
 
     def __init__(self, cfg: RunConfig, presets: Presets, build_backend: Callable):
+        from contentv.folder_lock import lock_queue
+        from contentv.validation import check_settings, check_writable_dir
+
+        check_settings(cfg)
+        self.folder = Path(cfg.output.dir or DEFAULT_DIR).absolute()
+        check_writable_dir("output.dir", self.folder)
+        # Before the queue is opened: a second server here would re-queue this one's running jobs and claim jobs too.
+        self.lock = lock_queue(self.folder, LOCK_FILE, "video API server", "jobs.sqlite3")
+        try:
+            self._start(cfg, presets, build_backend)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self, cfg: RunConfig, presets: Presets, build_backend: Callable) -> None:
         from contentv.serve.admit import Admission
         from contentv.serve.api import build_app
         from contentv.serve.metrics import Metrics
         from contentv.serve.pool import Pool
         from contentv.serve.store import Store
-        from contentv.validation import check_settings, check_writable_dir
 
-        check_settings(cfg)
         serve = cfg.serve
-        self.folder = Path(cfg.output.dir or DEFAULT_DIR).absolute()
-        check_writable_dir("output.dir", self.folder)
         self.videos = self.folder / "videos"
         self.videos.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.folder / "jobs.sqlite3")
@@ -124,6 +136,7 @@ class Server:
             import ray
 
             ray.shutdown()
+        self.lock.release()  # nothing of this server runs now: another may take the folder
 
 
 def _bind(host: str, port: int) -> socket.socket:
