@@ -332,7 +332,7 @@ def test_the_command_line_says_one_line_for_a_busy_port(site, capsys):
 class PageProcess:
     """`python demo.py mode=ui` with the tiny model on the CPU, on a free port, in its own process."""
 
-    def __init__(self, folder: Path, *overrides: str):
+    def __init__(self, folder: Path, *overrides: str, faults: dict[str, str] | None = None):
         import subprocess
         import sys
 
@@ -343,7 +343,7 @@ class PageProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "demo.py"), *args],
             cwd=ROOT,
-            env={**demo_env(), "PYTHONUNBUFFERED": "1"},
+            env={**demo_env(faults=faults), "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -373,11 +373,13 @@ def test_a_page_killed_mid_job_and_started_again_finishes_every_job_once(cache_d
     from contentv.jobqueue import JOBS_FILE
     from contentv.serve.store import Store
 
-    first = PageProcess(tmp_path, "ui.max_queue_per_client=3")
+    # The first page's steps last a second each (tests/faults), so its job is surely running when it is killed; the
+    # second page runs at full speed.
+    first = PageProcess(tmp_path, "ui.max_queue_per_client=3", faults={"CONTENTV_FAULT_STEP_SECONDS": "1"})
     store = Store(tmp_path / JOBS_FILE)
     try:
         page = gradio_client.Client(first.url, verbose=False, download_files=False)
-        page.submit(api_name="/generate", prompt="a long one", num_inference_steps=150, **API)
+        page.submit(api_name="/generate", prompt="a long one", num_inference_steps=20, **API)
         wait_for(lambda: store.active(), timeout=60)  # admitted (it loads the model, then takes ~2 s here)
         for n in (1, 2):
             page.submit(api_name="/generate", prompt=f"waiting {n}", **API)
