@@ -18,11 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Under pytest-xdist (-n N) each worker is one process per core: one intra-op thread each, inherited by the processes
+# the tests start, so N workers don't oversubscribe the cores (OpenMP's spinning made tiny runs 5-10x slower).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A private CONTENTV_CACHE for the session (also inherited by demo.py subprocesses)."""
-    path = tmp_path_factory.mktemp("contentv-cache")
+    """A private CONTENTV_CACHE for the session (also inherited by demo.py subprocesses); under pytest-xdist one for
+    all the workers (a tiny checkpoint is built in a private folder and renamed into place, so two workers building
+    the same one at once both end with it)."""
+    if XDIST_WORKER:
+        path = tmp_path_factory.getbasetemp().parent / "contentv-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("contentv-cache")
     old = os.environ.get("CONTENTV_CACHE")
     os.environ["CONTENTV_CACHE"] = str(path)
     yield path
