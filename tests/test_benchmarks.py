@@ -68,7 +68,8 @@ ROW_FIELDS = (
 
 
 def run(script: str, *args: str, cache_dir: Path) -> str:
-    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    # one intra-op thread: the tiny runs gain nothing from more on a shared machine (conftest.single_thread)
+    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
@@ -333,10 +334,10 @@ def test_speedups_smoke(cache_dir):
 
 
 @pytest.mark.slow
-def test_startup_smoke(cache_dir):
+def test_startup_smoke(cache_dir, tiny_ckpt):
     """Each command in a fresh process: help and a finished tiny run exit 0, a bad setting exits 2, and the tiny
-    run's start-up share is a fraction."""
-    out = run("startup.py", "--repeats", "1", "--no-record", cache_dir=cache_dir)
+    run's start-up share is a fraction. The session's tiny checkpoint is cached (tiny_ckpt): no untimed run first."""
+    out = run("startup.py", "--repeats", "1", "--no-build", "--no-record", cache_dir=cache_dir)
     rows = {ln.split()[1]: ln for ln in out.splitlines() if ln.split()[1:2] and " fastest " in ln}
     assert set(rows) == {"help", "preflight_error", "tiny_run"}, out
     assert "exit [0]" in rows["help"] and "exit [2]" in rows["preflight_error"] and "exit [0]" in rows["tiny_run"]
