@@ -10,8 +10,8 @@ benchmarks/results/startup.jsonl.
     python benchmarks/startup.py                              # this checkout
     python benchmarks/startup.py --compare /path/to/old/checkout --repeats 5
 
-The tiny model is built once before timing (its checkpoint cache is shared by every checkout). Compare as
-ratios within one run: shared machines are noisy.
+The tiny model is built once before timing (its checkpoint cache is shared by every checkout; --no-build skips
+that untimed run where the cache has it already). Compare as ratios within one run: shared machines are noisy.
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ def run_once(checkout: Path, args: list[str], out: Path, env: dict) -> tuple[flo
     return wall, proc.returncode, record
 
 
-def measure(checkouts: list[Path], repeats: int) -> tuple[dict, dict, dict]:
-    """Interleaved runs: wall times and exit statuses per (checkout, command), start-up shares per checkout."""
+def measure(checkouts: list[Path], repeats: int, build: bool = True) -> tuple[dict, dict, dict]:
+    """Interleaved runs: wall times and exit statuses per (checkout, command), start-up shares per checkout.
+    `build`: one untimed tiny run per checkout first (it builds the tiny checkpoint if the cache lacks it)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     walls: dict[tuple[str, str], list[float]] = {}
     status: dict[tuple[str, str], set[int]] = {}
     shares: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for checkout in checkouts:  # build the tiny checkpoint once, untimed
+        for checkout in checkouts if build else []:  # build the tiny checkpoint once, untimed
             run_once(checkout, TINY, Path(tempfile.mkdtemp(dir=tmp)), env)
         for _ in range(repeats):
             for name, command in COMMANDS.items():
@@ -113,10 +114,13 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, action="append", default=[], help="another checkout to time")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--no-build", action="store_true", help="no untimed tiny run first: the tiny checkpoint is already cached"
+    )
     args = parser.parse_args()
 
     checkouts = [ROOT, *(p.resolve() for p in args.compare)]
-    walls, status, shares = measure(checkouts, args.repeats)
+    walls, status, shares = measure(checkouts, args.repeats, build=not args.no_build)
     rows = []
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for (checkout, name), values in walls.items():

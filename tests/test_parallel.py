@@ -532,12 +532,12 @@ def test_ranks_that_never_join_time_out_with_one_line(tmp_path):
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(29_000 + os.getpid() % 1000),
-        "CONTENTV_JOIN_TIMEOUT": "3",
+        "CONTENTV_JOIN_TIMEOUT": "1",
         "PYTHONPATH": str(ROOT),
     }
     code = "from backends import build_backend, distributed; from contentv.config import BackendConfig; "
     code += "distributed.init_process_group(build_backend(BackendConfig(name='cpu')))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert "error: rank 0 of 2: the other ranks did not join within 3 s" in proc.stderr
+    assert "error: rank 0 of 2: the other ranks did not join within 1 s" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,27 +13,17 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ROOT / "tests" / "faults"  # a sitecustomize.py that injects failures, preemption and an event log
-SMALL = ["backend=cpu", "sampling.height=32", "sampling.width=48", "sampling.num_frames=5"]
+from tests.helpers import ROOT, SMALL, demo_env, run_demo
+
+# Every process of these sweeps on one intra-op thread (see conftest.single_thread: on a shared 2-core machine
+# OpenMP's spinning makes a tiny run several times slower); the launchers' worker processes inherit it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TINY_SWEEP = ["model=tiny_contentv", "backend=cpu", *SMALL]  # 32x48, 5 frames, 1 step
 
 
-def env_for(cache_dir, faults: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "CONTENTV_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
-    if faults is not None:
-        env.update(faults, PYTHONPATH=f"{FAULTS}{os.pathsep}{ROOT}")
-    return env
-
-
-def demo(args, cache_dir, timeout=900, faults: dict[str, str] | None = None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "demo.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env_for(cache_dir, faults),
-        cwd=ROOT,
-        timeout=timeout,
-    )
+def demo(args: list[str], cache_dir, faults: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python demo.py ARGS` (tests/helpers.run_demo) on one thread; `faults` through tests/faults' sitecustomize."""
+    return run_demo(args, cache_dir, env=ONE_THREAD, faults=faults)
 
 
 def sidecars(folder: Path) -> list[dict]:
@@ -54,25 +43,24 @@ def summary_rows(sweep_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_failed_jobs_are_recorded_the_others_finish_the_sweep_exits_1_and_a_rerun_retries_them(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", *SMALL, "model=tiny_contentv", "sampling.seed=1,2", "sampling.num_inference_steps=1,2"]
-    args.append(f"hydra.sweep.dir={sweep_dir}")
-    proc = demo(args, cache_dir, faults={"CONTENTV_FAULT_FAIL_SEED": "2"})  # jobs 2 and 3 fail as they generate
+    args = ["-m", *TINY_SWEEP, "sampling.seed=1,2,3", f"hydra.sweep.dir={sweep_dir}"]
+    proc = demo(args, cache_dir, faults={"CONTENTV_FAULT_FAIL_SEED": "2"})  # job 1 fails as it generates
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert f"sweep: 2 of 4 jobs failed (see {sweep_dir / 'summary.md'})" in proc.stderr
+    assert f"sweep: 1 of 3 jobs failed (see {sweep_dir / 'summary.md'})" in proc.stderr
     rows = summary_rows(sweep_dir)
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
-    assert all("sampling.seed=2" in r["overrides"] and "injected failure" in r["error"] for r in rows[2:])
-    assert all(Path(r["video"]).is_file() for r in rows[:2])
-    assert "4 jobs: 2 ok, 2 failed (job 2, 3)." in (sweep_dir / "summary.md").read_text()
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]  # the job after the failure still ran
+    assert "sampling.seed=2" in rows[1]["overrides"] and "injected failure" in rows[1]["error"]
+    assert all(Path(r["video"]).is_file() for r in (rows[0], rows[2]))
+    assert "3 jobs: 2 ok, 1 failed (job 1)." in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "summary.png").stat().st_size > 1000
-    # the two good jobs share (model, memory): weights loaded once, then reused
+    # the two good jobs share (model, memory): weights loaded once, then reused past the failed job
     assert sorted(r["prepared"]["pipeline_reused"] for r in sidecars(sweep_dir)) == [False, True]
 
-    again = demo(args, cache_dir)  # the same command, the fault gone: only the failed jobs run
+    again = demo(args, cache_dir)  # the same command, the fault gone: only the failed job runs
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "sweep: 4 jobs, 2 done, 2 to run (2 failed)" in again.stderr
-    assert [r["status"] for r in summary_rows(sweep_dir)] == ["ok"] * 4
-    assert [r["reused"] for r in summary_rows(sweep_dir)] == ["yes", "yes", "", ""]
+    assert "sweep: 3 jobs, 2 done, 1 to run (1 failed)" in again.stderr
+    assert [r["status"] for r in summary_rows(sweep_dir)] == ["ok"] * 3
+    assert [r["reused"] for r in summary_rows(sweep_dir)] == ["yes", "", "yes"]
 
 
 @pytest.mark.slow
@@ -80,16 +68,7 @@ def test_prompt_file_makes_one_video_per_line_loading_once(tmp_path, cache_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox walks in snow\n\n# a comment\na cat sits on a stool\na dog runs\n")
     out = tmp_path / "run"
-    proc = demo(
-        [
-            "model=tiny_contentv",
-            *SMALL,
-            "sampling.num_inference_steps=1",
-            f"sampling.prompt_file={prompts}",
-            f"hydra.run.dir={out}",
-        ],
-        cache_dir,
-    )
+    proc = demo([*TINY_SWEEP, f"sampling.prompt_file={prompts}", f"hydra.run.dir={out}"], cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = sidecars(out)
     assert sorted(r["prompt"] for r in records) == ["a cat sits on a stool", "a dog runs", "a red fox walks in snow"]
@@ -101,8 +80,7 @@ def test_prompt_file_makes_one_video_per_line_loading_once(tmp_path, cache_dir):
 def test_missing_prompt_file_is_a_usage_error(tmp_path, cache_dir):
     proc = demo(
         [
-            "model=tiny_contentv",
-            *SMALL,
+            *TINY_SWEEP,
             f"sampling.prompt_file={tmp_path}/nope.txt",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
@@ -113,35 +91,37 @@ def test_missing_prompt_file_is_a_usage_error(tmp_path, cache_dir):
 
 
 def sweep_with_launcher(
-    launcher: str, plugin: str, tmp_path, cache_dir, faults: dict[str, str] | None = None
+    launcher: str, plugin: str, seeds: str, tmp_path, cache_dir, faults: dict[str, str] | None = None
 ) -> tuple[Path, list[dict], subprocess.CompletedProcess]:
-    """A two-job sweep through one of conf/hydra/launcher's configs; returns the folder, CSV rows and process."""
+    """A sweep over `seeds` (one job each) through one of conf/hydra/launcher's configs; returns the folder, CSV rows
+    and process."""
     pytest.importorskip(plugin)
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", f"hydra/launcher={launcher}", "model=tiny_contentv", *SMALL, "sampling.num_inference_steps=1"]
-    proc = demo([*args, "sampling.seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cache_dir, faults=faults)
+    args = ["-m", f"hydra/launcher={launcher}", *TINY_SWEEP, f"sampling.seed={seeds}", f"hydra.sweep.dir={sweep_dir}"]
+    proc = demo(args, cache_dir, faults=faults)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir, summary_rows(sweep_dir), proc
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher_requeues_a_preempted_job(tmp_path, cache_dir):
+    """One job is enough: it is sent SIGUSR2 as it generates, requeued in a new process, and recorded once."""
     log = tmp_path / "events.jsonl"
-    faults = {"CONTENTV_FAULT_LOG": str(log), "CONTENTV_FAULT_PREEMPT_JOB": "1"}  # SIGUSR2 as job 1 generates
+    faults = {"CONTENTV_FAULT_LOG": str(log), "CONTENTV_FAULT_PREEMPT_JOB": "0"}  # SIGUSR2 as job 0 generates
     sweep_dir, rows, _ = sweep_with_launcher(
-        "local_processes", "hydra_plugins.hydra_submitit_launcher", tmp_path, cache_dir, faults
+        "local_processes", "hydra_plugins.hydra_submitit_launcher", "1", tmp_path, cache_dir, faults
     )
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    started = [e["pid"] for e in events(log) if e["event"] == "generate" and e["job"] == "1"]
+    assert [r["status"] for r in rows] == ["ok"]
+    started = [e["pid"] for e in events(log) if e["event"] == "generate" and e["job"] == "0"]
     assert len(started) == 2 and started[0] != started[1]  # preempted, then requeued in a new process
-    assert collections.Counter(e["job"] for e in events(log) if e["event"] == "recorded") == {"0": 1, "1": 1}
-    assert len(list((sweep_dir / "1").glob("*.mp4"))) == 1
+    assert collections.Counter(e["job"] for e in events(log) if e["event"] == "recorded") == {"0": 1}
+    assert len(list((sweep_dir / "0").glob("*.mp4"))) == 1
 
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes_and_resumes(tmp_path, cache_dir):
     log = tmp_path / "events.jsonl"
-    launcher = ("local_parallel", "hydra_plugins.hydra_joblib_launcher", tmp_path, cache_dir)
+    launcher = ("local_parallel", "hydra_plugins.hydra_joblib_launcher", "1,2", tmp_path, cache_dir)
     sweep_dir, rows, _ = sweep_with_launcher(*launcher, faults={"CONTENTV_FAULT_LOG": str(log)})
     assert [r["status"] for r in rows] == ["ok", "ok"]
     # two worker processes: each loaded its own pipeline
@@ -175,7 +155,7 @@ def resumed(tmp_path_factory, cache_dir) -> tuple[Path, str, list[dict]]:
         [sys.executable, str(ROOT / "benchmarks" / "sweep_resume.py"), *args, "--frames", "5", "--steps", "2"],
         capture_output=True,
         text=True,
-        env=env_for(cache_dir, {"CONTENTV_FAULT_LOG": str(log)}),
+        env=demo_env(cache_dir, {"CONTENTV_FAULT_LOG": str(log)}, **ONE_THREAD),
         cwd=ROOT,
         timeout=900,
     )

@@ -32,7 +32,7 @@ def tiny_cfg(folder: Path) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_ckpt) -> tuple[Path, RunConfig]:
+def finished(tmp_path_factory, tiny_ckpt, single_thread) -> tuple[Path, RunConfig]:
     """A job folder as a sweep job leaves it (demo.record_job's steps): a real tiny run's video, sidecar and
     frames, then the job's record."""
     from backends import build_backend
