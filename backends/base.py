@@ -21,6 +21,7 @@ from backends import memory as mem
 from contentv import memory_policy
 from contentv.attention import AttentionKernel, sdpa, sliced
 from contentv.config import BackendConfig, MemoryConfig
+from contentv.device import accelerator
 from contentv.errors import ConfigError
 from contentv.registry import ModelSpec
 
@@ -66,7 +67,7 @@ def empty_host_cache() -> bool:
     `torch.accelerator.empty_host_cache()` (CUDA, and torch_npu through the accelerator hooks); older CUDA builds:
     `torch._C._host_emptyCache()`. Both raise without an accelerator; False where nothing was released."""
     release = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
-    if release is None or not torch.accelerator.is_available():
+    if release is None or accelerator() is None:
         return False
     try:
         release()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from contentv.config import BackendConfig
+from contentv.device import accelerator
 from contentv.errors import ConfigError
 from contentv.parallel import World
 
@@ -104,7 +105,7 @@ def configure(backend_cfg: BackendConfig) -> LaunchEnv:
     if launch.world_size > 1:
         import torch
 
-        count = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+        count = torch.accelerator.device_count() if accelerator() is not None else 0
         # a launcher that shows each task only its own device (e.g. srun --gpus-per-task=1): index 0
         backend_cfg.device_index = 0 if count == 1 else launch.local_rank
         log.info(

@@ -19,6 +19,18 @@ if TYPE_CHECKING:
     from contentv.registry import ModelSpec
 
 
+def accelerator() -> torch.device | None:
+    """The accelerator torch would use (CUDA, an NPU through torch_npu, ...), None when there is none or torch can't
+    say: `torch.accelerator.is_available()` raises where PrivateUse1 was named by a device plugin whose device
+    module is missing (a half-loaded plugin), and a run on the CPU must not fail for it."""
+    import torch
+
+    try:
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    except RuntimeError:
+        return None
+
+
 class DeviceBackend(Capabilities, Protocol):
     """What the library asks of a device backend."""
 

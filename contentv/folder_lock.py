@@ -90,6 +90,14 @@ class FolderLock:
         if fd is not None:
             os.close(fd)
 
+    def __getstate__(self) -> dict:
+        """A copy in another process (a launcher pickles the sweep's callback into its workers) holds nothing: the
+        lock is this process's open file."""
+        return {**self.__dict__, "fd": None, "acquired": False, "_guard": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _guard=threading.Lock())
+
     def __enter__(self) -> FolderLock:
         return self if self.acquired else self.acquire()
 

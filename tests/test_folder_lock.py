@@ -48,6 +48,23 @@ def rows(studio: st.Studio) -> list[tuple]:
     return [(r["id"], r["status"], r["attempts"]) for r in studio.queue.rows()]
 
 
+def test_a_held_lock_pickles_into_a_copy_that_holds_nothing(tmp_path):
+    """Launchers (joblib, submitit) pickle the sweep's callback, lock included, into their workers: the copy pickles
+    and holds nothing (releasing it leaves the original's lock held)."""
+    import pickle
+
+    from contentv.sweep.lock import lock_sweep
+
+    held = lock_sweep(tmp_path)
+    copy_ = pickle.loads(pickle.dumps(held))
+    assert (copy_.fd, copy_.acquired) == (None, False) and held.acquired
+    copy_.release()
+    with pytest.raises(Exception, match="another copy of this sweep is running"):
+        lock_sweep(tmp_path)
+    held.release()
+    lock_sweep(tmp_path).release()
+
+
 def test_a_second_page_on_a_folder_is_refused_until_the_first_closes(tmp_path):
     first = st.Studio(page_cfg(tmp_path), PRESETS, build_backend)
     try:

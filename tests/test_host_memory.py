@@ -112,7 +112,21 @@ def test_the_npu_backend_empties_torch_npus_own_pinned_cache(monkeypatch, name):
 
 
 def test_without_an_accelerator_nothing_is_released():
-    assert base.empty_host_cache() is (torch.accelerator.is_available())
+    from contentv.device import accelerator
+
+    assert base.empty_host_cache() is (accelerator() is not None)
+
+
+def test_a_device_plugin_without_its_module_counts_as_no_accelerator(monkeypatch):
+    """PrivateUse1 named by a plugin whose device module is missing makes torch.accelerator raise: a CPU run goes on
+    (nothing to release, no device to spread serve workers over)."""
+    from contentv.device import accelerator
+
+    def missing():
+        raise RuntimeError("Device 'npu' does not have a corresponding module registered as 'torch.npu'.")
+
+    monkeypatch.setattr(torch.accelerator, "is_available", missing)
+    assert accelerator() is None and base.empty_host_cache() is False
 
 
 @pytest.mark.cuda

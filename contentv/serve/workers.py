@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from contentv.config import BackendConfig, MemoryConfig, RunConfig
+from contentv.device import accelerator
 from contentv.errors import ConfigError, GenerationCancelled, OutOfMemory, first_line
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def devices(serve_devices: list[str] | None, backend: BackendConfig, build_backe
     import torch
 
     built = build_backend(backend)
-    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    accel = accelerator()
     if accel is None or built.device.type != accel.type:
         return [dataclasses.replace(backend, name=built.name)]
     count = torch.accelerator.device_count()
