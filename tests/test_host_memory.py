@@ -89,6 +89,7 @@ def test_releasing_a_pipeline_gives_the_pinned_host_cache_back(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("device"))
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
     monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: calls.append("host"))
     backend = CUDABackend.__new__(CUDABackend)  # no GPU here: only the method is under test
     backend.empty_cache()
