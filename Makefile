@@ -11,7 +11,7 @@ ui:
 	python demo.py mode=ui model=tiny_contentv backend=cpu
 
 test:
-	python -m pytest -n 2
+	python -m pytest -n 2 --dist loadfile
 
 lint:
 	ruff check . && ruff format --check .

@@ -138,8 +138,8 @@ PAGE = """
 import time
 from contentv.served import private_dir, sigterm_exits
 made = [private_dir("contentv-page-"), private_dir("contentv-gradio-")]
-print(*made, flush=True)
 with sigterm_exits():
+    print(*made, flush=True)  # the handler is in place before the test is told to send SIGTERM
     time.sleep(60)
 """
 

@@ -36,6 +36,6 @@ def test_ci_and_the_readme_install_with_the_constraints():
     installs = re.findall(r"(?:pip install|\$PIP) [^\n]*", blocking.replace('PIP="python -m pip install', ""))
     assert installs and all("-c constraints.txt" in line for line in installs), installs
     readme = (ROOT / "README.md").read_text()
-    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest -n 2' in readme
+    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest -n 2 --dist loadfile' in readme
     # The newest releases are checked too, without failing CI.
     assert 'echo "unconstrained check: FAILED' in ci and "if (set +e; unconstrained_check); then" in ci
