@@ -32,6 +32,9 @@ def test_ctrl_c_at_any_moment_is_one_line_exit_130(tmp_path, cache_dir, after_s)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C's default action, as a terminal gives it: a process started with SIGINT ignored (a background job
+        # of a script, a pytest-xdist worker's children) rightly keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
