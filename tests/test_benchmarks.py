@@ -191,6 +191,7 @@ def test_materialize_fills_in_the_load_dtype_and_counts_like_the_planner():
 # ------------------------------------------------------------------------------------------ CPU benchmarks
 
 
+@pytest.mark.slow
 def test_cpu_reference_smoke(cache_dir):
     out = run(
         "cpu_reference.py",
@@ -211,6 +212,7 @@ def test_cpu_reference_smoke(cache_dir):
     assert methods == ["reference", "runtime", "batched"], out
 
 
+@pytest.mark.slow
 def test_speedups_smoke(cache_dir):
     out = run(
         "speedups.py",

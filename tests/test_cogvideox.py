@@ -342,6 +342,7 @@ def demo_runs(ckpts, cache_dir, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_demo_writes_video_and_sidecar(demo_runs, name):
     rc, stdout, stderr, out = demo_runs[name]

@@ -45,6 +45,7 @@ def test_tiny_run_writes_a_playable_mp4_and_sidecar(golden_run):
     assert not [p for p in out.iterdir() if "partial" in p.name]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_video_and_never_overwrites(golden_run, tmp_path, cache_dir):
     out = tmp_path / "run"
     shutil.copytree(golden_run.folder, out)  # the shared run's folder stays as it was made

@@ -82,6 +82,7 @@ def test_python_api_prints_only_the_step_bar(cache_dir, tmp_path):
     assert "bitsandbytes" not in proc.stderr and "torchao" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_importing_contentv_defers_the_quantization_libraries_only_while_the_models_load():
     """`import contentv` before diffusers' models keeps torchao and bitsandbytes from being imported with them; a
     Python user's own diffusers quantization (BitsAndBytesConfig, TorchAoConfig) still finds them afterwards."""

@@ -634,6 +634,7 @@ def test_auto_selects_npu_only_when_use_ascend_npu_is_set(monkeypatch: pytest.Mo
     assert backends.resolve_name("auto") != "npu"
 
 
+@pytest.mark.slow
 def test_torch_npu_never_imported_by_other_backends():
     """In a fresh process: importing everything and building the cpu backend never looks torch_npu up.
 

@@ -127,6 +127,7 @@ def _scenario(ranks: list[dict], name: str) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("nproc", "scenario"), NUMERIC, ids=[f"{n}ranks-{s}" for n, s in NUMERIC])
 def test_parallel_output_equals_single_process(launches, nproc: int, scenario: str):
     results = _scenario(launches(nproc), scenario)
@@ -149,6 +150,7 @@ def test_parallel_output_equals_single_process(launches, nproc: int, scenario: s
             assert "offload" in prepared["placement"], prepared
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2])
 def test_wrong_plan_is_caught(launches, nproc: int):
     """Control: with the text tokens replicated instead of split, the comparison fails (the test can fail)."""
@@ -156,6 +158,7 @@ def test_wrong_plan_is_caught(launches, nproc: int):
         assert r["max_abs"] > 1e-3, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("nproc", "scenario"), DATA, ids=[f"{n}ranks-{s}" for n, s in DATA])
 def test_data_parallel_generates_every_prompt_and_seed_once(launches, nproc: int, scenario: str):
     results = _scenario(launches(nproc), scenario)
@@ -191,6 +194,7 @@ def _free_port_for_slurm_job_id() -> int:
     pytest.skip("no free port in 20000..39999")
 
 
+@pytest.mark.slow
 def test_slurm_tasks_without_torchrun_join_one_process_group(tmp_path: Path):
     """Two plain processes with only SLURM's variables (how submitit starts tasks) find each other and run."""
     port = _free_port_for_slurm_job_id()
