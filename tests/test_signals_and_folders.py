@@ -39,7 +39,7 @@ def test_ctrl_c_at_any_moment_is_one_line_exit_130(tmp_path, cache_dir, after_s)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:  # the run finished before the signal: nothing to check at this moment
+    if proc.returncode == 0 and after_s > 1:  # a fast machine finished before the signal: nothing to check then
         pytest.skip(f"the run ended within {after_s} s")
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
