@@ -27,20 +27,12 @@ from __future__ import annotations
 import sys
 
 import contentv  # noqa: F401 - first, and light (no torch): a run's start-up is measured from here (IMPORTED_AT)
-from contentv_cli import (
-    UsageError,
-    expand_jobs,
-    group_options,
-    hydra_context,
-    literal_prompts,
-    load_config,
-    load_presets,
-    main,
-)
+import contentv_cli
+from contentv_cli import *  # noqa: F403 - the command line's names (contentv_cli.__all__): demo.main, demo.load_config, ...
+from contentv_cli import main
 from contentv_cli.compose import GROUPS
 
-__all__ = ["GROUPS", "UsageError", "expand_jobs", "group_options", "hydra_context", "literal_prompts"]
-__all__ += ["load_config", "load_presets", "main"]
+__all__ = ["GROUPS", *contentv_cli.__all__]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -86,8 +86,6 @@ def row_of(job: Job) -> dict:
     """The store's row for a page job: who asked, what the table shows, and the config that runs (JSON)."""
     cfg = job.cfg
     row = {"id": job.id, "owner": job.client or "", "session": job.session}
-    if cfg is None:  # a bare job (tests of the queue alone)
-        return {**row, "model": "", "model_key": "", "prompt": "", "size": "", "seconds": "", "run": "{}"}
     s = cfg.sampling
     seconds = f"{s.num_frames / s.fps:g}" if isinstance(s.fps, int) and s.fps > 0 else ""
     return {

@@ -423,11 +423,17 @@ def test_only_regular_videos_and_their_sidecars_are_served(tmp_path):
 # ------------------------------------------------------------------------------------------ queue
 
 
+def queued_cfg() -> RunConfig:
+    """What a page job carries into the store: a resolved config (sampling filled in)."""
+    sampling = SamplingConfig(prompt="a red fox", width=48, height=32, num_frames=5, fps=8, num_inference_steps=1)
+    return RunConfig(sampling=sampling)
+
+
 def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_size(tmp_path):
     q = JobQueue(Store(tmp_path / JOBS_FILE), max_queue=4, max_per_client=2)
 
     def admit(session, client):
-        return q.admit(Job(cfg=None, session=session, client=client))
+        return q.admit(Job(cfg=queued_cfg(), session=session, client=client))
 
     remote = "203.0.113.5"
     assert admit("a", remote) is None and admit("b", remote) is None
@@ -449,7 +455,7 @@ def test_each_session_and_each_remote_address_gets_its_share_and_the_queue_its_s
 
 def test_jobs_run_one_at_a_time_in_arrival_order_and_a_cancelled_one_leaves_at_once(tmp_path):
     q = JobQueue(Store(tmp_path / JOBS_FILE), max_queue=8, max_per_client=8)
-    first, second, third = (Job(cfg=None, session=s) for s in ("1", "2", "3"))
+    first, second, third = (Job(cfg=queued_cfg(), session=s) for s in ("1", "2", "3"))
     for job in (first, second, third):
         assert q.admit(job) is None
     assert q.wait_turn(first)  # runs
